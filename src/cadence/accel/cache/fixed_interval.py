@@ -1,0 +1,59 @@
+"""Fixed-interval step reuse (FORA, Selvaraju et al. 2024): compute the block stack every
+``interval``-th denoising step and reuse its residual on the steps between.
+
+The simplest caching policy and the reference point for the adaptive ones: its compute
+fraction is known before the run, so its ideal speedup is too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from cadence.accel.cache._base import BlockStackReuse
+from cadence.accel.registry import Handle, TechniqueConfig, register
+from cadence.context import StepContext
+
+
+@dataclass(frozen=True)
+class FixedIntervalConfig(TechniqueConfig):
+    name = "fixed-interval"
+    level = "step"
+    summary = "FORA-style reuse: recompute the transformer blocks every N-th step, reuse their residual between"
+
+    interval: int = field(default=2, metadata={"help": "compute every N-th step (1 = every step, no reuse)"})
+    warmup: int = field(default=1, metadata={"help": "first steps always computed (the layout forms early)"})
+    cooldown: int = field(default=0, metadata={"help": "last steps always computed (fine detail forms late)"})
+
+    def __post_init__(self):
+        if self.interval < 1:
+            raise ValueError(f"fixed-interval: interval={self.interval} must be >= 1")
+        if self.warmup < 0 or self.cooldown < 0:
+            raise ValueError(
+                f"fixed-interval: warmup={self.warmup} and cooldown={self.cooldown} must be >= 0"
+            )
+
+    def computes(self, step_index: int, num_steps: int | None) -> bool:
+        if step_index < self.warmup:
+            return True
+        if num_steps is not None and step_index >= num_steps - self.cooldown:
+            return True
+        return (step_index - self.warmup) % self.interval == 0
+
+    def expected_fraction(self, num_steps: int) -> float:
+        """Fraction of steps computed over a whole run: the ideal speedup is its inverse."""
+        return sum(self.computes(i, num_steps) for i in range(num_steps)) / num_steps
+
+
+def apply(model: torch.nn.Module, config: FixedIntervalConfig) -> Handle:
+    def should_compute(context: StepContext) -> bool:
+        return config.computes(context.step_index, context.num_steps)
+
+    reuse = BlockStackReuse(model, f"cadence.{config.name}", should_compute)
+    return Handle(config, reuse.remove, reuse.stats)
+
+
+register(FixedIntervalConfig, apply)
+
+__all__ = ["FixedIntervalConfig", "apply"]

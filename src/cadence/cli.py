@@ -1,0 +1,183 @@
+"""cadence generate | bench | train | recipes | demo"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+DEMO_RECIPE = "fixed-interval(interval=2)"  # ~1.9x ideal at 20 steps; see benchmarks/RESULTS.md
+
+
+def _quiet():
+    """Keep library chatter (weight-loading reports) out of the user's terminal."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+    from diffusers.utils import logging as diffusers_logging
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+
+
+def _fail(error: Exception):
+    raise click.ClickException(str(error)) from None
+
+
+def _recipes(values: tuple[str, ...]):
+    from cadence.recipe import Recipe
+
+    try:
+        return [Recipe.parse(value) for value in values]
+    except ValueError as error:
+        _fail(error)
+
+
+def _model_choice():
+    from cadence.reference.models import REFERENCE_MODELS
+
+    return click.Choice(list(REFERENCE_MODELS))
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@click.group()
+@click.version_option(package_name="cadence")
+def main():
+    """cadence: make diffusion transformers generate several times faster, with the
+    quality loss measured and bounded."""
+
+
+@main.command()
+@click.option("--model", "model", default="ref-video", show_default=True, help="ref-video, ref-image, or a local diffusers checkpoint dir")
+@click.option("--prompt", required=True, help="the caption")
+@click.option("--recipe", default="baseline", show_default=True, help="e.g. 'fixed-interval(interval=3)' or a .toml file")
+@click.option("--steps", default=20, show_default=True, type=int)
+@click.option("--guidance-scale", default=4.0, show_default=True, type=float)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--out", default="cadence-out.gif", show_default=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available)")
+def generate(model, prompt, recipe, steps, guidance_scale, seed, out, device):
+    """Generate one video (or image) from a prompt, optionally accelerated."""
+    _quiet()
+    import cadence
+    from cadence.bench.report import write_video
+    from cadence.bench.runner import check_writable
+    from cadence.reference.pipelines import check_generation_args
+
+    try:
+        (parsed,) = _recipes((recipe,))
+        check_generation_args(prompt, None, steps, guidance_scale)
+        check_writable(out.parent if str(out.parent) else Path("."))
+        pipe = cadence.load(model, device=device or _default_device())
+    except (ValueError, FileNotFoundError) as error:
+        _fail(error)
+    with cadence.accelerate(pipe, parsed) as acceleration:
+        output = pipe(prompt=prompt, steps=steps, guidance_scale=guidance_scale, seed=seed)[0][0]
+        stats = acceleration.stats()
+    write_video(out, output if output.dim() == 4 else output[None])
+    click.echo(f"wrote {out} ({parsed}; {stats or 'no acceleration'})")
+
+
+def _bench(model, recipes, prompts, limit, seeds, steps, guidance_scale, out, device, videos=False):
+    _quiet()
+    from cadence.bench.runner import BenchSettings, default_prompts, format_table, run_bench
+
+    try:
+        if steps <= 0:
+            raise ValueError(f"--steps {steps} must be a positive integer")
+        if limit is not None and limit <= 0:
+            raise ValueError(f"--limit {limit} must be a positive integer")
+        settings = BenchSettings(
+            model=model, recipes=_recipes(recipes), prompts=default_prompts(model, prompts, limit),
+            seeds=list(range(seeds)), out=out, steps=steps, guidance_scale=guidance_scale,
+            device=device or _default_device(), videos=videos,
+        )
+        _, summary = run_bench(settings)
+    except (ValueError, FileNotFoundError) as error:
+        _fail(error)
+    click.echo(format_table(summary))
+    click.echo(f"\nwrote {out}/results.jsonl, report.md, pareto.png, samples.png")
+
+
+@main.command()
+@click.option("--model", type=_model_choice(), default="ref-video", show_default=True)
+@click.option("--recipe", "recipes", multiple=True, required=True, help="repeatable; a recipe string or a .toml file")
+@click.option("--prompts", default="heldout", show_default=True, help="'heldout' or a file with one prompt per line")
+@click.option("--limit", type=int, default=8, show_default=True, help="use the first N prompts")
+@click.option("--seeds", type=int, default=2, show_default=True, help="seeds 0..S-1 per prompt")
+@click.option("--steps", type=int, default=20, show_default=True)
+@click.option("--guidance-scale", type=float, default=4.0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="bench-out", show_default=True)
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available)")
+def bench(model, recipes, prompts, limit, seeds, steps, guidance_scale, out, device):
+    """Measure recipes against the unaccelerated baseline: time, memory, PSNR, SSIM."""
+    if seeds <= 0:
+        _fail(ValueError(f"--seeds {seeds} must be a positive integer"))
+    _bench(model, recipes, prompts, limit, seeds, steps, guidance_scale, out, device)
+
+
+@main.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="cadence-demo", show_default=True)
+@click.option("--prompts", "limit", type=int, default=3, show_default=True, help="how many held-out prompts")
+@click.option("--steps", type=int, default=20, show_default=True)
+def demo(out, limit, steps):
+    """The first run: ref-video on held-out prompts, unaccelerated and with a fast recipe."""
+    click.echo(f"cadence demo: ref-video, {limit} held-out prompts, {steps} steps, baseline vs {DEMO_RECIPE}")
+    _bench("ref-video", (DEMO_RECIPE,), "heldout", limit, 1, steps, 4.0, out, None, videos=True)
+    click.echo(f"videos in {out}/videos/, side-by-side strip in {out}/samples.png, report in {out}/report.md")
+
+
+@main.command()
+@click.option("--model", type=_model_choice(), required=True)
+@click.option("--seconds", type=float, default=480, show_default=True, help="optimisation time budget")
+@click.option("--batch-size", type=int, default=None, help="default: 64 for ref-video, 128 for ref-image")
+@click.option("--embeddings", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="precomputed caption embeddings (made here if missing and the text encoder is installed)")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="default: the packaged checkpoint folder")
+@click.option("--device", default=None)
+@click.option("--prepare-only", is_flag=True, help="only compute the caption embeddings (on a CPU machine)")
+def train(model, seconds, batch_size, embeddings, out, device, prepare_only):
+    """Train a reference model with flow matching (about 8 minutes on one H100)."""
+    _quiet()
+    from cadence.reference.models import reference_model
+    from cadence.reference.train import TrainSettings, prepare_embeddings
+    from cadence.reference.train import train as run_training
+
+    spec = reference_model(model)
+    embeddings = embeddings or Path(".carry") / f"embeddings-{model}.safetensors"
+    if not embeddings.is_file():
+        click.echo(f"embedding training captions into {embeddings} ...")
+        try:
+            prepare_embeddings(spec, embeddings)
+        except RuntimeError as error:
+            _fail(error)
+    if prepare_only:
+        click.echo(f"wrote {embeddings}")
+        return
+    settings = TrainSettings(seconds=seconds, batch_size=batch_size or (64 if spec.task == "video" else 128))
+    result = run_training(model, embeddings, out or spec.checkpoint, settings, device or _default_device())
+    click.echo(f"{model}: {result['steps']} steps, final loss {result['final_loss']:.4f}, held-out {result['heldout_loss']:.4f}")
+
+
+@main.command()
+def recipes():
+    """List every technique with its parameters, defaults and description."""
+    from cadence.accel.registry import load_builtin
+
+    for name, technique in sorted(load_builtin().items()):
+        config = technique.config
+        click.echo(f"{name}  [{config.level}]  {config.summary}")
+        for param, kind, default, help_text in config.describe():
+            click.echo(f"    {param}: {kind} = {default!r}    {help_text}")
+        click.echo(f"    e.g. --recipe '{config()}'\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""Recipe: an ordered, serialisable list of technique configs, and ``accelerate``.
+
+A recipe is written three equivalent ways that round-trip:
+
+- Python: ``Recipe([FixedIntervalConfig(interval=3)])``
+- one CLI string: ``"fixed-interval(interval=3, warmup=2)"``; techniques joined by ``+``;
+  ``baseline`` (or an empty string) is the empty recipe
+- TOML: a file of ``[[technique]]`` tables, each with ``name`` and its parameters
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import tomli_w
+
+from cadence.accel.registry import Handle, TechniqueConfig, get_technique, load_builtin
+from cadence.models import find_transformer
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+BASELINE = "baseline"
+_TERM = re.compile(r"^\s*([A-Za-z][\w-]*)\s*(?:\((.*)\))?\s*$", re.S)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    techniques: tuple[TechniqueConfig, ...] = field(default_factory=tuple)
+
+    def __init__(self, techniques: Iterable[TechniqueConfig] = ()):
+        techniques = tuple(techniques)
+        for technique in techniques:
+            if not isinstance(technique, TechniqueConfig):
+                raise TypeError(f"a recipe holds technique configs, got {type(technique).__name__}: {technique!r}")
+        object.__setattr__(self, "techniques", techniques)
+        _check_compatible(techniques)
+
+    def __str__(self) -> str:
+        return " + ".join(map(str, self.techniques)) or BASELINE
+
+    def __bool__(self) -> bool:
+        return bool(self.techniques)
+
+    # -- the three forms -------------------------------------------------------------
+    @classmethod
+    def parse(cls, text: str) -> "Recipe":
+        """A CLI string, or the path of a TOML file."""
+        if text.strip().endswith(".toml"):
+            path = Path(text.strip())
+            if not path.is_file():
+                raise ValueError(f"recipe file {str(path)!r} does not exist")
+            return cls.from_toml(path.read_text())
+        if text.strip() in ("", BASELINE, "none"):
+            return cls()
+        return cls(_parse_term(term) for term in _split_top_level(text, "+"))
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps({"technique": [{"name": t.name, **t.params()} for t in self.techniques]})
+
+    @classmethod
+    def from_toml(cls, text: str) -> "Recipe":
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as error:
+            raise ValueError(f"recipe TOML does not parse: {error}") from None
+        unknown = sorted(set(data) - {"technique"})
+        if unknown:
+            raise ValueError(f"unknown recipe TOML key(s) {unknown}; a recipe is a list of [[technique]] tables")
+        configs = []
+        for table in data.get("technique", []):
+            table = dict(table)
+            if "name" not in table:
+                raise ValueError(f"a [[technique]] table needs a name: {table}")
+            configs.append(get_technique(table.pop("name")).config.from_params(table))
+        return cls(configs)
+
+
+def _split_top_level(text: str, separator: str) -> list[str]:
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += char == "("
+        depth -= char == ")"
+        if char == separator and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return parts + [current]
+
+
+def _parse_term(term: str) -> TechniqueConfig:
+    match = _TERM.match(term)
+    if not match:
+        raise ValueError(f"cannot parse recipe term {term.strip()!r}; expected name or name(key=value, ...)")
+    name, arguments = match.group(1), match.group(2) or ""
+    params: dict[str, Any] = {}
+    for argument in filter(str.strip, _split_top_level(arguments, ",")):
+        key, equals, value = argument.partition("=")
+        if not equals:
+            raise ValueError(f"recipe argument {argument.strip()!r} of {name!r} must be key=value")
+        params[key.strip()] = _parse_value(value.strip())
+    return get_technique(name).config.from_params(params)
+
+
+def _parse_value(value: str) -> Any:
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _check_compatible(techniques: tuple[TechniqueConfig, ...]) -> None:
+    step_level = [t.name for t in techniques if t.level == "step"]
+    if len(step_level) > 1:
+        raise ValueError(
+            f"a recipe can hold one step-reuse policy, got {len(step_level)}: {', '.join(step_level)}"
+        )
+
+
+def as_recipe(recipe: "Recipe | str | TechniqueConfig | Iterable[TechniqueConfig]") -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, str):
+        return Recipe.parse(recipe)
+    if isinstance(recipe, TechniqueConfig):
+        return Recipe([recipe])
+    return Recipe(recipe)
+
+
+class Acceleration:
+    """The handles of one ``accelerate`` call; ``remove()`` undoes them in reverse order."""
+
+    def __init__(self, recipe: Recipe, handles: list[Handle]):
+        self.recipe = recipe
+        self.handles = handles
+
+    def remove(self) -> None:
+        for handle in reversed(self.handles):
+            handle.remove()
+
+    def stats(self) -> dict:
+        """Merged technique stats; ``compute_fraction`` multiplies across techniques."""
+        merged: dict[str, Any] = {}
+        for handle in self.handles:
+            for key, value in handle.stats().items():
+                if key == "compute_fraction" and key in merged and value is not None:
+                    merged[key] = merged[key] * value
+                else:
+                    merged[key] = value
+        return merged
+
+    def __enter__(self) -> "Acceleration":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def accelerate(target, recipe) -> Acceleration:
+    """Apply ``recipe`` to a diffusers pipeline (its ``transformer``) or to a transformer.
+
+    Returns an :class:`Acceleration`; ``.remove()`` gives back the exact model."""
+    recipe = as_recipe(recipe)
+    model = find_transformer(target)
+    load_builtin()
+    handles: list[Handle] = []
+    try:
+        for config in recipe.techniques:
+            handles.append(get_technique(config.name).apply(model, config))
+    except Exception:
+        for handle in reversed(handles):
+            handle.remove()
+        raise
+    return Acceleration(recipe, handles)
