@@ -142,8 +142,12 @@ def demo(out, limit, steps):
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="default: the packaged checkpoint folder")
 @click.option("--device", default=None)
+@click.option("--precision", type=click.Choice(["bf16", "tf32"]), default="bf16", show_default=True,
+              help="bf16 autocast, or fp32 with TF32 matmuls")
+@click.option("--compile/--no-compile", "compile_blocks", default=True, show_default=True,
+              help="torch.compile the repeated blocks (CUDA only)")
 @click.option("--prepare-only", is_flag=True, help="only compute the caption embeddings (on a CPU machine)")
-def train(model, seconds, batch_size, embeddings, out, device, prepare_only):
+def train(model, seconds, batch_size, embeddings, out, device, precision, compile_blocks, prepare_only):
     """Train a reference model with flow matching (about 8 minutes on one H100)."""
     _quiet()
     from cadence.reference.models import reference_model
@@ -151,6 +155,11 @@ def train(model, seconds, batch_size, embeddings, out, device, prepare_only):
     from cadence.reference.train import train as run_training
 
     spec = reference_model(model)
+    try:
+        settings = TrainSettings(seconds=seconds, batch_size=batch_size or (64 if spec.task == "video" else 128),
+                                 precision=precision, compile=compile_blocks)
+    except ValueError as error:
+        _fail(error)
     embeddings = embeddings or Path(".carry") / f"embeddings-{model}.safetensors"
     if not embeddings.is_file():
         click.echo(f"embedding training captions into {embeddings} ...")
@@ -161,7 +170,6 @@ def train(model, seconds, batch_size, embeddings, out, device, prepare_only):
     if prepare_only:
         click.echo(f"wrote {embeddings}")
         return
-    settings = TrainSettings(seconds=seconds, batch_size=batch_size or (64 if spec.task == "video" else 128))
     result = run_training(model, embeddings, out or spec.checkpoint, settings, device or _default_device())
     click.echo(f"{model}: {result['steps']} steps, final loss {result['final_loss']:.4f}, held-out {result['heldout_loss']:.4f}")
 
