@@ -1,0 +1,77 @@
+"""Tiny random configs of the reference model classes: fast CPU fixtures."""
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, WanTransformer3DModel
+
+from cadence.reference.pipelines import RefImagePipeline, RefVideoPipeline
+
+TEXT_DIM = 16
+
+
+def tiny_wan() -> WanTransformer3DModel:
+    torch.manual_seed(0)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=3, out_channels=3,
+        text_dim=TEXT_DIM, freq_dim=16, ffn_dim=32, num_layers=3, rope_max_seq_len=32,
+    ).eval()
+
+
+def tiny_flux() -> FluxTransformer2DModel:
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=12, num_layers=1, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=TEXT_DIM, pooled_projection_dim=TEXT_DIM,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
+
+
+def text(batch: int = 1, tokens: int = 5, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, tokens, TEXT_DIM, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def video_pipe() -> RefVideoPipeline:
+    pipe = RefVideoPipeline(transformer=tiny_wan(), scheduler=FlowMatchEulerDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def image_pipe() -> RefImagePipeline:
+    pipe = RefImagePipeline(transformer=tiny_flux(), scheduler=FlowMatchEulerDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _run_video(pipe, steps=6, guidance_scale=3.0, seed=0, **kwargs) -> torch.Tensor:
+    return pipe(prompt_embeds=text(seed=1), negative_prompt_embeds=text(seed=2), steps=steps,
+                guidance_scale=guidance_scale, seed=seed, frames=4, height=8, width=8, **kwargs).frames
+
+
+def _run_image(pipe, steps=6, guidance_scale=3.0, seed=0) -> torch.Tensor:
+    pooled = torch.randn(1, TEXT_DIM, generator=torch.Generator().manual_seed(3))
+    return pipe(prompt_embeds=text(seed=1), pooled_prompt_embeds=pooled, negative_prompt_embeds=text(seed=2),
+                negative_pooled_prompt_embeds=-pooled, steps=steps, guidance_scale=guidance_scale, seed=seed,
+                height=8, width=8).images
+
+
+@pytest.fixture
+def generate():
+    """generate(pipe, steps=..., guidance_scale=..., seed=...) -> frames or images of a tiny pipeline."""
+
+    def run(pipe, **kwargs):
+        return (_run_video if isinstance(pipe, RefVideoPipeline) else _run_image)(pipe, **kwargs)
+
+    return run
+
+
+@pytest.fixture(params=["video", "image"])
+def pipe(request, video_pipe, image_pipe):
+    """Each tiny reference pipeline in turn: Wan (video) and FLUX (image)."""
+    return video_pipe if request.param == "video" else image_pipe
+
+
+@pytest.fixture
+def make_model():
+    return {"wan": tiny_wan, "flux": tiny_flux}

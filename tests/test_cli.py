@@ -1,0 +1,154 @@
+"""The command line: ``cadence recipes`` documents every technique, every command has
+help, and bad input is refused with one error line naming the bad value and what is
+valid — before any model is loaded and before anything is written."""
+
+import re
+import time
+
+import pytest
+from click.testing import CliRunner
+
+import cadence
+import cadence.bench.runner  # noqa: F401  imported here so the timings below measure the command, not imports
+import cadence.reference.pipelines  # noqa: F401
+from cadence.accel.registry import load_builtin
+from cadence.cli import main
+from cadence.recipe import Recipe
+
+FAST_SECONDS = 2.0  # a refusal is argument checking only; model loading alone takes longer
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+# -- recipes and help -----------------------------------------------------------------
+
+def test_recipes_lists_fixed_interval_with_its_parameters_and_defaults():
+    result = invoke("recipes")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert any(line.startswith("fixed-interval ") for line in lines)
+    for param, default in (("interval", 2), ("warmup", 1), ("cooldown", 0)):
+        assert any(re.match(rf"\s+{param}: int = {default}\b", line) for line in lines), param
+
+
+def test_recipes_documents_every_registered_technique():
+    output = invoke("recipes").output
+    for name, technique in load_builtin().items():
+        assert f"{name}  [{technique.config.level}]" in output
+        for param, kind, default, _ in technique.config.describe():
+            assert f"{param}: {kind} = {default!r}" in output
+
+
+def test_every_recipes_example_is_a_valid_recipe():
+    examples = re.findall(r"--recipe '([^']*)'", invoke("recipes").output)
+    assert len(examples) == len(load_builtin())
+    for example in examples:
+        assert Recipe.parse(example)
+
+
+@pytest.mark.parametrize("args", [[]] + [[name] for name in sorted(main.commands)], ids=lambda a: " ".join(a) or "cadence")
+def test_help_exits_zero(args):
+    result = invoke(*args, "--help")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("Usage:")
+    assert "Traceback" not in result.output
+
+
+# -- refusals -------------------------------------------------------------------------
+
+@pytest.fixture
+def no_model_loading(monkeypatch, tmp_path):
+    """Record any call to cadence.load: a refusal must come before it. The baseline cache
+    is pointed into tmp_path so that a write there would show."""
+    calls = []
+
+    def load(*args, **kwargs):
+        calls.append(args)
+        raise RuntimeError("cadence.load was called")
+
+    monkeypatch.setattr(cadence, "load", load)
+    monkeypatch.setenv("CADENCE_CACHE", str(tmp_path / "cache"))
+    return calls
+
+
+def _check_refused(result, seconds: float, fragments: list[str]) -> None:
+    output = result.output
+    assert "Traceback" not in output
+    assert isinstance(result.exception, SystemExit), f"crashed with {result.exception!r}:\n{output}"
+    assert result.exit_code != 0
+    errors = [line for line in output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, output
+    for fragment in fragments:
+        assert fragment in errors[0], f"{fragment!r} missing from {errors[0]!r}"
+    # Nothing but click's usage hint may surround the error line.
+    others = [line for line in output.splitlines() if line.strip() and line not in errors]
+    assert all(line.startswith(("Usage:", "Try ")) for line in others), output
+    assert seconds < FAST_SECONDS
+
+
+BENCH = ["bench", "--recipe", "fixed-interval"]
+GENERATE = ["generate", "--prompt", "a red square"]
+
+# (arguments, fragments of the one error line: the bad value, then what is valid)
+REFUSALS = {
+    "unknown model": (["bench", "--model", "nope", "--recipe", "baseline"], ["'nope'", "'ref-video'", "'ref-image'"]),
+    "unknown technique": (["bench", "--recipe", "nope"], ["'nope'", "fixed-interval"]),
+    "out-of-range parameter": (["bench", "--recipe", "fixed-interval(interval=0)"], ["interval=0", ">= 1"]),
+    "unknown parameter": (["bench", "--recipe", "fixed-interval(speed=2)"], ["'speed'", "interval, warmup, cooldown"]),
+    "missing recipe file": (["bench", "--recipe", "/nonexistent/fast.toml"], ["'/nonexistent/fast.toml'", "does not exist"]),
+    "zero steps": ([*BENCH, "--steps", "0"], ["--steps 0", "positive integer"]),
+    "zero seeds": ([*BENCH, "--seeds", "0"], ["--seeds 0", "positive integer"]),
+    "zero limit": ([*BENCH, "--limit", "0"], ["--limit 0", "positive integer"]),
+    "missing prompts file": ([*BENCH, "--prompts", "/nonexistent.txt"], ["'/nonexistent.txt'", "'heldout'"]),
+    "generate empty prompt": (["generate", "--prompt", ""], ["prompt=''", "empty", "caption"]),
+    "generate blank prompt": (["generate", "--prompt", "   "], ["prompt='   '", "empty"]),
+    "generate zero steps": ([*GENERATE, "--steps", "0"], ["steps=0", "positive integer"]),
+    "generate negative guidance": ([*GENERATE, "--guidance-scale", "-1"], ["guidance_scale=-1.0", ">= 0"]),
+    "generate unknown technique": ([*GENERATE, "--recipe", "nope"], ["'nope'", "fixed-interval"]),
+}
+
+
+@pytest.mark.parametrize("args, fragments", REFUSALS.values(), ids=REFUSALS.keys())
+def test_bad_input_is_refused_before_loading_and_writes_nothing(args, fragments, tmp_path, no_model_loading):
+    out = tmp_path / "out"
+    out_arg = str(out / "video.gif") if args[0] == "generate" else str(out)
+    begin = time.perf_counter()
+    result = invoke(*args, "--out", out_arg)
+    _check_refused(result, time.perf_counter() - begin, fragments)
+    assert no_model_loading == []
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args", [BENCH, GENERATE], ids=["bench", "generate"])
+def test_unwritable_out_is_refused_before_loading(args, tmp_path, no_model_loading):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    out = blocker / "out"
+    out_arg = str(out / "video.gif") if args[0] == "generate" else str(out)
+    begin = time.perf_counter()
+    result = invoke(*args, "--out", out_arg)
+    _check_refused(result, time.perf_counter() - begin, [repr(str(out)), "not writable"])
+    assert no_model_loading == []
+    assert list(tmp_path.iterdir()) == [blocker] and blocker.is_file()
+
+
+@pytest.mark.xfail(strict=True, reason="src defect: bench never checks --guidance-scale; with -1 it creates --out "
+                   "and calls cadence.load before anything refuses it (generate refuses it up front)")
+def test_bench_negative_guidance_is_refused_before_loading(tmp_path, no_model_loading):
+    begin = time.perf_counter()
+    result = invoke(*BENCH, "--guidance-scale", "-1", "--out", str(tmp_path / "out"))
+    _check_refused(result, time.perf_counter() - begin, ["guidance_scale=-1.0", ">= 0"])
+    assert no_model_loading == []
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.xfail(strict=True, reason="src defect: `demo --prompts 0` is refused as '--limit 0 must be a positive "
+                   "integer', naming an option demo does not have, after printing its banner line")
+def test_demo_zero_prompts_names_its_own_option(tmp_path, no_model_loading):
+    begin = time.perf_counter()
+    result = invoke("demo", "--prompts", "0", "--out", str(tmp_path / "out"))
+    _check_refused(result, time.perf_counter() - begin, ["--prompts 0", "positive integer"])
+    assert no_model_loading == []
+    assert list(tmp_path.iterdir()) == []
