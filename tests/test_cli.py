@@ -134,8 +134,6 @@ def test_unwritable_out_is_refused_before_loading(args, tmp_path, no_model_loadi
     assert list(tmp_path.iterdir()) == [blocker] and blocker.is_file()
 
 
-@pytest.mark.xfail(strict=True, reason="src defect: bench never checks --guidance-scale; with -1 it creates --out "
-                   "and calls cadence.load before anything refuses it (generate refuses it up front)")
 def test_bench_negative_guidance_is_refused_before_loading(tmp_path, no_model_loading):
     begin = time.perf_counter()
     result = invoke(*BENCH, "--guidance-scale", "-1", "--out", str(tmp_path / "out"))
@@ -144,8 +142,6 @@ def test_bench_negative_guidance_is_refused_before_loading(tmp_path, no_model_lo
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.xfail(strict=True, reason="src defect: `demo --prompts 0` is refused as '--limit 0 must be a positive "
-                   "integer', naming an option demo does not have, after printing its banner line")
 def test_demo_zero_prompts_names_its_own_option(tmp_path, no_model_loading):
     begin = time.perf_counter()
     result = invoke("demo", "--prompts", "0", "--out", str(tmp_path / "out"))

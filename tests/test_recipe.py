@@ -177,15 +177,11 @@ def test_toml_values_are_validated_like_string_values():
         Recipe.from_toml('[[technique]]\nname = "fixed-interval"\nspeed = 3\n')
 
 
-@pytest.mark.xfail(strict=True, reason="src defect: a single [technique] table (not [[technique]]) is refused "
-                   "with 'dictionary update sequence element #0 has length 1; 2 is required'")
 def test_single_technique_table_is_refused_with_a_clear_message():
     with pytest.raises(ValueError, match=r"\[\[technique\]\]"):
         Recipe.from_toml('[technique]\nname = "fixed-interval"\n')
 
 
-@pytest.mark.xfail(strict=True, reason="src defect: `technique = [1]` raises TypeError "
-                   "\"'int' object is not iterable\" instead of a ValueError naming the layout")
 def test_technique_list_of_non_tables_is_refused_with_a_clear_message():
     with pytest.raises(ValueError, match=r"\[\[technique\]\]"):
         Recipe.from_toml("technique = [1]\n")

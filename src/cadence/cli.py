@@ -87,12 +87,12 @@ def generate(model, prompt, recipe, steps, guidance_scale, seed, out, device):
 def _bench(model, recipes, prompts, limit, seeds, steps, guidance_scale, out, device, videos=False):
     _quiet()
     from cadence.bench.runner import BenchSettings, default_prompts, format_table, run_bench
+    from cadence.reference.pipelines import check_sampling_args
 
     try:
         if steps <= 0:
             raise ValueError(f"--steps {steps} must be a positive integer")
-        if limit is not None and limit <= 0:
-            raise ValueError(f"--limit {limit} must be a positive integer")
+        check_sampling_args(steps, guidance_scale)
         settings = BenchSettings(
             model=model, recipes=_recipes(recipes), prompts=default_prompts(model, prompts, limit),
             seeds=list(range(seeds)), out=out, steps=steps, guidance_scale=guidance_scale,
@@ -117,8 +117,9 @@ def _bench(model, recipes, prompts, limit, seeds, steps, guidance_scale, out, de
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available)")
 def bench(model, recipes, prompts, limit, seeds, steps, guidance_scale, out, device):
     """Measure recipes against the unaccelerated baseline: time, memory, PSNR, SSIM."""
-    if seeds <= 0:
-        _fail(ValueError(f"--seeds {seeds} must be a positive integer"))
+    for option, value in (("--seeds", seeds), ("--limit", limit)):
+        if value <= 0:
+            _fail(ValueError(f"{option} {value} must be a positive integer"))
     _bench(model, recipes, prompts, limit, seeds, steps, guidance_scale, out, device)
 
 
@@ -128,6 +129,8 @@ def bench(model, recipes, prompts, limit, seeds, steps, guidance_scale, out, dev
 @click.option("--steps", type=int, default=20, show_default=True)
 def demo(out, limit, steps):
     """The first run: ref-video on held-out prompts, unaccelerated and with a fast recipe."""
+    if limit <= 0:
+        _fail(ValueError(f"--prompts {limit} must be a positive integer"))
     click.echo(f"cadence demo: ref-video, {limit} held-out prompts, {steps} steps, baseline vs {DEMO_RECIPE}")
     _bench("ref-video", (DEMO_RECIPE,), "heldout", limit, 1, steps, 4.0, out, None, videos=True)
     click.echo(f"videos in {out}/videos/, side-by-side strip in {out}/samples.png, report in {out}/report.md")

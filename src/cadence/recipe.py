@@ -73,8 +73,14 @@ class Recipe:
         unknown = sorted(set(data) - {"technique"})
         if unknown:
             raise ValueError(f"unknown recipe TOML key(s) {unknown}; a recipe is a list of [[technique]] tables")
+        tables = data.get("technique", [])
+        if not isinstance(tables, list) or not all(isinstance(table, dict) for table in tables):
+            raise ValueError(
+                f"recipe TOML 'technique' must be a list of [[technique]] tables, got {tables!r}; e.g.\n"
+                '[[technique]]\nname = "fixed-interval"\ninterval = 3'
+            )
         configs = []
-        for table in data.get("technique", []):
+        for table in tables:
             table = dict(table)
             if "name" not in table:
                 raise ValueError(f"a [[technique]] table needs a name: {table}")

@@ -28,12 +28,16 @@ class RefImageOutput(BaseOutput):
     images: torch.Tensor  # (B, 3, H, W) in [-1, 1], float32, on the CPU
 
 
-def check_generation_args(prompt, prompt_embeds, steps: int, guidance_scale: float) -> list[str] | None:
-    """Refuse bad arguments before any heavy work; returns the prompt list."""
+def check_sampling_args(steps: int, guidance_scale: float) -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
         raise ValueError(f"steps={steps!r} must be a positive integer")
     if guidance_scale < 0:
         raise ValueError(f"guidance_scale={guidance_scale} must be >= 0 (1.0 or less turns CFG off)")
+
+
+def check_generation_args(prompt, prompt_embeds, steps: int, guidance_scale: float) -> list[str] | None:
+    """Refuse bad arguments before any heavy work; returns the prompt list."""
+    check_sampling_args(steps, guidance_scale)
     if prompt_embeds is not None:
         return None
     prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
