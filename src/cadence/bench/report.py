@@ -53,9 +53,11 @@ def _max(values: list) -> float | None:
 def summarize(rows: list[dict]) -> list[dict]:
     """Aggregate per-sample rows into one dict per recipe, in first-seen order.
 
-    Output keys: recipe, n, latency_s, step_latency_s, speedup (means), psnr_mean,
-    psnr_min, ssim_mean, ssim_min, peak_mem_bytes (max), compute_fraction,
-    ideal_speedup (means, None when no row has one), n_identical (rows with PSNR inf).
+    Output keys: recipe, n, latency_s, step_latency_s (means), speedup (mean baseline
+    latency over mean latency: a ratio of totals, so one noisy sample cannot dominate it as
+    it would a mean of ratios), psnr_mean, psnr_min, ssim_mean, ssim_min, peak_mem_bytes
+    (max), compute_fraction (mean), ideal_speedup (1 / mean compute fraction; None when no
+    row has one), n_identical (rows with PSNR inf).
     """
     groups: dict[str, list[dict]] = {}  # dicts keep insertion order = first-seen order
     for row in rows:
@@ -65,21 +67,24 @@ def summarize(rows: list[dict]) -> list[dict]:
     for recipe, group in groups.items():
         col = lambda key: [r.get(key) for r in group]  # noqa: E731
         psnrs = _present(col("psnr"))
+        latency = _mean(col("latency_s"))
+        baseline_latency = _mean([r["latency_s"] * r["speedup"] for r in group if r.get("speedup") is not None])
+        fraction = _mean(col("compute_fraction"))
         summary.append(
             {
                 "recipe": recipe,
                 "n": len(group),
-                "latency_s": _mean(col("latency_s")),
+                "latency_s": latency,
                 "step_latency_s": _mean(col("step_latency_s")),
-                "speedup": _mean(col("speedup")),
+                "speedup": baseline_latency / latency if baseline_latency and latency else None,
                 "psnr_mean": _psnr_mean(psnrs),
                 "psnr_min": _min(psnrs),
                 "ssim_mean": _mean(col("ssim")),
                 "ssim_min": _min(col("ssim")),
                 # Peak is what decides whether a run fits on the card: take the worst.
                 "peak_mem_bytes": _max(col("peak_mem_bytes")),
-                "compute_fraction": _mean(col("compute_fraction")),
-                "ideal_speedup": _mean(col("ideal_speedup")),
+                "compute_fraction": fraction,
+                "ideal_speedup": 1 / fraction if fraction else None,
                 "n_identical": sum(1 for v in psnrs if v == float("inf")),
             }
         )
@@ -306,8 +311,22 @@ def _wrap(draw, text: str, font, width: int) -> list[str]:
     return lines + [line] if line else lines or [""]
 
 
-def sample_strip(path, columns: list[tuple[str, torch.Tensor]], frames_shown: int = 6, scale: int = 4) -> Path:
-    """Side-by-side comparison PNG: one column per (label, tensor), rows are frames.
+def _wrap_words(draw, text: str, font, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        candidate = f"{line} {word}".strip()
+        if line and draw.textlength(candidate, font=font) > width - 4:
+            lines.append(line)
+            line = word
+        else:
+            line = candidate
+    return lines + [line] if line else lines
+
+
+def sample_strip(path, columns: list[tuple[str, torch.Tensor]], frames_shown: int = 6, scale: int = 4,
+                 title: str = "") -> Path:
+    """Side-by-side comparison PNG: one column per (label, tensor), rows are frames; the
+    optional title (the prompt) is written above the columns.
 
     Tensors are videos (T, 3, H, W) or images (3, H, W) in [-1, 1]. Rows are `frames_shown`
     evenly spaced frames (all of them when T <= frames_shown); images fill the first row.
@@ -334,15 +353,19 @@ def sample_strip(path, columns: list[tuple[str, torch.Tensor]], frames_shown: in
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     wrapped = [_wrap(probe, label, font, w) for (label, _), w in zip(cols, widths)]
     line_h = probe.textbbox((0, 0), "Ag", font=font)[3] + 2
-    band = max(len(lines) for lines in wrapped) * line_h + 4
+    title_lines = _wrap_words(probe, title, font, width) if title else []
+    top = len(title_lines) * line_h + (4 if title_lines else 0)
+    band = top + max(len(lines) for lines in wrapped) * line_h + 4
 
     height = band + rows * cell_h + _GAP * (rows - 1)
     canvas = Image.new("RGB", (width, height), _BG)
     draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(title_lines):
+        draw.text((2, 2 + i * line_h), line, fill=(255, 220, 120), font=font)
     x = 0
     for (label, frames), w, lines in zip(cols, widths, wrapped):
         for i, line in enumerate(lines):
-            draw.text((x + 2, 2 + i * line_h), line, fill=(255, 255, 255), font=font)
+            draw.text((x + 2, top + 2 + i * line_h), line, fill=(255, 255, 255), font=font)
         for r, frame in enumerate(frames):
             canvas.paste(Image.fromarray(frame), (x, band + r * (cell_h + _GAP)))
         x += w + _GAP

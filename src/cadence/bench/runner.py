@@ -237,7 +237,8 @@ def _write_results(settings: BenchSettings, rows: list[dict], outputs: dict) -> 
     }
     report.write_report(out / "report.md", summary, meta)
     report.plot_pareto(out / "pareto.png", summary)
-    report.sample_strip(out / "samples.png", list(outputs.items()))
+    prompt, seed = settings.prompts[0], settings.seeds[0]
+    report.sample_strip(out / "samples.png", list(outputs.items()), title=f"{prompt} (seed {seed})")
     return summary
 
 
