@@ -50,7 +50,7 @@ class TrainSettings:
     sample_steps: int = 30
     guidance_scale: float = 4.0
     precision: str = "bf16"  # "bf16" (autocast) or "tf32" (fp32 weights and activations, TF32 matmuls)
-    compile: bool = True  # regional torch.compile of the repeated blocks: 1.7x faster steps on ref-video
+    compile: bool = True  # regional torch.compile of the repeated blocks (CUDA only)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -126,8 +126,8 @@ def train(name: str, embeddings: Path, out: Path, settings: TrainSettings, devic
     specs = [data.parse_caption(c) for c in captions["train"]]
     transformer = model.build().to(device).train()
     if settings.compile and device.startswith("cuda"):
-        # Measured on an H100 (torch 2.11): ref-video 110 -> 65 ms per step of batch 64; the
-        # eager step is dominated by the fp32 norm/modulation elementwise kernels it fuses.
+        # The eager step is dominated by fp32 norm/modulation elementwise kernels, which this
+        # fuses: ref-video trains at 18.2 instead of 9.2 steps/s (benchmarks/RESULTS.md).
         transformer.compile_repeated_blocks()
     ema = model.build().to(device).eval().requires_grad_(False)
     ema.load_state_dict(transformer.state_dict())
