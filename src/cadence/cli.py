@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-DEMO_RECIPE = "fixed-interval(interval=2)"  # ~1.9x ideal at 20 steps; see benchmarks/RESULTS.md
+DEMO_RECIPE = "fixed-interval(interval=2)"  # 1.82x ideal at 20 steps, 34 dB on ref-video: benchmarks/RESULTS.md
 
 
 def _quiet():

@@ -111,3 +111,18 @@ def test_baseline_key_is_stable_otherwise():
     same_output = _settings(recipes=[RECIPE], prompts=["x", "y"], seeds=[0, 1, 2], out="elsewhere",
                             cache_dir="other-cache", videos=True, command="cadence bench --other")
     assert baseline_key(same_output, DIGEST, "a red square", 0) == base
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(steps=0), "steps=0"), (dict(prompts=[]), "prompt list"), (dict(prompts=[" "]), "empty prompt"),
+    (dict(seeds=[]), "seed list"),
+])
+def test_bad_settings_are_refused_before_loading(tmp_path, monkeypatch, change, message):
+    import cadence
+
+    monkeypatch.setattr(cadence, "load", lambda *a, **k: pytest.fail("loaded a model for bad settings"))
+    settings = BenchSettings(model="ref-video", recipes=[RECIPE], prompts=["a red square"], seeds=[0],
+                             out=tmp_path / "out", cache_dir=tmp_path / "cache")
+    with pytest.raises(ValueError, match=message):
+        run_bench(replace(settings, **change))
+    assert not (tmp_path / "out").exists()

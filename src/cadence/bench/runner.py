@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import resource
+import shlex
 import sys
 import threading
 import time
@@ -43,7 +44,7 @@ class BenchSettings:
     device: str = "cpu"
     cache_dir: Path = field(default_factory=lambda: Path(os.environ.get("CADENCE_CACHE", Path.home() / ".cache" / "cadence")))
     videos: bool = False  # also write every output as a GIF (the demo does)
-    command: str = field(default_factory=lambda: " ".join(["cadence"] + sys.argv[1:]))
+    command: str = field(default_factory=lambda: shlex.join(["cadence"] + sys.argv[1:]))  # re-runnable
 
 
 def default_prompts(model: str, source: str, limit: int | None) -> list[str]:
@@ -148,6 +149,8 @@ def run_bench(settings: BenchSettings) -> tuple[list[dict], list[dict]]:
         raise ValueError(f"steps={settings.steps} must be a positive integer")
     if not settings.prompts or any(not p.strip() for p in settings.prompts):
         raise ValueError("the prompt list is empty or holds an empty prompt")
+    if not settings.seeds:
+        raise ValueError("the seed list is empty: give at least one seed")
     check_writable(settings.out)
     pipe = cadence.load(settings.model, device=settings.device)
     pipe.set_progress_bar_config(disable=True)

@@ -30,10 +30,21 @@ def minilm_path() -> Path:
 
 def load_text_encoder():
     from transformers import BertModel, BertTokenizerFast
+    from transformers.utils import logging
 
     path = minilm_path()
     tokenizer = BertTokenizerFast.from_pretrained(str(path))
-    encoder = BertModel.from_pretrained(str(path), add_pooling_layer=False, use_safetensors=True).eval()
+    # The checkpoint's unused pooler makes transformers print a load report and a progress
+    # bar on every load; neither tells a cadence user anything.
+    verbosity, bar = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        encoder = BertModel.from_pretrained(str(path), add_pooling_layer=False, use_safetensors=True).eval()
+    finally:
+        logging.set_verbosity(verbosity)
+        if bar:
+            logging.enable_progress_bar()
     return tokenizer, encoder
 
 
