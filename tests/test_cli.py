@@ -6,6 +6,7 @@ import re
 import time
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 import cadence
@@ -148,3 +149,13 @@ def test_demo_zero_prompts_names_its_own_option(tmp_path, no_model_loading):
     _check_refused(result, time.perf_counter() - begin, ["--prompts 0", "positive integer"])
     assert no_model_loading == []
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("device, fragment", [("foo", "'foo' is not a device"), ("cuda:0", "no CUDA device")])
+def test_bad_device_is_refused_before_loading(tmp_path, no_model_loading, device, fragment):
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = invoke("generate", "--prompt", "a red square", "--device", device, "--out", str(tmp_path / "x.gif"))
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert fragment in result.output and "cpu" in result.output
+    assert no_model_loading == []

@@ -46,6 +46,23 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _device(ctx, param, value: str | None) -> str:
+    """--device: checked before any model loads; default cuda when there is one."""
+    import torch
+
+    if value is None:
+        return _default_device()
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise click.BadParameter(f"{value!r} is not a device; valid: cpu, cuda, cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter(f"{value!r}: this machine has no CUDA device; use cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise click.BadParameter(f"{value!r}: cadence runs on cpu or cuda")
+    return value
+
+
 @click.group()
 @click.version_option(package_name="cadence")
 def main():
@@ -61,7 +78,7 @@ def main():
 @click.option("--guidance-scale", default=4.0, show_default=True, type=float)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--out", default="cadence-out.gif", show_default=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--device", default=None, help="cpu or cuda (default: cuda when available)")
+@click.option("--device", default=None, callback=_device, help="cpu or cuda (default: cuda when available)")
 def generate(model, prompt, recipe, steps, guidance_scale, seed, out, device):
     """Generate one video (or image) from a prompt, optionally accelerated."""
     _quiet()
@@ -74,7 +91,7 @@ def generate(model, prompt, recipe, steps, guidance_scale, seed, out, device):
         (parsed,) = _recipes((recipe,))
         check_generation_args(prompt, None, steps, guidance_scale)
         check_writable(out.parent if str(out.parent) else Path("."))
-        pipe = cadence.load(model, device=device or _default_device())
+        pipe = cadence.load(model, device=device)
     except (ValueError, FileNotFoundError) as error:
         _fail(error)
     with cadence.accelerate(pipe, parsed) as acceleration:
@@ -96,7 +113,7 @@ def _bench(model, recipes, prompts, limit, seeds, steps, guidance_scale, out, de
         settings = BenchSettings(
             model=model, recipes=_recipes(recipes), prompts=default_prompts(model, prompts, limit),
             seeds=list(range(seeds)), out=out, steps=steps, guidance_scale=guidance_scale,
-            device=device or _default_device(), videos=videos,
+            device=device, videos=videos,
         )
         _, summary = run_bench(settings)
     except (ValueError, FileNotFoundError) as error:
@@ -114,7 +131,7 @@ def _bench(model, recipes, prompts, limit, seeds, steps, guidance_scale, out, de
 @click.option("--steps", type=int, default=20, show_default=True)
 @click.option("--guidance-scale", type=float, default=4.0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="bench-out", show_default=True)
-@click.option("--device", default=None, help="cpu or cuda (default: cuda when available)")
+@click.option("--device", default=None, callback=_device, help="cpu or cuda (default: cuda when available)")
 def bench(model, recipes, prompts, limit, seeds, steps, guidance_scale, out, device):
     """Measure recipes against the unaccelerated baseline: time, memory, PSNR, SSIM."""
     for option, value in (("--seeds", seeds), ("--limit", limit)):
@@ -132,7 +149,7 @@ def demo(out, limit, steps):
     if limit <= 0:
         _fail(ValueError(f"--prompts {limit} must be a positive integer"))
     click.echo(f"cadence demo: ref-video, {limit} held-out prompts, {steps} steps, baseline vs {DEMO_RECIPE}")
-    _bench("ref-video", (DEMO_RECIPE,), "heldout", limit, 1, steps, 4.0, out, None, videos=True)
+    _bench("ref-video", (DEMO_RECIPE,), "heldout", limit, 1, steps, 4.0, out, _default_device(), videos=True)
     click.echo(f"videos in {out}/videos/, side-by-side strip in {out}/samples.png, report in {out}/report.md")
 
 
@@ -144,7 +161,7 @@ def demo(out, limit, steps):
               help="precomputed caption embeddings (made here if missing and the text encoder is installed)")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="default: the packaged checkpoint folder")
-@click.option("--device", default=None)
+@click.option("--device", default=None, callback=_device, help="cpu or cuda (default: cuda when available)")
 @click.option("--precision", type=click.Choice(["bf16", "tf32"]), default="bf16", show_default=True,
               help="bf16 autocast, or fp32 with TF32 matmuls")
 @click.option("--compile/--no-compile", "compile_blocks", default=True, show_default=True,
@@ -173,7 +190,7 @@ def train(model, seconds, batch_size, embeddings, out, device, precision, compil
     if prepare_only:
         click.echo(f"wrote {embeddings}")
         return
-    result = run_training(model, embeddings, out or spec.checkpoint, settings, device or _default_device())
+    result = run_training(model, embeddings, out or spec.checkpoint, settings, device)
     click.echo(f"{model}: {result['steps']} steps, final loss {result['final_loss']:.4f}, held-out {result['heldout_loss']:.4f}")
 
 
