@@ -125,7 +125,8 @@ def train(name: str, embeddings: Path, out: Path, settings: TrainSettings, devic
     video = model.task == "video"
     specs = [data.parse_caption(c) for c in captions["train"]]
     transformer = model.build().to(device).train()
-    if settings.compile and device.startswith("cuda"):
+    compiled = settings.compile and device.startswith("cuda")
+    if compiled:
         # The eager step is dominated by fp32 norm/modulation elementwise kernels, which this
         # fuses: ref-video trains at 18.2 instead of 9.2 steps/s (benchmarks/RESULTS.md).
         transformer.compile_repeated_blocks()
@@ -155,7 +156,7 @@ def train(name: str, embeddings: Path, out: Path, settings: TrainSettings, devic
             loss = flow_matching_loss(model, transformer, x0, tokens, pooled, generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         decay = min(settings.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
@@ -185,7 +186,7 @@ def train(name: str, embeddings: Path, out: Path, settings: TrainSettings, devic
         "ema_decay": settings.ema_decay,
         "caption_dropout": settings.caption_dropout,
         "precision": settings.precision,
-        "compiled": settings.compile and device.startswith("cuda"),
+        "compiled": compiled,
         "captions": len(specs),
         "parameters": sum(p.numel() for p in ema.parameters()),
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
