@@ -97,7 +97,7 @@ REFUSALS = {
     "unknown model": (["bench", "--model", "nope", "--recipe", "baseline"], ["'nope'", "'ref-video'", "'ref-image'"]),
     "unknown technique": (["bench", "--recipe", "nope"], ["'nope'", "fixed-interval"]),
     "out-of-range parameter": (["bench", "--recipe", "fixed-interval(interval=0)"], ["interval=0", ">= 1"]),
-    "unknown parameter": (["bench", "--recipe", "fixed-interval(speed=2)"], ["'speed'", "interval, warmup, cooldown"]),
+    "unknown parameter": (["bench", "--recipe", "fixed-interval(speed=2)"], ["'speed'", "interval, cooldown, warmup, budget"]),
     "missing recipe file": (["bench", "--recipe", "/nonexistent/fast.toml"], ["'/nonexistent/fast.toml'", "does not exist"]),
     "zero steps": ([*BENCH, "--steps", "0"], ["--steps 0", "positive integer"]),
     "zero seeds": ([*BENCH, "--seeds", "0"], ["--seeds 0", "positive integer"]),

@@ -34,7 +34,7 @@ def test_objects_round_trip_through_the_string_and_through_toml(recipe):
     "baseline",
     "fixed-interval",
     "fixed-interval(interval=3, warmup=2)",
-    "fixed-interval(interval=4, warmup=0, cooldown=3)",
+    "fixed-interval(interval=4, cooldown=3, warmup=0)",
 ])
 def test_canonical_string_survives_toml(text):
     assert str(Recipe.parse(text)) == text
@@ -173,7 +173,7 @@ def test_technique_table_without_name_is_refused():
 def test_toml_values_are_validated_like_string_values():
     with pytest.raises(ValueError, match=r"interval=0 must be >= 1"):
         Recipe.from_toml('[[technique]]\nname = "fixed-interval"\ninterval = 0\n')
-    with pytest.raises(ValueError, match=r"unknown parameter 'speed'.*valid: interval, warmup, cooldown"):
+    with pytest.raises(ValueError, match=r"unknown parameter 'speed'.*valid: interval, cooldown, warmup, budget, cfg_reuse"):
         Recipe.from_toml('[[technique]]\nname = "fixed-interval"\nspeed = 3\n')
 
 
@@ -291,6 +291,7 @@ def test_describe_lists_every_parameter_with_its_default(name):
     assert all(help_text for *_, help_text in config_class.describe())
 
 
-def test_fixed_interval_describes_its_three_parameters():
+def test_fixed_interval_describes_its_own_parameters_then_the_shared_ones():
     described = [(param, kind) for param, kind, _, _ in FixedIntervalConfig.describe()]
-    assert described == [("interval", "int"), ("warmup", "int"), ("cooldown", "int")]
+    assert described == [("interval", "int"), ("cooldown", "int"), ("warmup", "int"), ("budget", "float"),
+                         ("cfg_reuse", "bool")]

@@ -32,6 +32,9 @@ class StepContext:
     generation: int = 0  # counts generations, so per-generation state can be dropped
     forwards: int = 0  # transformer forwards seen in this generation
     _on_new_generation: list[Callable[[], None]] = field(default_factory=list, repr=False)
+    # Objects with before(context, args, kwargs) -> output | None and after(context, output):
+    # a technique that answers a whole transformer forward without running it (CFG reuse).
+    _interceptors: list = field(default_factory=list, repr=False)
 
     def start_generation(self) -> None:
         self.generation += 1
@@ -58,7 +61,19 @@ class _ContextHook(ModelHook):
         self.diffusers_state = StateManager(_Unused)
         self.users = 0  # techniques sharing this hook; removed with the last one
 
-    def pre_forward(self, module, *args, **kwargs):
+    def new_forward(self, module, *args, **kwargs):
+        self._update(kwargs)
+        context = self.context
+        for interceptor in context._interceptors:
+            output = interceptor.before(context, args, kwargs)
+            if output is not None:
+                return output
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        for interceptor in context._interceptors:
+            interceptor.after(context, output)
+        return output
+
+    def _update(self, kwargs) -> None:
         context = self.context
         cache_context = self.diffusers_state._context
         timestep = kwargs.get("timestep")
@@ -82,7 +97,6 @@ class _ContextHook(ModelHook):
             elif value is None and context.branch == "cond":
                 context.step_index += 1
         context.forwards += 1
-        return args, kwargs
 
     def reset_state(self, module):
         # Called by diffusers at the end of a pipeline call (maybe_free_model_hooks).

@@ -4,16 +4,18 @@ every ``apply`` returns."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
+import pkgutil
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import torch
 
-# Modules that register built-in techniques when imported. A new technique adds its
-# module here; nothing else needs to change.
-BUILTIN_MODULES = ("cadence.accel.cache.fixed_interval",)
+# Built-in techniques register themselves when their module is imported: every public
+# module under cadence.accel (one folder per level) is imported once.
+BUILTIN_PACKAGE = "cadence.accel"
 
 
 class TechniqueConfig:
@@ -25,12 +27,19 @@ class TechniqueConfig:
     level: ClassVar[str]  # step | block | token | bit | stage | sequence
     summary: ClassVar[str]
 
+    @classmethod
+    def fields(cls) -> list[dataclasses.Field]:
+        """The parameters, the technique's own before those its base class shares."""
+        own = cls.__dict__.get("__annotations__", {})
+        fields = dataclasses.fields(cls)
+        return [f for f in fields if f.name in own] + [f for f in fields if f.name not in own]
+
     def params(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {f.name: getattr(self, f.name) for f in self.fields()}
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "TechniqueConfig":
-        fields = {f.name: f for f in dataclasses.fields(cls)}
+        fields = {f.name: f for f in cls.fields()}
         unknown = sorted(set(params) - set(fields))
         if unknown:
             raise ValueError(
@@ -46,11 +55,11 @@ class TechniqueConfig:
         hints = typing.get_type_hints(cls)
         return [
             (f.name, getattr(hints[f.name], "__name__", str(hints[f.name])), f.default, f.metadata.get("help", ""))
-            for f in dataclasses.fields(cls)
+            for f in cls.fields()
         ]
 
     def __str__(self) -> str:
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        defaults = {f.name: f.default for f in self.fields()}
         changed = [f"{k}={_format(v)}" for k, v in self.params().items() if v != defaults[k]]
         return f"{self.name}({', '.join(changed)})" if changed else self.name
 
@@ -127,9 +136,16 @@ def register(config: type[TechniqueConfig], apply: Callable[[torch.nn.Module, An
     TECHNIQUES[config.name] = Technique(config, apply)
 
 
+@functools.cache
+def _import_builtin() -> None:
+    package = importlib.import_module(BUILTIN_PACKAGE)
+    for module in pkgutil.walk_packages(package.__path__, BUILTIN_PACKAGE + "."):
+        if not module.name.rsplit(".", 1)[-1].startswith("_"):
+            importlib.import_module(module.name)
+
+
 def load_builtin() -> dict[str, Technique]:
-    for module in BUILTIN_MODULES:
-        importlib.import_module(module)
+    _import_builtin()
     return TECHNIQUES
 
 

@@ -8,6 +8,7 @@ is known here too."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
@@ -20,11 +21,38 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
+def _wan_modulated(block, args, kwargs, hidden):
+    """Wan: the first block's norm1 output, shifted and scaled by the timestep modulation."""
+    temb = kwargs["temb"] if "temb" in kwargs else args[2]
+    if temb.dim() == 4:  # Wan 2.2 TI2V: per-token modulation (B, tokens, 6, dim)
+        shift, scale = (block.scale_shift_table.unsqueeze(0) + temb.float()).chunk(6, dim=2)[:2]
+        shift, scale = shift.squeeze(2), scale.squeeze(2)
+    else:
+        shift, scale = (block.scale_shift_table + temb.float()).chunk(6, dim=1)[:2]
+    return block.norm1(hidden.float()) * (1 + scale) + shift
+
+
+def _norm1_emb(block, args, kwargs, hidden):
+    """FLUX, SD3, HunyuanVideo: AdaLayerNormZero ``norm1(hidden, emb=temb)``."""
+    temb = kwargs["temb"] if "temb" in kwargs else args[2]
+    return block.norm1(hidden, emb=temb)[0]
+
+
+# family -> how to read the timestep-modulated input of the first block (TeaCache's
+# indicator). Families without one fall back to the block's input hidden states.
+MODULATED_INPUT: dict[str, Callable] = {"wan": _wan_modulated, "flux": _norm1_emb}
+
+
 @dataclass
 class Adapter:
     family: str
     blocks: list[torch.nn.Module]  # execution order
     metadata: list[TransformerBlockMetadata]
+
+    def modulated_input(self, block, args, kwargs, hidden) -> torch.Tensor:
+        read = MODULATED_INPUT.get(self.family)
+        with torch.no_grad():
+            return read(block, args, kwargs, hidden) if read else hidden
 
 
 def find_transformer(target) -> torch.nn.Module:

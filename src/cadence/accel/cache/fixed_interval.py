@@ -2,7 +2,8 @@
 ``interval``-th denoising step and reuse its residual on the steps between.
 
 The simplest caching policy and the reference point for the adaptive ones: its compute
-fraction is known before the run, so its ideal speedup is too.
+fraction is known before the run, so its ideal speedup is too. In budget mode it spaces
+the allowed computed steps evenly.
 """
 
 from __future__ import annotations
@@ -11,28 +12,23 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cadence.accel.cache._base import BlockStackReuse
-from cadence.accel.registry import Handle, TechniqueConfig, register
-from cadence.context import StepContext
+from cadence.accel.cache._base import Policy, StepPolicyConfig, install
+from cadence.accel.registry import Handle, register
 
 
 @dataclass(frozen=True)
-class FixedIntervalConfig(TechniqueConfig):
+class FixedIntervalConfig(StepPolicyConfig):
     name = "fixed-interval"
-    level = "step"
     summary = "FORA-style reuse: recompute the transformer blocks every N-th step, reuse their residual between"
 
     interval: int = field(default=2, metadata={"help": "compute every N-th step (1 = every step, no reuse)"})
-    warmup: int = field(default=1, metadata={"help": "first steps always computed (the layout forms early)"})
     cooldown: int = field(default=0, metadata={"help": "last steps always computed (fine detail forms late)"})
 
-    def __post_init__(self):
+    def validate(self):
         if self.interval < 1:
             raise ValueError(f"fixed-interval: interval={self.interval} must be >= 1")
-        if self.warmup < 0 or self.cooldown < 0:
-            raise ValueError(
-                f"fixed-interval: warmup={self.warmup} and cooldown={self.cooldown} must be >= 0"
-            )
+        if self.cooldown < 0:
+            raise ValueError(f"fixed-interval: cooldown={self.cooldown} must be >= 0")
 
     def computes(self, step_index: int, num_steps: int | None) -> bool:
         if step_index < self.warmup:
@@ -46,12 +42,18 @@ class FixedIntervalConfig(TechniqueConfig):
         return sum(self.computes(i, num_steps) for i in range(num_steps)) / num_steps
 
 
-def apply(model: torch.nn.Module, config: FixedIntervalConfig) -> Handle:
-    def should_compute(context: StepContext) -> bool:
-        return config.computes(context.step_index, context.num_steps)
+class FixedInterval(Policy):
+    def distance(self, state, probe, since):
+        if self.config.budget:
+            return float(since)  # paced: evenly spaced
+        return 1.0 if self.config.computes(probe.context.step_index, probe.context.num_steps) else 0.0
 
-    reuse = BlockStackReuse(model, f"cadence.{config.name}", should_compute)
-    return Handle(config, reuse.remove, reuse.stats)
+    def threshold(self):
+        return 1.0
+
+
+def apply(model: torch.nn.Module, config: FixedIntervalConfig) -> Handle:
+    return install(model, FixedInterval(config))
 
 
 register(FixedIntervalConfig, apply)
