@@ -143,7 +143,9 @@ class _Pacer:
             return False
         if self.slots >= remaining or not math.isfinite(distance):
             return True
-        rate = (self.closed_distance + distance) / (self.closed_steps + elapsed)
+        # The larger of the mean rate so far and the rate of the open interval: a distance
+        # that speeds up (late steps often do) must not use up the slots before the end.
+        rate = max((self.closed_distance + distance) / (self.closed_steps + elapsed), distance / elapsed)
         return distance >= rate * (remaining + elapsed) / (self.slots + 1) - 1e-12
 
     def spend(self, distance: float | None, elapsed: int) -> None:
@@ -168,6 +170,11 @@ class StepReuse:
                 f"{config.name}: {head} head + {tail} tail blocks leave nothing to reuse in a stack of "
                 f"{len(blocks)} blocks; lower them"
             )
+        if config.budget and config.budget < (head + tail) / len(blocks):
+            raise ValueError(
+                f"{config.name}: budget={config.budget} is below the {head + tail}/{len(blocks)} of the block work "
+                f"that its {head} head and {tail} tail blocks take on every forward; raise it or lower them"
+            )
         self.model, self.policy, self.config, self.hook_name = model, policy, config, hook_name
         self.adapter = adapter
         self.blocks = blocks
@@ -178,6 +185,7 @@ class StepReuse:
         self.block_runs = 0
         self.block_slots = 0
         self.forwards = 0
+        self.last_schedule: dict[str, list[int]] = {}
         for index, (block, metadata) in enumerate(zip(blocks, adapter.metadata)):
             HookRegistry.check_if_exists_or_initialize(block).register_hook(_BlockHook(self, index, metadata), hook_name)
         self.cfg = _CfgReuse(self) if config.cfg_reuse else None
@@ -186,6 +194,8 @@ class StepReuse:
 
     # -- per generation / per branch ---------------------------------------------------
     def reset(self) -> None:
+        if self.branches:
+            self.last_schedule = self.stats()["schedule"]
         self.branches.clear()
         if self.cfg:
             self.cfg.reset()
@@ -201,8 +211,14 @@ class StepReuse:
         head and tail blocks that run on every forward."""
         n = len(self.blocks)
         span = self.span[1] - self.span[0]
-        always = n - span
-        return max(1, math.floor((self.config.budget * n - always) * num_steps / span + 1e-9))
+        slots = math.floor((self.config.budget * n - (n - span)) * num_steps / span + 1e-9)
+        if slots < 1:
+            smallest = ((n - span) + span / num_steps) / n
+            raise ValueError(
+                f"{self.config.name}: budget={self.config.budget} allows no computed forward in {num_steps} steps "
+                f"(the first must compute); the smallest budget here is {smallest:.3f}"
+            )
+        return slots
 
     # -- the decision ----------------------------------------------------------------
     def decide(self, branch: _Branch, probe: Probe) -> bool:
@@ -241,7 +257,13 @@ class StepReuse:
         return self.block_runs / self.block_slots if self.block_slots else None
 
     def stats(self) -> dict:
-        return {"compute_fraction": self.compute_fraction(), "forwards": self.forwards, **self.policy.stats()}
+        """compute_fraction: block work run / block work of the unaccelerated model, over
+        every forward since apply; schedule: per branch, which steps of the current (or
+        last) generation computed the span."""
+        schedule = {name: [int(branch.decisions[step]) for step in sorted(branch.decisions)]
+                    for name, branch in self.branches.items()} or self.last_schedule
+        return {"compute_fraction": self.compute_fraction(), "forwards": self.forwards, "schedule": schedule,
+                **self.policy.stats()}
 
     def remove(self) -> None:
         for block in self.blocks:
@@ -308,19 +330,28 @@ class _BlockHook(ModelHook):
         return output
 
     def _unpack(self, output):
-        metadata = self.metadata
-        if metadata.return_encoder_hidden_states_index is None:
-            return (output[metadata.return_hidden_states_index] if isinstance(output, tuple) else output), None
-        return output[metadata.return_hidden_states_index], output[metadata.return_encoder_hidden_states_index]
+        return unpack_block_output(self.metadata, output)
 
     def _pack(self, hidden, encoder):
-        metadata = self.metadata
-        if metadata.return_encoder_hidden_states_index is None:
-            return hidden
-        output = [None, None]
-        output[metadata.return_hidden_states_index] = hidden
-        output[metadata.return_encoder_hidden_states_index] = encoder
-        return tuple(output)
+        return pack_block_output(self.metadata, hidden, encoder)
+
+
+def unpack_block_output(metadata, output) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A block's output -> (hidden states, text-stream states or None), by its metadata
+    (FLUX blocks return the pair as a tuple)."""
+    if metadata.return_encoder_hidden_states_index is None:
+        return (output[metadata.return_hidden_states_index] if isinstance(output, tuple) else output), None
+    return output[metadata.return_hidden_states_index], output[metadata.return_encoder_hidden_states_index]
+
+
+def pack_block_output(metadata, hidden: torch.Tensor, encoder: torch.Tensor | None):
+    """The inverse of ``unpack_block_output``: what the block itself would return."""
+    if metadata.return_encoder_hidden_states_index is None:
+        return hidden
+    output = [None, None]
+    output[metadata.return_hidden_states_index] = hidden
+    output[metadata.return_encoder_hidden_states_index] = encoder
+    return tuple(output)
 
 
 class _CfgReuse:

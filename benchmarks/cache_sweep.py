@@ -1,0 +1,71 @@
+"""Caching policies and diffusers' own hooks, swept on a reference model in one run.
+
+Every cadence policy runs in budget mode at the same budgets (equal cost), every peer at
+the setting its docs recommend and a sweep around it; all on the same held-out prompts
+and seeds, against the same unaccelerated outputs. Writes the bench files (results.jsonl,
+report.md, samples.png) and frontier.png / frontier.md: speed vs PSNR and SSIM per
+technique, and for each peer setting whether cadence has a setting at least as fast with
+higher PSNR.
+
+    python benchmarks/cache_sweep.py --model ref-video --out $OUT/sweep-video
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from cadence.bench import frontier
+from cadence.bench.runner import BenchSettings, default_prompts, format_table, run_bench
+from cadence.recipe import Recipe
+
+POLICIES = ["fixed-interval", "fixed-interval(cfg_reuse=true)", "first-blocks", "taylorseer(order=2)", "teacache",
+            "magcache", "ertacache", "block-delta"]
+BUDGETS = [0.25, 0.33, 0.4, 0.5, 0.65]
+PEERS = [
+    # diffusers 0.42 hooks: the docs' setting first, then a sweep around it
+    *(f"diffusers-fbcache(threshold={t})" for t in (0.05, 0.1, 0.2, 0.3, 0.45)),
+    *(f"diffusers-magcache(threshold={t})" for t in (0.03, 0.06, 0.12, 0.24)),
+    *(f"diffusers-taylorseer(cache_interval={n})" for n in (2, 3, 4, 5)),
+    *(f"diffusers-pab(spatial_attention_block_skip_range={n})" for n in (2, 3, 4)),
+]
+
+
+def with_budget(policy: str, budget: float) -> str:
+    if "(" in policy:
+        return policy[:-1] + f", budget={budget})"
+    return f"{policy}(budget={budget})"
+
+
+def sweep_recipes(policies=POLICIES, budgets=BUDGETS, peers=PEERS) -> list[str]:
+    return [with_budget(p, b) for p in policies for b in budgets] + list(peers)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="ref-video", choices=["ref-video", "ref-image"])
+    parser.add_argument("--prompts", type=int, default=8, help="held-out prompts")
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--x", choices=["ideal_speedup", "speedup"], default="ideal_speedup",
+                        help="frontier x axis: ideal (work removed) or measured speedup")
+    parser.add_argument("--recipes", nargs="*", default=None, help="default: every policy x budget, and the peers")
+    parser.add_argument("--out", type=Path, default=Path("sweep-out"))
+    args = parser.parse_args()
+
+    recipes = [Recipe.parse(r) for r in (args.recipes or sweep_recipes())]
+    settings = BenchSettings(model=args.model, recipes=recipes, prompts=default_prompts(args.model, "heldout", args.prompts),
+                             seeds=list(range(args.seeds)), out=args.out, steps=args.steps, device=args.device)
+    _, summary = run_bench(settings)
+    print(format_table(summary))
+    frontier.plot_frontiers(args.out / "frontier.png", summary, x_key=args.x,
+                            title=f"{args.model}: {args.prompts} held-out prompts x {args.seeds} seeds, {args.steps} steps")
+    (args.out / "frontier.md").write_text(frontier.markdown(summary, x_key=args.x))
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    print(frontier.markdown(summary, x_key=args.x))
+
+
+if __name__ == "__main__":
+    main()
