@@ -7,7 +7,12 @@ report.md, samples.png) and frontier.png / frontier.md: speed vs PSNR and SSIM p
 technique, and for each peer setting whether cadence has a setting at least as fast with
 higher PSNR.
 
-    python benchmarks/cache_sweep.py --model ref-video --out $OUT/sweep-video
+    python benchmarks/cache_sweep.py --prepare-embeddings .carry/heldout-embeddings.safetensors  # CPU
+    python benchmarks/cache_sweep.py --model ref-video --embeddings .carry/heldout-embeddings.safetensors \
+        --out $OUT/sweep-video                                                                    # GPU
+
+The GPU machine has no text encoder: the held-out prompts' embeddings are made on the CPU
+first and carried.
 """
 
 from __future__ import annotations
@@ -52,12 +57,22 @@ def main():
     parser.add_argument("--x", choices=["ideal_speedup", "speedup"], default="ideal_speedup",
                         help="frontier x axis: ideal (work removed) or measured speedup")
     parser.add_argument("--recipes", nargs="*", default=None, help="default: every policy x budget, and the peers")
+    parser.add_argument("--embeddings", type=Path, default=None, help="precomputed prompt embeddings")
+    parser.add_argument("--prepare-embeddings", type=Path, default=None,
+                        help="write the held-out prompts' embeddings of both models to this file and stop")
     parser.add_argument("--out", type=Path, default=Path("sweep-out"))
     args = parser.parse_args()
+    if args.prepare_embeddings:
+        from cadence.reference.text import save_prompt_embeddings
+
+        prompts = [p for model in ("ref-video", "ref-image") for p in default_prompts(model, "heldout", args.prompts)]
+        print(f"wrote {save_prompt_embeddings(prompts, args.prepare_embeddings)}")
+        return
 
     recipes = [Recipe.parse(r) for r in (args.recipes or sweep_recipes())]
     settings = BenchSettings(model=args.model, recipes=recipes, prompts=default_prompts(args.model, "heldout", args.prompts),
-                             seeds=list(range(args.seeds)), out=args.out, steps=args.steps, device=args.device)
+                             seeds=list(range(args.seeds)), out=args.out, steps=args.steps, device=args.device,
+                             embeddings=args.embeddings)
     _, summary = run_bench(settings)
     print(format_table(summary))
     frontier.plot_frontiers(args.out / "frontier.png", summary, x_key=args.x,

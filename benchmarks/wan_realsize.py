@@ -7,13 +7,17 @@ Random weights cost the same time as trained ones for a fixed amount of compute.
 
     python benchmarks/wan_realsize.py --out $OUT/wan_realsize.json
 
-Later issues add their techniques to RECIPES.
+``--set policies`` runs every cadence caching policy at budget 0.4 (equal cost), ``--set
+peers`` diffusers' own hooks; each set times its own baseline in the same run. Per-forward
+CUDA events split the time of computed and reused forwards: the reused forward's time over
+fixed-interval's is an indicator's overhead.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from datetime import date
 
@@ -31,6 +35,16 @@ WAN_1_3B = dict(
 )
 LATENT = dict(frames=21, height=60, width=104)  # 480 x 832 x 81 frames through the Wan VAE (4x8x8)
 TEXT_TOKENS = 512  # umT5 sequence length of the Wan pipeline
+BUDGET = 0.4
+POLICIES = [  # cadence's policies at equal cost (budget mode)
+    f"fixed-interval(budget={BUDGET})", f"fixed-interval(budget={BUDGET}, cfg_reuse=true)",
+    f"first-blocks(budget={BUDGET})", f"taylorseer(order=2, budget={BUDGET})", f"block-delta(budget={BUDGET})",
+    f"teacache(budget={BUDGET}, calibration='{{teacache}}')", f"magcache(budget={BUDGET}, calibration='{{magcache}}')",
+    f"ertacache(budget={BUDGET}, calibration='{{ertacache}}')",
+]
+PEERS = [  # diffusers' hooks at the settings their docs recommend
+    "diffusers-fbcache", "diffusers-magcache(calibration='{magcache}')", "diffusers-taylorseer", "diffusers-pab",
+]
 RECIPES = ["baseline", "fixed-interval(interval=2)", "fixed-interval(interval=3)"]
 
 
@@ -55,13 +69,74 @@ def cuda_time(fn) -> float:
     return start.elapsed_time(end) / 1000
 
 
+class ForwardTimer:
+    """CUDA events around every transformer forward (read after the run: no sync inside)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.handles = [model.register_forward_pre_hook(self._start), model.register_forward_hook(self._end)]
+
+    def _start(self, *_):
+        self.events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+        self.events[-1][0].record()
+
+    def _end(self, *_):
+        self.events[-1][1].record()
+
+    def split(self, schedule: dict[str, list[int]]) -> dict[str, float]:
+        """Mean ms of computed and of reused forwards; forwards run cond, uncond per step."""
+        for handle in self.handles:
+            handle.remove()
+        times = [start.elapsed_time(end) for start, end in self.events]
+        branches = [schedule[b] for b in ("cond", "uncond") if b in schedule]
+        flags = [flags[step] for step in range(len(branches[0])) for flags in branches] if branches else []
+        if len(flags) != len(times):
+            return {}
+        split = {}
+        for name, value in (("computed_forward_ms", 1), ("reused_forward_ms", 0)):
+            chosen = [t for t, flag in zip(times, flags) if flag == value]
+            if chosen:
+                split[name] = sum(chosen) / len(chosen)
+        return split
+
+
+def display(template: str) -> str:
+    """The recipe as reported: without this run's calibration path."""
+    return re.sub(r",? ?calibration='\{\w+\}'", "", template).replace("()", "")
+
+
+def calibrate(pipe, call: dict, steps: int, techniques: set[str], folder: str) -> dict[str, str]:
+    """Calibrate the random-weight model for the policies that need it. The fitted values
+    do not change the cost of a run at a fixed budget, so one prompt is enough here."""
+    from cadence.accel.cache import calibration, ertacache, magcache, teacache
+
+    paths = {}
+    run = dict(steps=steps, **call)
+    if techniques & {"teacache", "magcache"}:
+        traces = calibration.record(pipe, [run])
+        for name, module in (("teacache", teacache), ("magcache", magcache)):
+            if name in techniques:
+                data = {**module.fit(traces), "steps": steps}
+                paths[name] = str(calibration.save(pipe.transformer, name, data, f"{folder}/{name}.json"))
+    if "ertacache" in techniques:
+        # Residuals of every step are kept on the host to fit the rectification: at this
+        # size 100 MB each, so calibrate on a short run (the schedule is resampled).
+        short = dict(run, steps=min(steps, 10))
+        paths["ertacache"] = str(ertacache.calibrate(pipe, [short], f"{folder}/ertacache.json"))
+    return paths
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance-scale", type=float, default=5.0)
-    parser.add_argument("--recipes", nargs="+", default=RECIPES)
+    parser.add_argument("--set", choices=["fixed", "policies", "peers"], default="fixed",
+                        help="fixed: fixed-interval; policies: every cadence policy at budget 0.4; peers: diffusers' hooks")
+    parser.add_argument("--recipes", nargs="+", default=None, help="instead of --set")
+    parser.add_argument("--calibration-dir", default="/tmp/cadence-calibration")
     parser.add_argument("--out", default="wan_realsize.json")
     args = parser.parse_args()
+    recipes = args.recipes or {"fixed": RECIPES, "policies": ["baseline", *POLICIES], "peers": ["baseline", *PEERS]}[args.set]
 
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -81,10 +156,16 @@ def main():
     began = time.time()
     pipe(steps=2, **call)  # warm-up: kernels, cuDNN/cuBLAS handles, allocator
     forward_s = min(cuda_time(forward) for _ in range(3))
+    needed = {name for name in ("teacache", "magcache", "ertacache") if any("{" + name + "}" in r for r in recipes)}
+    calibration_began = time.time()
+    paths = calibrate(pipe, call, args.steps, needed, args.calibration_dir) if needed else {}
+    calibration_s = time.time() - calibration_began
     results = []
     baseline_s = None
-    for text in args.recipes:
+    for template in recipes:
+        text = template.format(**paths)
         acceleration = cadence.accelerate(pipe, text)
+        timer = ForwardTimer(transformer)
         torch.cuda.reset_peak_memory_stats()
         seconds = cuda_time(lambda: pipe(steps=args.steps, **call))
         stats = acceleration.stats()
@@ -92,9 +173,11 @@ def main():
         baseline_s = baseline_s or seconds
         fraction = stats.get("compute_fraction") or 1.0
         results.append({
-            "recipe": text, "seconds": seconds, "per_step_ms": 1000 * seconds / args.steps,
+            "recipe": display(template),
+            "seconds": seconds, "per_step_ms": 1000 * seconds / args.steps,
             "speedup": baseline_s / seconds, "compute_fraction": fraction, "ideal_speedup": 1 / fraction,
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+            **timer.split(stats.get("schedule") or {}),
         })
         print(json.dumps(results[-1]), flush=True)
 
@@ -102,16 +185,18 @@ def main():
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": date.today().isoformat(),
         "config": "Wan2.1-1.3B size, random weights, bf16", "tokens": tokens, "steps": args.steps,
         "cfg": True, "guidance_scale": args.guidance_scale, "one_forward_ms": 1000 * forward_s,
-        "wall_s": time.time() - began,
+        "calibration_s": calibration_s, "wall_s": time.time() - began,
     }
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1)
     print(f"\n{meta['device']}, torch {meta['torch']}, {tokens} tokens, {args.steps} steps with CFG; "
           f"one forward {meta['one_forward_ms']:.0f} ms")
-    print(f"{'recipe':<30} {'seconds':>8} {'ms/step':>8} {'speedup':>8} {'ideal':>6} {'achieved/ideal':>15} {'peak GiB':>9}")
+    print(f"{'recipe':<44} {'seconds':>8} {'speedup':>8} {'ideal':>6} {'achieved/ideal':>15} {'reused fwd ms':>14} "
+          f"{'peak GiB':>9}")
     for r in results:
-        print(f"{r['recipe']:<30} {r['seconds']:>8.2f} {r['per_step_ms']:>8.0f} {r['speedup']:>7.2f}x "
-              f"{r['ideal_speedup']:>5.2f}x {r['speedup'] / r['ideal_speedup']:>14.0%} {r['peak_mem_gib']:>9.1f}")
+        reused = f"{r['reused_forward_ms']:.1f}" if "reused_forward_ms" in r else "-"
+        print(f"{r['recipe']:<44} {r['seconds']:>8.2f} {r['speedup']:>7.2f}x {r['ideal_speedup']:>5.2f}x "
+              f"{r['speedup'] / r['ideal_speedup']:>14.0%} {reused:>14} {r['peak_mem_gib']:>9.1f}")
 
 
 if __name__ == "__main__":

@@ -141,3 +141,28 @@ def test_bad_arguments_are_refused_before_generating(pipe, bad):
     finally:
         hook.remove()
     assert not forwards
+
+
+def test_precomputed_prompt_embeddings_stand_in_for_the_text_encoder(video_pipe, tmp_path):
+    """The GPU machine has no text encoder: prompts encoded elsewhere give the same output as
+    passing the embeddings directly, and a prompt not in the file is named in the error."""
+    from conftest import text
+
+    video_pipe.prompt_cache = {"a red square": (text(seed=1), torch.zeros(1, 16)), "": (text(seed=2), torch.zeros(1, 16))}
+    kwargs = dict(steps=3, guidance_scale=3.0, frames=4, height=8, width=8)
+    by_prompt = video_pipe(prompt="a red square", **kwargs).frames
+    by_embeds = video_pipe(prompt_embeds=text(seed=1), negative_prompt_embeds=text(seed=2), **kwargs).frames
+    assert torch.equal(by_prompt, by_embeds)
+    with pytest.raises(ValueError, match="no precomputed embedding for 'a blue circle'"):
+        video_pipe(prompt="a blue circle", **kwargs)
+
+
+def test_prompt_embeddings_file_round_trips(tmp_path):
+    from cadence.reference.text import load_prompt_embeddings, save_prompt_embeddings
+
+    path = save_prompt_embeddings(["a red square moves left", "a blue circle"], tmp_path / "e.safetensors")
+    cache = load_prompt_embeddings(path)
+    assert set(cache) == {"a red square moves left", "a blue circle", ""}
+    tokens, pooled = cache["a blue circle"]
+    assert tokens.shape == (1, 24, 384) and pooled.shape == (1, 384)
+    assert not torch.equal(tokens, cache["a red square moves left"][0])

@@ -44,6 +44,7 @@ class BenchSettings:
     device: str = "cpu"
     cache_dir: Path = field(default_factory=lambda: Path(os.environ.get("CADENCE_CACHE", Path.home() / ".cache" / "cadence")))
     videos: bool = False  # also write every output as a GIF (the demo does)
+    embeddings: Path | None = None  # precomputed prompt embeddings: run without the text encoder
     command: str = field(default_factory=lambda: shlex.join(["cadence"] + sys.argv[1:]))  # re-runnable
 
 
@@ -152,7 +153,11 @@ def run_bench(settings: BenchSettings) -> tuple[list[dict], list[dict]]:
     if not settings.seeds:
         raise ValueError("the seed list is empty: give at least one seed")
     check_writable(settings.out)
-    pipe = cadence.load(settings.model, device=settings.device)
+    pipe = cadence.load(settings.model, device=settings.device, text_encoder=settings.embeddings is None)
+    if settings.embeddings is not None:
+        from cadence.reference.text import load_prompt_embeddings
+
+        pipe.prompt_cache = load_prompt_embeddings(settings.embeddings)
     pipe.set_progress_bar_config(disable=True)
     generate = dict(steps=settings.steps, guidance_scale=settings.guidance_scale)
     cases = [(prompt, seed) for prompt in settings.prompts for seed in settings.seeds]

@@ -59,9 +59,20 @@ class _RefPipeline(DiffusionPipeline):
     def current_timestep(self):
         return self._current_timestep
 
+    # prompt -> (tokens, pooled), consulted before the text encoder: precomputed embeddings
+    # (text.save_prompt_embeddings) let a machine without the encoder run the same prompts.
+    prompt_cache: dict | None = None
+
     def encode_prompt(self, prompts: list[str]):
+        cache = self.prompt_cache or {}
+        if all(prompt in cache for prompt in prompts):
+            return tuple(torch.cat([cache[prompt][i] for prompt in prompts]) for i in (0, 1))
         if self.text_encoder is None or self.tokenizer is None:
-            raise ValueError("this pipeline has no text encoder: pass prompt_embeds (and negative_prompt_embeds)")
+            missing = [prompt for prompt in prompts if prompt not in cache]
+            raise ValueError(
+                f"this pipeline has no text encoder and no precomputed embedding for {missing[0]!r}: pass "
+                "prompt_embeds (and negative_prompt_embeds), or load embeddings made by save_prompt_embeddings"
+            )
         return encode_prompts(prompts, self.tokenizer, self.text_encoder)
 
     def _conditions(self, prompts, negative_prompt, prompt_embeds, negative_prompt_embeds, pooled, negative_pooled, cfg):

@@ -9,6 +9,7 @@ ref-image, as FLUX's pooled CLIP embedding does.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -70,3 +71,28 @@ def embed_captions(captions: list[str], batch_size: int = 256) -> dict[str, torc
         tokens.append(t)
         pooled.append(p)
     return {"tokens": torch.cat(tokens).half(), "pooled": torch.cat(pooled).half()}
+
+
+def save_prompt_embeddings(prompts: list[str], path: Path) -> Path:
+    """Encode ``prompts`` (and the empty negative prompt) into one safetensors file, so a
+    machine without the text encoder (the GPU one) can run the same prompts."""
+    from safetensors.torch import save_file
+
+    prompts = list(dict.fromkeys([*prompts, ""]))
+    tokenizer, encoder = load_text_encoder()
+    tokens, pooled = encode_prompts(prompts, tokenizer, encoder)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"tokens": tokens.contiguous(), "pooled": pooled.contiguous()}, str(path),
+              metadata={"prompts": json.dumps(prompts)})
+    return path
+
+
+def load_prompt_embeddings(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """prompt -> (tokens (1, MAX_TOKENS, 384), pooled (1, 384)), from ``save_prompt_embeddings``."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        prompts = json.loads(f.metadata()["prompts"])
+        tokens, pooled = f.get_tensor("tokens"), f.get_tensor("pooled")
+    return {prompt: (tokens[i : i + 1], pooled[i : i + 1]) for i, prompt in enumerate(prompts)}
