@@ -13,17 +13,34 @@ from typing import Callable
 import torch
 from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
 
-# Block-list attributes, in the order a family's forward runs them. Families are added
-# here as their tests land (tests/models/test_adapters.py).
+# Block-list attributes, in the order a family's forward runs them. Every family is tested
+# on a tiny random config in tests/models/test_families.py.
 FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "WanTransformer3DModel": ("wan", ("blocks",)),
     "FluxTransformer2DModel": ("flux", ("transformer_blocks", "single_transformer_blocks")),
+    # The last block is context_pre_only: it returns None for the text stream, which is
+    # never read after it, so a reused stack passes the text stream through unchanged.
+    # No CacheMixin: the step is inferred from the timestep. Not supported by step reuse:
+    # skip_layers (skip-layer guidance, a third forward per step) and ControlNet residuals
+    # (added by the model between blocks, so a reused span would add them twice).
+    "SD3Transformer2DModel": ("sd3", ("transformer_blocks",)),
+    "CogVideoXTransformer3DModel": ("cogvideox", ("transformer_blocks",)),
+    # Dual-stream then single-stream blocks; both take and return (video, text) separately
+    # (the single blocks concatenate inside). The text token refiner runs before the stack,
+    # in context_embedder, and is not part of it.
+    "HunyuanVideoTransformer3DModel": ("hunyuan_video", ("transformer_blocks", "single_transformer_blocks")),
+    "LTXVideoTransformer3DModel": ("ltx", ("transformer_blocks",)),
 }
+
+
+def _arg(args, kwargs, name, index):
+    """A block argument that a model forward passes by keyword or by position."""
+    return kwargs[name] if name in kwargs else args[index]
 
 
 def _wan_modulated(block, args, kwargs, hidden):
     """Wan: the first block's norm1 output, shifted and scaled by the timestep modulation."""
-    temb = kwargs["temb"] if "temb" in kwargs else args[2]
+    temb = _arg(args, kwargs, "temb", 2)
     if temb.dim() == 4:  # Wan 2.2 TI2V: per-token modulation (B, tokens, 6, dim)
         shift, scale = (block.scale_shift_table.unsqueeze(0) + temb.float()).chunk(6, dim=2)[:2]
         shift, scale = shift.squeeze(2), scale.squeeze(2)
@@ -33,14 +50,48 @@ def _wan_modulated(block, args, kwargs, hidden):
 
 
 def _norm1_emb(block, args, kwargs, hidden):
-    """FLUX, SD3, HunyuanVideo: AdaLayerNormZero ``norm1(hidden, emb=temb)``."""
-    temb = kwargs["temb"] if "temb" in kwargs else args[2]
+    """FLUX, SD3 (JointTransformerBlock): AdaLayerNormZero ``norm1(hidden, emb=temb)``."""
+    return block.norm1(hidden, emb=_arg(args, kwargs, "temb", 2))[0]
+
+
+def _cogvideox_modulated(block, args, kwargs, hidden):
+    """CogVideoX: CogVideoXLayerNormZero modulates video and text together,
+    ``norm1(hidden, encoder, temb)`` -> (video, text, gate, text gate)."""
+    encoder = _arg(args, kwargs, "encoder_hidden_states", 1)
+    return block.norm1(hidden, encoder, _arg(args, kwargs, "temb", 2))[0]
+
+
+def _hunyuan_video_modulated(block, args, kwargs, hidden):
+    """HunyuanVideo: AdaLayerNormZero of the first dual-stream block. The forward passes
+    the block arguments by position: (hidden, encoder, temb, attention_mask, rotary,
+    token_replace_emb, first_frame_num_tokens)."""
+    temb = _arg(args, kwargs, "temb", 2)
+    if type(block).__name__ == "HunyuanVideoTokenReplaceTransformerBlock":
+        # I2V: the first frame's tokens are modulated by their own (t=0) embedding.
+        token_replace_emb = _arg(args, kwargs, "token_replace_emb", 5)
+        return block.norm1(hidden, temb, token_replace_emb, _arg(args, kwargs, "num_tokens", 6))[0]
     return block.norm1(hidden, emb=temb)[0]
+
+
+def _ltx_modulated(block, args, kwargs, hidden):
+    """LTX-Video: like Wan, a scale_shift_table plus the timestep embedding, here of shape
+    (B, 1 or tokens, 6 * dim): one row per token when the pipeline conditions frames."""
+    temb = _arg(args, kwargs, "temb", 2)
+    ada = block.scale_shift_table[None, None] + temb.reshape(hidden.size(0), temb.size(1), 6, -1)  # (B, T, 6, dim)
+    shift, scale = ada[:, :, 0], ada[:, :, 1]
+    return block.norm1(hidden) * (1 + scale) + shift
 
 
 # family -> how to read the timestep-modulated input of the first block (TeaCache's
 # indicator). Families without one fall back to the block's input hidden states.
-MODULATED_INPUT: dict[str, Callable] = {"wan": _wan_modulated, "flux": _norm1_emb}
+MODULATED_INPUT: dict[str, Callable] = {
+    "wan": _wan_modulated,
+    "flux": _norm1_emb,
+    "sd3": _norm1_emb,
+    "cogvideox": _cogvideox_modulated,
+    "hunyuan_video": _hunyuan_video_modulated,
+    "ltx": _ltx_modulated,
+}
 
 
 @dataclass
