@@ -30,10 +30,12 @@ class StepContext:
     branch: str = "cond"  # "cond" / "uncond": the CFG branch of this forward
     chunk_index: int = 0  # streaming autoregressive video: which chunk is being denoised
     generation: int = 0  # counts generations, so per-generation state can be dropped
+    scheduler: object = field(default=None, repr=False)  # the pipeline's, when accelerate() got a pipeline
     forwards: int = 0  # transformer forwards seen in this generation
     _on_new_generation: list[Callable[[], None]] = field(default_factory=list, repr=False)
-    # Objects with before(context, args, kwargs) -> output | None and after(context, output):
-    # a technique that answers a whole transformer forward without running it (CFG reuse).
+    # Objects with before(context, args, kwargs) -> output | None and after(context, output)
+    # -> output | None: a technique that answers a whole transformer forward without running
+    # it (CFG reuse), or replaces its output (ERTACache's output scale). None keeps it.
     _interceptors: list = field(default_factory=list, repr=False)
 
     def start_generation(self) -> None:
@@ -70,7 +72,9 @@ class _ContextHook(ModelHook):
                 return output
         output = self.fn_ref.original_forward(*args, **kwargs)
         for interceptor in context._interceptors:
-            interceptor.after(context, output)
+            replaced = interceptor.after(context, output)
+            if replaced is not None:
+                output = replaced
         return output
 
     def _update(self, kwargs) -> None:
@@ -87,7 +91,12 @@ class _ContextHook(ModelHook):
             context.step_index = step_index
             context.timestep = timestep
         else:
-            value = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else timestep
+            # Most diffusers pipelines (FLUX, CogVideoX, HunyuanVideo, LTX) name the branch but
+            # give no step count: the pipeline's scheduler knows it.
+            timesteps = getattr(context.scheduler, "timesteps", None)
+            context.num_steps = len(timesteps) if timesteps is not None else context.num_steps
+            # max: conditioning pipelines (LTX) pin the first frame's tokens at t = 0
+            value = float(timestep.max()) if torch.is_tensor(timestep) else timestep
             if value is not None and value != context.timestep:
                 previous = context.timestep
                 if previous is not None and value > previous:

@@ -19,6 +19,7 @@ from typing import Any, Iterable
 import tomli_w
 
 from cadence.accel.registry import Handle, TechniqueConfig, get_technique, load_builtin
+from cadence.context import get_context
 from cadence.models import find_transformer
 
 if sys.version_info >= (3, 11):
@@ -190,4 +191,7 @@ def accelerate(target, recipe) -> Acceleration:
         for handle in reversed(handles):
             handle.remove()
         raise
+    context = get_context(model)
+    if context is not None and getattr(target, "scheduler", None) is not None:
+        context.scheduler = target.scheduler
     return Acceleration(recipe, handles)

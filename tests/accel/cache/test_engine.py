@@ -232,3 +232,46 @@ def test_first_blocks_refuses_bad_parameters(params):
 def test_taylorseer_refuses_bad_parameters(params):
     with pytest.raises(ValueError, match="taylorseer: .* must be"):
         TaylorSeerConfig(**params)
+
+
+class _NamedContextPipeline:
+    """As diffusers' FLUX, CogVideoX, HunyuanVideo and LTX pipelines call the transformer:
+    a cache context with a name only; the step count is in the scheduler."""
+
+    def __init__(self, model, steps: int):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        self.transformer = model
+        self.scheduler = FlowMatchEulerDiscreteScheduler()
+        self.scheduler.set_timesteps(steps)
+
+    def __call__(self):
+        x, embeds = torch.randn(1, 3, 2, 8, 8, generator=torch.Generator().manual_seed(0)), text()
+        for t in self.scheduler.timesteps:
+            with self.transformer.cache_context("cond"):
+                x = x - 0.1 * self.transformer(hidden_states=x, timestep=t[None], encoder_hidden_states=embeds,
+                                               return_dict=False)[0]
+        return x
+
+
+def test_budget_mode_reads_the_step_count_from_the_pipelines_scheduler(make_model):
+    pipe = _NamedContextPipeline(make_model["wan"](), steps=10)
+    with torch.no_grad(), cadence.accelerate(pipe, FixedIntervalConfig(budget=0.4)) as acceleration:
+        pipe()
+        stats = acceleration.stats()
+    assert stats["compute_fraction"] == pytest.approx(0.4)
+    assert len(stats["schedule"]["cond"]) == 10
+
+
+def test_step_is_read_from_the_largest_timestep(make_model):
+    """LTX's conditioning pipelines pin the first frame's tokens at t = 0 (per-token
+    timesteps): the step must still advance."""
+    model = make_model["wan"]()
+    x, embeds = torch.randn(1, 3, 2, 8, 8), text()
+    with torch.no_grad(), cadence.accelerate(model, FixedIntervalConfig(interval=2)) as acceleration:
+        for t in (900.0, 800.0, 700.0):
+            timestep = torch.full((1, 32), t)  # (B, tokens): 2 x 4 x 4 patches
+            timestep[:, :16] = 0.0  # the first frame is the condition
+            model(hidden_states=x, timestep=timestep, encoder_hidden_states=embeds)
+        assert get_context(model).step_index == 2
+        assert acceleration.stats()["compute_fraction"] == pytest.approx(2 / 3)

@@ -234,9 +234,9 @@ class StepReuse:
         if config.budget:
             if context.num_steps is None:
                 raise RuntimeError(
-                    f"{config.name}: budget mode needs the number of denoising steps; call the model through "
-                    "a diffusers pipeline (0.42 or later), or inside transformer.cache_context(name, "
-                    "step_index=..., num_inference_steps=...)"
+                    f"{config.name}: budget mode needs the number of denoising steps; pass the pipeline itself to "
+                    "cadence.accelerate (its scheduler knows them), or call the model inside "
+                    "transformer.cache_context(name, step_index=..., num_inference_steps=...)"
                 )
             if branch.pacer is None:
                 branch.pacer = _Pacer(self._slots(context.num_steps))
