@@ -21,7 +21,7 @@ import argparse
 import json
 from pathlib import Path
 
-from cadence.bench import frontier
+from cadence.bench import frontier, report
 from cadence.bench.runner import BenchSettings, default_prompts, format_table, run_bench
 from cadence.recipe import Recipe
 
@@ -29,11 +29,14 @@ POLICIES = ["fixed-interval", "fixed-interval(cfg_reuse=true)", "first-blocks", 
             "magcache", "ertacache", "block-delta"]
 BUDGETS = [0.25, 0.33, 0.4, 0.5, 0.65]
 PEERS = [
-    # diffusers 0.42 hooks: the docs' setting first, then a sweep around it
-    *(f"diffusers-fbcache(threshold={t})" for t in (0.05, 0.1, 0.2, 0.3, 0.45)),
-    *(f"diffusers-magcache(threshold={t})" for t in (0.03, 0.06, 0.12, 0.24)),
+    # diffusers 0.42 hooks: the docs' setting (the config defaults) and a sweep around it
+    *(f"diffusers-fbcache(threshold={t})" for t in (0.05, 0.1, 0.2, 0.3, 0.45, 0.6)),
+    *(f"diffusers-magcache(threshold={t})" for t in (0.06, 0.12, 0.24, 0.5)),
     *(f"diffusers-taylorseer(cache_interval={n})" for n in (2, 3, 4, 5)),
-    *(f"diffusers-pab(spatial_attention_block_skip_range={n})" for n in (2, 3, 4)),
+    "diffusers-taylorseer(cache_interval=3, modules='attention+ffn')",
+    *(f"diffusers-pab(spatial_skip_range={n})" for n in (2, 3, 4)),
+    "diffusers-pab(spatial_skip_range=2, per_branch=true)",
+    "diffusers-fastercache", "diffusers-fastercache(spatial_skip_range=3)",
 ]
 
 
@@ -60,8 +63,17 @@ def main():
     parser.add_argument("--embeddings", type=Path, default=None, help="precomputed prompt embeddings")
     parser.add_argument("--prepare-embeddings", type=Path, default=None,
                         help="write the held-out prompts' embeddings of both models to this file and stop")
+    parser.add_argument("--part", default="1/1", help="run the i-th of n interleaved parts of the recipe list (i/n)")
+    parser.add_argument("--merge", type=Path, nargs="*", default=None,
+                        help="combine the results.jsonl of these part folders into --out and stop")
     parser.add_argument("--out", type=Path, default=Path("sweep-out"))
     args = parser.parse_args()
+    if args.merge:
+        rows = [json.loads(line) for folder in args.merge for line in (folder / "results.jsonl").read_text().splitlines()]
+        baseline = [row for row in rows if row["recipe"] == "baseline"]
+        rows = [row for row in rows if row["recipe"] != "baseline"] + baseline[: len(baseline) // len(args.merge)]
+        write_frontier(args.out, report.summarize(rows), args)
+        return
     if args.prepare_embeddings:
         from cadence.reference.text import save_prompt_embeddings
 
@@ -69,16 +81,22 @@ def main():
         print(f"wrote {save_prompt_embeddings(prompts, args.prepare_embeddings)}")
         return
 
-    recipes = [Recipe.parse(r) for r in (args.recipes or sweep_recipes())]
+    index, parts = map(int, args.part.split("/"))
+    recipes = [Recipe.parse(r) for r in (args.recipes or sweep_recipes())][index - 1 :: parts]
     settings = BenchSettings(model=args.model, recipes=recipes, prompts=default_prompts(args.model, "heldout", args.prompts),
                              seeds=list(range(args.seeds)), out=args.out, steps=args.steps, device=args.device,
                              embeddings=args.embeddings)
     _, summary = run_bench(settings)
     print(format_table(summary))
-    frontier.plot_frontiers(args.out / "frontier.png", summary, x_key=args.x,
+    write_frontier(args.out, summary, args)
+
+
+def write_frontier(out: Path, summary: list[dict], args) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    frontier.plot_frontiers(out / "frontier.png", summary, x_key=args.x,
                             title=f"{args.model}: {args.prompts} held-out prompts x {args.seeds} seeds, {args.steps} steps")
-    (args.out / "frontier.md").write_text(frontier.markdown(summary, x_key=args.x))
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    (out / "frontier.md").write_text(frontier.markdown(summary, x_key=args.x))
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print(frontier.markdown(summary, x_key=args.x))
 
 

@@ -126,3 +126,14 @@ def test_bad_settings_are_refused_before_loading(tmp_path, monkeypatch, change, 
     with pytest.raises(ValueError, match=message):
         run_bench(replace(settings, **change))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_recipe_that_fails_is_reported_and_the_others_still_run(tmp_path, capsys):
+    failing = Recipe.parse("fixed-interval(budget=0.1)")  # 3 steps: no computed forward allowed
+    settings = BenchSettings(model="ref-video", recipes=[failing, RECIPE], prompts=heldout_prompts(1), seeds=[0, 1],
+                             out=tmp_path / "out", steps=3, device="cpu", cache_dir=tmp_path / "cache")
+    rows, summary = run_bench(settings)
+    assert [s["recipe"] for s in summary] == ["baseline", str(RECIPE)]
+    report = (settings.out / "report.md").read_text()
+    assert "fixed-interval(budget=0.1): ValueError: fixed-interval: budget=0.1 allows no computed forward" in report
+    assert "recipe fixed-interval(budget=0.1) failed" in capsys.readouterr().err

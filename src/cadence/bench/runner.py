@@ -188,12 +188,25 @@ def run_bench(settings: BenchSettings) -> tuple[list[dict], list[dict]]:
     rows = [_row(Recipe(), prompt, seed, baseline_latency, baseline_latency, settings.steps, float("inf"), 1.0,
                  baseline_memory, 1.0) for prompt, seed in cases]
     outputs = {str(Recipe()): baselines[cases[0]]}
+    failures: dict[str, str] = {}
     for recipe in settings.recipes:
         for prompt, seed in cases:
-            acceleration = accelerate(pipe, recipe)
+            if str(recipe) in failures:  # one failure is reported; the rest of its cases are skipped
+                progress.update()
+                continue
+            try:
+                acceleration = accelerate(pipe, recipe)
+            except (ValueError, RuntimeError, TypeError) as error:
+                failures[str(recipe)] = f"{type(error).__name__}: {error}"
+                progress.update()
+                continue
             try:
                 output, seconds, peak = timed(pipe, settings.device, prompt=prompt, seed=seed, **generate)
                 stats = acceleration.stats()
+            except (ValueError, RuntimeError, TypeError) as error:
+                failures[str(recipe)] = f"{type(error).__name__}: {error}"
+                progress.update()
+                continue
             finally:
                 acceleration.remove()
             reference = baselines[prompt, seed]
@@ -208,7 +221,9 @@ def run_bench(settings: BenchSettings) -> tuple[list[dict], list[dict]]:
     if settings.videos:
         for prompt, seed in cases:
             _write_output(settings.out, Recipe(), prompt, seed, baselines[prompt, seed])
-    return rows, _write_results(settings, rows, outputs)
+    for recipe, error in failures.items():
+        tqdm.write(f"recipe {recipe} failed: {error}", file=sys.stderr)
+    return rows, _write_results(settings, rows, outputs, failures)
 
 
 def _row(recipe, prompt, seed, seconds, baseline_latency, steps, psnr, ssim, peak, fraction) -> dict:
@@ -231,7 +246,7 @@ def _write_output(out: Path, recipe: Recipe, prompt: str, seed: int, output: tor
     report.write_video(videos / f"{_slug(prompt)}-seed{seed}-{_slug(str(recipe), 32)}.gif", clip)
 
 
-def _write_results(settings: BenchSettings, rows: list[dict], outputs: dict) -> list[dict]:
+def _write_results(settings: BenchSettings, rows: list[dict], outputs: dict, failures: dict[str, str]) -> list[dict]:
     out = settings.out
     with open(out / "results.jsonl", "w") as f:
         for row in rows:
@@ -243,6 +258,8 @@ def _write_results(settings: BenchSettings, rows: list[dict], outputs: dict) -> 
         "guidance_scale": settings.guidance_scale, "prompts": len(settings.prompts), "seeds": settings.seeds,
         "date": date.today().isoformat(), "command": settings.command,
     }
+    if failures:
+        meta["failed"] = "; ".join(f"{recipe}: {error}" for recipe, error in failures.items())
     report.write_report(out / "report.md", summary, meta)
     report.plot_pareto(out / "pareto.png", summary)
     prompt, seed = settings.prompts[0], settings.seeds[0]
