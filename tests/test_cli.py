@@ -91,6 +91,7 @@ def _check_refused(result, seconds: float, fragments: list[str]) -> None:
 
 BENCH = ["bench", "--recipe", "fixed-interval"]
 GENERATE = ["generate", "--prompt", "a red square"]
+CALIBRATE = ["calibrate", "--technique", "teacache"]
 
 # (arguments, fragments of the one error line: the bad value, then what is valid)
 REFUSALS = {
@@ -108,6 +109,13 @@ REFUSALS = {
     "generate zero steps": ([*GENERATE, "--steps", "0"], ["steps=0", "positive integer"]),
     "generate negative guidance": ([*GENERATE, "--guidance-scale", "-1"], ["guidance_scale=-1.0", ">= 0"]),
     "generate unknown technique": ([*GENERATE, "--recipe", "nope"], ["'nope'", "fixed-interval"]),
+    "calibrate unknown technique": (["calibrate", "--technique", "nope"], ["'nope'", "magcache", "teacache"]),
+    "calibrate uncalibrated technique": (["calibrate", "--technique", "fixed-interval"],
+                                         ["'fixed-interval' has no calibration", "magcache", "teacache"]),
+    "calibrate zero prompts": ([*CALIBRATE, "--prompts", "0"], ["--prompts 0", "positive integer"]),
+    "calibrate one step": ([*CALIBRATE, "--steps", "1"], ["--steps 1", ">= 2"]),
+    "calibrate negative guidance": ([*CALIBRATE, "--guidance-scale", "-1"], ["guidance_scale=-1.0", ">= 0"]),
+    "calibrate unknown model": ([*CALIBRATE, "--model", "nope"], ["'nope'", "ref-video", "ref-image", "directory"]),
 }
 
 
@@ -159,3 +167,27 @@ def test_bad_device_is_refused_before_loading(tmp_path, no_model_loading, device
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert fragment in result.output and "cpu" in result.output
     assert no_model_loading == []
+
+
+def test_calibrate_unwritable_out_is_refused_before_loading(tmp_path, no_model_loading):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    begin = time.perf_counter()
+    result = invoke(*CALIBRATE, "--out", str(blocker / "teacache.json"))
+    _check_refused(result, time.perf_counter() - begin, [repr(str(blocker)), "not writable"])
+    assert no_model_loading == []
+
+
+def test_calibrate_fits_on_training_captions_and_writes_where_asked(tmp_path):
+    from cadence.accel.cache import calibration
+    from cadence.reference import data
+
+    out = tmp_path / "teacache.json"
+    result = invoke(*CALIBRATE, "--model", "ref-image", "--prompts", "1", "--steps", "5", "--device", "cpu",
+                    "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "coefficients" in result.output and f"wrote {out}" in result.output
+    fitted = calibration.load(cadence.load("ref-image", text_encoder=False).transformer, "teacache", str(out))
+    assert fitted["steps"] == 5 and fitted["guidance_scale"] == 4.0 and len(fitted["coefficients"]) == 5
+    assert fitted["prompts"] == data.train_captions(1, video=False)
+    assert not set(fitted["prompts"]) & set(data.heldout_prompts(32, video=False))

@@ -1,4 +1,4 @@
-"""cadence generate | bench | train | recipes | demo"""
+"""cadence generate | bench | train | calibrate | recipes | demo"""
 
 from __future__ import annotations
 
@@ -192,6 +192,95 @@ def train(model, seconds, batch_size, embeddings, out, device, precision, compil
         return
     result = run_training(model, embeddings, out or spec.checkpoint, settings, device)
     click.echo(f"{model}: {result['steps']} steps, final loss {result['final_loss']:.4f}, held-out {result['heldout_loss']:.4f}")
+
+
+def _calibrated_techniques() -> dict:
+    """technique name -> its module, for every technique whose module offers
+    ``calibrate(pipe, runs, path, progress=None) -> Path`` and ``describe_calibration(data) -> str``."""
+    import sys
+
+    from cadence.accel.registry import load_builtin
+
+    modules = {name: sys.modules[technique.apply.__module__] for name, technique in load_builtin().items()}
+    return {name: module for name, module in sorted(modules.items())
+            if hasattr(module, "calibrate") and hasattr(module, "describe_calibration")}
+
+
+def _is_video(pipe) -> bool:
+    from cadence.reference.pipelines import RefImagePipeline, RefVideoPipeline
+
+    name = type(pipe).__name__
+    return isinstance(pipe, RefVideoPipeline) or (not isinstance(pipe, RefImagePipeline) and
+                                                  ("Video" in name or name.startswith("Wan")))
+
+
+def _calibration_runs(pipe, prompts: list[str], steps: int, guidance_scale: float, device: str) -> list[dict]:
+    """One run per caption, seeds 0.., in the arguments the pipeline takes."""
+    import torch
+
+    from cadence.reference.pipelines import RefImagePipeline, RefVideoPipeline
+
+    if isinstance(pipe, (RefVideoPipeline, RefImagePipeline)):
+        return [dict(prompt=p, steps=steps, guidance_scale=guidance_scale, seed=s) for s, p in enumerate(prompts)]
+    return [dict(prompt=p, num_inference_steps=steps, guidance_scale=guidance_scale,
+                 generator=torch.Generator(device).manual_seed(s)) for s, p in enumerate(prompts)]
+
+
+@main.command()
+@click.option("--model", "model", default="ref-video", show_default=True,
+              help="ref-video, ref-image, or a local diffusers checkpoint dir")
+@click.option("--technique", required=True, help="the technique to calibrate, e.g. teacache or magcache")
+@click.option("--prompts", "count", type=int, default=8, show_default=True,
+              help="how many training captions (seeds 0..N-1); never the held-out ones")
+@click.option("--steps", type=int, default=20, show_default=True)
+@click.option("--guidance-scale", type=float, default=4.0, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="default: calibration/<technique>.json beside the model's transformer (packaged for ref-*)")
+@click.option("--device", default=None, callback=_device, help="cpu or cuda (default: cuda when available)")
+def calibrate(model, technique, count, steps, guidance_scale, out, device):
+    """Fit a technique's calibration (TeaCache's polynomial, MagCache's magnitude curve)
+    by generating training captions with every step computed."""
+    _quiet()
+    import json
+
+    from tqdm import tqdm
+
+    import cadence
+    from cadence.bench.runner import check_writable
+    from cadence.reference import data
+    from cadence.reference.models import REFERENCE_MODELS
+    from cadence.reference.pipelines import check_sampling_args
+
+    try:
+        techniques = _calibrated_techniques()
+        if technique not in techniques:
+            raise ValueError(f"--technique {technique!r} has no calibration; valid: {', '.join(techniques)}")
+        if count <= 0:
+            raise ValueError(f"--prompts {count} must be a positive integer")
+        if steps < 2:
+            raise ValueError(f"--steps {steps} must be an integer >= 2 (calibration measures step-to-step changes)")
+        check_sampling_args(steps, guidance_scale)
+        if model not in REFERENCE_MODELS and not Path(model).is_dir():
+            raise ValueError(f"unknown model {model!r}; valid: {', '.join(REFERENCE_MODELS)}, "
+                             "or a local diffusers checkpoint directory")
+        if out is not None:
+            check_writable(out.parent if str(out.parent) else Path("."))
+        pipe = cadence.load(model, device=device)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        _fail(error)
+    pipe.set_progress_bar_config(disable=True)
+    video = REFERENCE_MODELS[model].task == "video" if model in REFERENCE_MODELS else _is_video(pipe)
+    captions = data.train_captions(count, video=video)
+    runs = _calibration_runs(pipe, captions, steps, guidance_scale, device)
+    module = techniques[technique]
+    with tqdm(total=len(runs), desc=f"calibrate {technique}", unit="gen") as progress:
+        try:
+            path = module.calibrate(pipe, runs, out, progress=progress)
+        except ValueError as error:
+            _fail(error)
+    click.echo(f"{technique} on {model}: {count} training captions x {steps} steps, guidance {guidance_scale}")
+    click.echo(module.describe_calibration(json.loads(Path(path).read_text())))
+    click.echo(f"wrote {path}")
 
 
 @main.command()

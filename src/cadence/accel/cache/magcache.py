@@ -1,0 +1,137 @@
+"""MagCache (Ma et al. 2025, "MagCache: Fast Video Generation with Magnitude-Aware Cache"):
+reuse the block-stack residual while the error predicted by a calibrated magnitude curve
+stays under a threshold.
+
+The ratio ``gamma_t`` = mean over tokens of ``|r_t| / |r_t-1|`` of the residual ``r`` of
+the block stack is nearly the same for every prompt of a model, so it is measured once
+(``cadence calibrate --technique magcache``), per CFG branch. Reusing ``r_last`` at step
+``t`` errs by about ``|1 - prod_{s=last+1..t} gamma_s|``; the distance is that error summed
+over the steps since the last computed one. It depends only on the curve, the two step
+indices and the config, so it needs no state and serves budget mode too.
+
+The first ``retention_ratio`` of the steps always compute (the layout forms there). In
+budget mode the distance is infinite on them, so that the pacer spends its slots there
+first, but on no more than half the budget: on ref-video at 20 steps that lifts budget 0.5
+from 24.1 dB (the curve alone paces almost evenly) to 35.1 dB.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from cadence.accel.cache import calibration
+from cadence.accel.cache._base import Policy, StepPolicyConfig, install
+from cadence.accel.cache.teacache import runs_summary
+from cadence.accel.registry import Handle, register
+from cadence.models import find_transformer
+
+TECHNIQUE = "magcache"
+
+
+@dataclass(frozen=True)
+class MagCacheConfig(StepPolicyConfig):
+    name = TECHNIQUE
+    summary = ("MagCache: reuse the block residual until the error accumulated along a calibrated magnitude-ratio "
+               "curve reaches a threshold")
+
+    # 0.2: on ref-video (20 steps) 0.55 of the work at 35.8 dB; 0.25 gives 0.50 at 35.1 dB
+    # there but 29.4 dB on ref-image. The paper's 0.06 computes 0.9 of the work here: these
+    # models' magnitude ratios (0.87-0.95 a step) are further from 1 than Wan 2.1's.
+    threshold: float = field(default=0.2, metadata={
+        "help": "compute when the accumulated magnitude error reaches this (0 = every step)"})
+    max_skip: int = field(default=3, metadata={"help": "at most this many consecutive reused steps"})
+    retention_ratio: float = field(default=0.2, metadata={
+        "help": "this first fraction of the steps always computed (the layout forms early), in [0, 1)"})
+    calibration: str = field(default="", metadata={
+        "help": "calibration file; '' = calibration/magcache.json beside the model (cadence calibrate)"})
+
+    def validate(self):
+        if not self.threshold >= 0:  # also refuses NaN
+            raise ValueError(f"magcache: threshold={self.threshold} must be >= 0")
+        if self.max_skip < 1:
+            raise ValueError(f"magcache: max_skip={self.max_skip} must be >= 1")
+        if not 0 <= self.retention_ratio < 1:
+            raise ValueError(f"magcache: retention_ratio={self.retention_ratio} must be in [0, 1)")
+
+
+class MagCache(Policy):
+    def __init__(self, config: MagCacheConfig, ratios: dict[str, list[float]]):
+        super().__init__(config)
+        self.ratios = ratios
+        self._curves: dict[tuple[str, int | None], list[float]] = {}
+
+    def curve(self, branch: str, num_steps: int | None) -> list[float]:
+        """gamma into steps 1..num_steps-1 for this branch (uncond falls back to cond)."""
+        key = (branch, num_steps)
+        if key not in self._curves:
+            ratios = self.ratios.get(branch) or self.ratios["cond"]
+            self._curves[key] = calibration.interpolate(ratios, num_steps) if num_steps else list(ratios)
+        return self._curves[key]
+
+    def retained(self, num_steps: int | None) -> int:
+        """How many first steps always compute."""
+        if not num_steps:
+            return 0
+        fraction = self.config.retention_ratio
+        if self.config.budget:
+            fraction = min(fraction, self.config.budget / 2)  # leave half the slots to the curve
+        return round(fraction * num_steps)
+
+    def distance(self, state, probe, since):
+        context = probe.context
+        step = context.step_index
+        if self.config.budget and step < self.retained(context.num_steps):
+            return math.inf  # the pacer computes an infinite distance while it has slots
+        gamma = self.curve(context.branch, context.num_steps)
+        accumulated_ratio, accumulated_error = 1.0, 0.0
+        for s in range(step - since + 1, step + 1):
+            accumulated_ratio *= gamma[min(s, len(gamma)) - 1] if gamma else 1.0
+            accumulated_error += abs(1.0 - accumulated_ratio)
+        return accumulated_error
+
+    def threshold(self):
+        return self.config.threshold
+
+    def must_compute(self, state, probe, since):
+        return since > self.config.max_skip or probe.context.step_index < self.retained(probe.context.num_steps)
+
+
+def fit(traces: list[calibration.Trace]) -> dict:
+    """The mean magnitude-ratio curve of each CFG branch."""
+    ratios = {}
+    for branch in ("cond", "uncond"):
+        recorded = [t for t in traces if t.branch == branch and t.magnitude_ratio]
+        if recorded:
+            ratios[branch] = calibration.per_step_mean(recorded, "magnitude_ratio")
+    if "cond" not in ratios:
+        raise ValueError("magcache: no step transitions recorded; calibrate with at least 2 steps")
+    return {"ratios": ratios, "steps": len(ratios["cond"]) + 1}
+
+
+def calibrate(pipe, runs, path=None, progress=None) -> Path:
+    """Record ``pipe(**run)`` for each run with every forward computed, average the
+    magnitude-ratio curve per branch and save it (default: beside the model). -> the file."""
+    runs = list(runs)
+    traces = calibration.record(pipe, runs, progress=progress)
+    return calibration.save(find_transformer(pipe), TECHNIQUE, {**runs_summary(runs), **fit(traces)}, path)
+
+
+def describe_calibration(data: dict) -> str:
+    lines = [f"magnitude-ratio curve over {data['steps']} steps"]
+    for branch, ratios in data["ratios"].items():
+        lines.append(f"  {branch}: " + " ".join(f"{r:.3f}" for r in ratios))
+    return "\n".join(lines)
+
+
+def apply(model: torch.nn.Module, config: MagCacheConfig) -> Handle:
+    data = calibration.load(model, TECHNIQUE, config.calibration)
+    return install(model, MagCache(config, data["ratios"]))
+
+
+register(MagCacheConfig, apply)
+
+__all__ = ["MagCacheConfig", "apply", "calibrate"]
