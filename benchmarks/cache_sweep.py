@@ -27,7 +27,7 @@ from cadence.recipe import Recipe
 
 POLICIES = ["fixed-interval", "fixed-interval(cfg_reuse=true)", "first-blocks", "taylorseer(order=2)", "teacache",
             "magcache", "ertacache", "block-delta"]
-BUDGETS = [0.25, 0.33, 0.4, 0.5, 0.65]
+BUDGETS = [0.25, 0.4, 0.5, 0.65]
 PEERS = [
     # diffusers 0.42 hooks: the docs' setting (the config defaults) and a sweep around it
     *(f"diffusers-fbcache(threshold={t})" for t in (0.05, 0.1, 0.2, 0.3, 0.45, 0.6)),
