@@ -69,10 +69,7 @@ def main():
     parser.add_argument("--out", type=Path, default=Path("sweep-out"))
     args = parser.parse_args()
     if args.merge:
-        rows = [json.loads(line) for folder in args.merge for line in (folder / "results.jsonl").read_text().splitlines()]
-        baseline = [row for row in rows if row["recipe"] == "baseline"]
-        rows = [row for row in rows if row["recipe"] != "baseline"] + baseline[: len(baseline) // len(args.merge)]
-        write_frontier(args.out, report.summarize(rows), args)
+        write_frontier(args.out, report.summarize(merge_rows(args.merge)), args)
         return
     if args.prepare_embeddings:
         from cadence.reference.text import save_prompt_embeddings
@@ -89,6 +86,22 @@ def main():
     _, summary = run_bench(settings)
     print(format_table(summary))
     write_frontier(args.out, summary, args)
+
+
+def merge_rows(folders: list[Path]) -> list[dict]:
+    """Rows of several part folders (an interrupted part's results.partial.jsonl too); where
+    a recipe, prompt and seed appear twice, the later folder's row wins (a re-run)."""
+    merged: dict[tuple, dict] = {}
+    for folder in folders:
+        path = folder / "results.jsonl"
+        path = path if path.is_file() else folder / "results.partial.jsonl"
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            key = (row["recipe"], row["prompt"], row["seed"])
+            if row["recipe"] != "baseline" or key not in merged:
+                merged[key] = row
+    baseline = [row for row in merged.values() if row["recipe"] == "baseline"]
+    return baseline + [row for row in merged.values() if row["recipe"] != "baseline"]
 
 
 def write_frontier(out: Path, summary: list[dict], args) -> None:
