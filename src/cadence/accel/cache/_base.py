@@ -126,14 +126,12 @@ class _Branch:
 
 
 class _Pacer:
-    """Budget mode. ``slots`` computed forwards may be spent over the run, one of them kept
-    for the last step (on ref-video at budget 0.5, evenly spaced steps that miss it lose 8
-    dB against interval 2, which computes it: benchmarks/RESULTS.md). With ``elapsed`` steps
-    since the last computed one and the span from there to the last step covered by
+    """Budget mode. ``slots`` computed forwards may be spent over the run. With ``elapsed``
+    steps since the last computed one and the span from there to the end covered by
     ``slots + 1`` intervals, compute when the distance reaches that interval times the
-    distance's rate per step. For a distance that grows by one per step this spaces the
-    computed steps evenly; an adaptive distance moves them to where the output changes
-    fastest. The cap is hard: no slot left, no compute."""
+    distance's mean rate per step so far. For a distance that grows by one per step this
+    spaces the computed steps evenly; an adaptive distance moves them to where the
+    output changes fastest. The cap is hard: no slot left, no compute."""
 
     def __init__(self, slots: int):
         self.slots = slots
@@ -143,17 +141,12 @@ class _Pacer:
     def decide(self, distance: float, elapsed: int, remaining: int) -> bool:
         if self.slots <= 0:
             return False
-        if self.slots >= remaining or remaining == 1:
-            return True
-        slots = self.slots - 1  # one is kept for the last step
-        if slots <= 0:
-            return False
-        if not math.isfinite(distance):
+        if self.slots >= remaining or not math.isfinite(distance):
             return True
         # The larger of the mean rate so far and the rate of the open interval: a distance
         # that speeds up (late steps often do) must not use up the slots before the end.
         rate = max((self.closed_distance + distance) / (self.closed_steps + elapsed), distance / elapsed)
-        return distance >= rate * (remaining - 1 + elapsed) / (slots + 1) - 1e-12
+        return distance >= rate * (remaining + elapsed) / (self.slots + 1) - 1e-12
 
     def spend(self, distance: float | None, elapsed: int) -> None:
         self.slots -= 1
