@@ -189,6 +189,7 @@ def run_bench(settings: BenchSettings) -> tuple[list[dict], list[dict]]:
                  baseline_memory, 1.0) for prompt, seed in cases]
     outputs = {str(Recipe()): baselines[cases[0]]}
     failures: dict[str, str] = {}
+    partial = open(settings.out / "results.partial.jsonl", "w")  # what an interrupted run leaves
     for recipe in settings.recipes:
         for prompt, seed in cases:
             if str(recipe) in failures:  # one failure is reported; the rest of its cases are skipped
@@ -213,11 +214,15 @@ def run_bench(settings: BenchSettings) -> tuple[list[dict], list[dict]]:
             rows.append(_row(recipe, prompt, seed, seconds, baseline_latency, settings.steps,
                              metrics.psnr(output, reference), metrics.ssim(output, reference), peak,
                              stats.get("compute_fraction")))
+            partial.write(json.dumps(rows[-1]) + "\n")
+            partial.flush()
             outputs.setdefault(str(recipe), output)
             if settings.videos:
                 _write_output(settings.out, recipe, prompt, seed, output)
             progress.update()
     progress.close()
+    partial.close()
+    (settings.out / "results.partial.jsonl").unlink()
     if settings.videos:
         for prompt, seed in cases:
             _write_output(settings.out, Recipe(), prompt, seed, baselines[prompt, seed])
