@@ -44,16 +44,43 @@ def image_pipe() -> RefImagePipeline:
     return pipe
 
 
-def _run_video(pipe, steps=6, guidance_scale=3.0, seed=0, **kwargs) -> torch.Tensor:
-    return pipe(prompt_embeds=text(seed=1), negative_prompt_embeds=text(seed=2), steps=steps,
-                guidance_scale=guidance_scale, seed=seed, frames=4, height=8, width=8, **kwargs).frames
+def video_run(steps=6, seed=0, guidance_scale=3.0) -> dict:
+    """The call of a tiny video pipeline: fixed text embeddings, 4 frames of 8 x 8."""
+    return dict(prompt_embeds=text(seed=1), negative_prompt_embeds=text(seed=2), steps=steps,
+                guidance_scale=guidance_scale, seed=seed, frames=4, height=8, width=8)
 
 
-def _run_image(pipe, steps=6, guidance_scale=3.0, seed=0) -> torch.Tensor:
+def image_run(steps=6, seed=0, guidance_scale=3.0) -> dict:
     pooled = torch.randn(1, TEXT_DIM, generator=torch.Generator().manual_seed(3))
-    return pipe(prompt_embeds=text(seed=1), pooled_prompt_embeds=pooled, negative_prompt_embeds=text(seed=2),
+    return dict(prompt_embeds=text(seed=1), pooled_prompt_embeds=pooled, negative_prompt_embeds=text(seed=2),
                 negative_pooled_prompt_embeds=-pooled, steps=steps, guidance_scale=guidance_scale, seed=seed,
-                height=8, width=8).images
+                height=8, width=8)
+
+
+TINY_RUNS = {"video": video_run, "image": image_run}
+
+
+def tiny_pipe(kind: str, transformer=None):
+    """A tiny reference pipeline ("video": Wan, "image": FLUX) with a fresh random transformer."""
+    if kind == "video":
+        pipe = RefVideoPipeline(transformer=transformer or tiny_wan(), scheduler=FlowMatchEulerDiscreteScheduler())
+    else:
+        pipe = RefImagePipeline(transformer=transformer or tiny_flux(), scheduler=FlowMatchEulerDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sample(pipe, kind: str, **kwargs) -> torch.Tensor:
+    output = pipe(**TINY_RUNS[kind](**kwargs))
+    return output.frames if kind == "video" else output.images
+
+
+def _run_video(pipe, **kwargs) -> torch.Tensor:
+    return tiny_sample(pipe, "video", **kwargs)
+
+
+def _run_image(pipe, **kwargs) -> torch.Tensor:
+    return tiny_sample(pipe, "image", **kwargs)
 
 
 @pytest.fixture

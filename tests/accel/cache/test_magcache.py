@@ -2,45 +2,29 @@ import math
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
 
 import cadence
 from cadence.accel.cache import calibration
 from cadence.accel.cache.magcache import MagCacheConfig, calibrate, fit
 from cadence.context import get_context
-from cadence.reference.pipelines import RefImagePipeline, RefVideoPipeline
-from conftest import TEXT_DIM, text, tiny_flux, tiny_wan
+from conftest import TINY_RUNS, tiny_pipe as make_pipe, tiny_sample, tiny_wan
 
 STEPS = 8
 
 
 def video_run(steps=STEPS, seed=0, guidance_scale=3.0):
-    return dict(prompt_embeds=text(seed=1), negative_prompt_embeds=text(seed=2), steps=steps,
-                guidance_scale=guidance_scale, seed=seed, frames=4, height=8, width=8)
+    return TINY_RUNS["video"](steps, seed, guidance_scale)
 
 
 def image_run(steps=STEPS, seed=0, guidance_scale=3.0):
-    pooled = torch.randn(1, TEXT_DIM, generator=torch.Generator().manual_seed(3))
-    return dict(prompt_embeds=text(seed=1), pooled_prompt_embeds=pooled, negative_prompt_embeds=text(seed=2),
-                negative_pooled_prompt_embeds=-pooled, steps=steps, guidance_scale=guidance_scale, seed=seed,
-                height=8, width=8)
+    return TINY_RUNS["image"](steps, seed, guidance_scale)
 
 
 RUN = {"video": video_run, "image": image_run}
 
 
-def make_pipe(kind, transformer=None):
-    if kind == "video":
-        pipe = RefVideoPipeline(transformer=transformer or tiny_wan(), scheduler=FlowMatchEulerDiscreteScheduler())
-    else:
-        pipe = RefImagePipeline(transformer=transformer or tiny_flux(), scheduler=FlowMatchEulerDiscreteScheduler())
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def sample(pipe, kind, **kwargs):
-    output = pipe(**RUN[kind](**kwargs))
-    return output.frames if kind == "video" else output.images
+    return tiny_sample(pipe, kind, **{"steps": STEPS, **kwargs})
 
 
 @pytest.fixture(scope="module")
