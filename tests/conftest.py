@@ -1,5 +1,6 @@
 """Tiny random configs of the reference model classes: fast CPU fixtures."""
 
+import functools
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, WanTransformer3DModel
@@ -60,6 +61,11 @@ def image_run(steps=6, seed=0, guidance_scale=3.0) -> dict:
 TINY_RUNS = {"video": video_run, "image": image_run}
 
 
+def tiny_runs(steps: int) -> dict:
+    """kind -> the call of a tiny pipeline, ``steps`` steps unless told otherwise."""
+    return {kind: functools.partial(run, steps=steps) for kind, run in TINY_RUNS.items()}
+
+
 def tiny_pipe(kind: str, transformer=None):
     """A tiny reference pipeline ("video": Wan, "image": FLUX) with a fresh random transformer."""
     if kind == "video":
@@ -68,6 +74,12 @@ def tiny_pipe(kind: str, transformer=None):
         pipe = RefImagePipeline(transformer=transformer or tiny_flux(), scheduler=FlowMatchEulerDiscreteScheduler())
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(params=["video", "image"])
+def kind(request) -> str:
+    """Each tiny pipeline kind in turn, for tests that build their own (tiny_pipe)."""
+    return request.param
 
 
 def tiny_sample(pipe, kind: str, **kwargs) -> torch.Tensor:

@@ -1,3 +1,4 @@
+import functools
 import json
 import math
 
@@ -9,24 +10,13 @@ from cadence.accel.cache import calibration
 from cadence.accel.cache.ertacache import ERTACacheConfig, calibrate, describe_calibration, fit_affine, resample
 from cadence.context import get_context
 from cadence.reference.data import heldout_prompts
-from conftest import TINY_RUNS, tiny_pipe as make_pipe, tiny_sample
+from conftest import tiny_pipe as make_pipe, tiny_runs, tiny_sample
 
 STEPS = 8  # calibrated; tests run on these steps unless they test resampling
 
 
-def video_run(steps=STEPS, seed=0, guidance_scale=3.0):
-    return TINY_RUNS["video"](steps, seed, guidance_scale)
-
-
-def image_run(steps=STEPS, seed=0, guidance_scale=3.0):
-    return TINY_RUNS["image"](steps, seed, guidance_scale)
-
-
-RUN = {"video": video_run, "image": image_run}
-
-
-def sample(pipe, kind, **kwargs):
-    return tiny_sample(pipe, kind, **{"steps": STEPS, **kwargs})
+RUN = tiny_runs(STEPS)
+sample = functools.partial(tiny_sample, steps=STEPS)
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +25,6 @@ def calibrated(tmp_path_factory):
     root = tmp_path_factory.mktemp("ertacache")
     runs = {kind: [RUN[kind](seed=seed) for seed in range(3)] for kind in RUN}
     return {kind: calibrate(make_pipe(kind), runs[kind], root / kind / "ertacache.json") for kind in RUN}
-
-
-@pytest.fixture(params=["video", "image"])
-def kind(request):
-    return request.param
 
 
 def config(calibrated, kind, **params):
@@ -208,7 +193,7 @@ def test_calibration_reports_progress_per_generation_and_describes_itself(tmp_pa
             self.updates += 1
 
     bar = Bar()
-    path = calibrate(make_pipe("video"), [video_run(steps=3), video_run(steps=3, seed=1)], tmp_path / "e.json",
+    path = calibrate(make_pipe("video"), [RUN["video"](steps=3), RUN["video"](steps=3, seed=1)], tmp_path / "e.json",
                      progress=bar)
     assert bar.total == bar.updates == 4  # two passes over two runs
     assert "over 3 steps" in describe_calibration(json.loads(path.read_text()))

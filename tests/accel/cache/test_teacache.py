@@ -1,3 +1,4 @@
+import functools
 import math
 
 import numpy as np
@@ -8,24 +9,13 @@ import cadence
 from cadence.accel.cache import calibration
 from cadence.accel.cache.teacache import Rescaler, TeaCacheConfig, calibrate, fit
 from cadence.context import get_context
-from conftest import TINY_RUNS, tiny_pipe as make_pipe, tiny_sample, tiny_wan
+from conftest import tiny_pipe as make_pipe, tiny_runs, tiny_sample, tiny_wan
 
 STEPS = 8
 
 
-def video_run(steps=STEPS, seed=0, guidance_scale=3.0):
-    return TINY_RUNS["video"](steps, seed, guidance_scale)
-
-
-def image_run(steps=STEPS, seed=0, guidance_scale=3.0):
-    return TINY_RUNS["image"](steps, seed, guidance_scale)
-
-
-RUN = {"video": video_run, "image": image_run}
-
-
-def sample(pipe, kind, **kwargs):
-    return tiny_sample(pipe, kind, **{"steps": STEPS, **kwargs})
+RUN = tiny_runs(STEPS)
+sample = functools.partial(tiny_sample, steps=STEPS)
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +24,6 @@ def calibrated(tmp_path_factory):
     root = tmp_path_factory.mktemp("teacache")
     return {kind: calibrate(make_pipe(kind), [RUN[kind](seed=s) for s in (7, 8)], root / kind / "teacache.json")
             for kind in RUN}
-
-
-@pytest.fixture(params=["video", "image"])
-def kind(request):
-    return request.param
 
 
 def config(calibrated, kind, **params):

@@ -155,6 +155,17 @@ class _Pacer:
             self.closed_steps += elapsed
 
 
+def num_steps_for_budget(context: StepContext, technique: str) -> int:
+    """The run's number of steps, which budget mode cannot do without."""
+    if context.num_steps is None:
+        raise RuntimeError(
+            f"{technique}: budget mode needs the number of denoising steps; pass the pipeline itself to "
+            "cadence.accelerate (its scheduler knows them), or call the model inside "
+            "transformer.cache_context(name, step_index=..., num_inference_steps=...)"
+        )
+    return context.num_steps
+
+
 class StepReuse:
     """Installs the hooks for one policy on one transformer."""
 
@@ -232,14 +243,8 @@ class StepReuse:
         since = step - branch.last_computed if branch.last_computed is not None else None
         distance = policy.distance(branch.policy_state, probe, since) if cached else math.inf
         if config.budget:
-            if context.num_steps is None:
-                raise RuntimeError(
-                    f"{config.name}: budget mode needs the number of denoising steps; pass the pipeline itself to "
-                    "cadence.accelerate (its scheduler knows them), or call the model inside "
-                    "transformer.cache_context(name, step_index=..., num_inference_steps=...)"
-                )
             if branch.pacer is None:
-                branch.pacer = _Pacer(self._slots(context.num_steps))
+                branch.pacer = _Pacer(self._slots(num_steps_for_budget(context, config.name)))
             if not cached or step < config.warmup:
                 compute = branch.pacer.slots > 0 or not cached
             else:

@@ -46,7 +46,9 @@ from dataclasses import dataclass, field
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-from cadence.accel.cache._base import StepPolicyConfig, pack_block_output, unpack_block_output
+from cadence.accel.cache._base import (
+    StepPolicyConfig, num_steps_for_budget, pack_block_output, unpack_block_output,
+)
 from cadence.accel.cache.calibration import relative_l1
 from cadence.accel.registry import Handle, register
 from cadence.context import attach_context, detach_context
@@ -186,13 +188,7 @@ class BlockDelta:
         config = self.config
         if not config.budget or branch.slots is not None:
             return
-        steps = self.context.num_steps
-        if steps is None:
-            raise RuntimeError(
-                "block-delta: budget mode needs the number of denoising steps; call the model through a diffusers "
-                "pipeline (0.42 or later), or inside transformer.cache_context(name, step_index=..., "
-                "num_inference_steps=...)"
-            )
+        steps = num_steps_for_budget(self.context, TECHNIQUE)
         branch.slots = math.floor(config.budget * steps * len(self.blocks) + 1e-9)
         if branch.slots < len(self.blocks):
             raise ValueError(

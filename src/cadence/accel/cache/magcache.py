@@ -12,7 +12,7 @@ indices and the config, so it needs no state and serves budget mode too.
 The first ``retention_ratio`` of the steps always compute (the layout forms there). In
 budget mode the distance is infinite on them, so that the pacer spends its slots there
 first, but on no more than half the budget: on ref-video at 20 steps that lifts budget 0.5
-from 24.1 dB (the curve alone paces almost evenly) to 35.1 dB.
+from 24.1 dB (the curve alone paces almost evenly) to 35.1 dB (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ class MagCacheConfig(StepPolicyConfig):
     # 0.2: on ref-video (20 steps) 0.55 of the work at 35.8 dB; 0.25 gives 0.50 at 35.1 dB
     # there but 29.4 dB on ref-image. The paper's 0.06 computes 0.9 of the work here: these
     # models' magnitude ratios (0.87-0.95 a step) are further from 1 than Wan 2.1's.
+    # (benchmarks/RESULTS.md, default thresholds)
     threshold: float = field(default=0.2, metadata={
         "help": "compute when the accumulated magnitude error reaches this (0 = every step)"})
     max_skip: int = field(default=3, metadata={"help": "at most this many consecutive reused steps"})

@@ -40,7 +40,7 @@ class TeaCacheConfig(StepPolicyConfig):
 
     # 0.06: on ref-video (20 steps, 8 held-out prompts) 0.70 of the work at 36.8 dB PSNR, the
     # last threshold before the frontier drops to fixed-interval's level (0.07: 0.62 at 30.3 dB;
-    # fixed-interval(interval=2): 0.55 at 29.8 dB). ref-image: 0.60 at 35.7 dB.
+    # fixed-interval(interval=2): 0.55 at 29.8 dB). ref-image: 0.60 at 35.7 dB. benchmarks/RESULTS.md
     threshold: float = field(default=0.06, metadata={
         "help": "compute when the accumulated rescaled input change reaches this (0 = every step)"})
     calibration: str = field(default="", metadata={
