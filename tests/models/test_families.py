@@ -22,6 +22,7 @@ from diffusers import (
 )
 from diffusers.hooks._helpers import TransformerBlockRegistry
 from diffusers.hooks.hooks import CacheContext, _set_cache_context
+from torch.overrides import TorchFunctionMode
 
 import cadence
 from cadence.accel.cache.first_block import FirstBlocksConfig
@@ -66,23 +67,24 @@ def _wan(batch):
     return model, {}, lambda seed: _text(batch, seed), (batch, 3, 2, 8, 8), 1000.0
 
 
-def _flux(batch):
+def _flux(batch, side=4):
     torch.manual_seed(0)
     model = FluxTransformer2DModel(
         patch_size=1, in_channels=12, num_layers=1, num_single_layers=2, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=TEXT_DIM, pooled_projection_dim=TEXT_DIM,
         axes_dims_rope=(4, 6, 6),
     )
-    image_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1)
+    grid = torch.arange(float(side))
+    image_ids = torch.stack(torch.meshgrid(torch.zeros(1), grid, grid, indexing="ij"), -1)
     fixed = {"img_ids": image_ids.reshape(-1, 3), "txt_ids": torch.zeros(TEXT_TOKENS, 3)}
 
     def branch(seed):
         return {**_text(batch, seed), "pooled_projections": _randn(batch, TEXT_DIM, seed=seed + 10)}
 
-    return model, fixed, branch, (batch, 16, 12), 1.0  # packed latent: (B, tokens, channels)
+    return model, fixed, branch, (batch, side * side, 12), 1.0  # packed latent: (B, tokens, channels)
 
 
-def _sd3(batch):
+def _sd3(batch, side=8):
     torch.manual_seed(0)
     model = SD3Transformer2DModel(
         sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=8,
@@ -93,7 +95,7 @@ def _sd3(batch):
     def branch(seed):
         return {**_text(batch, seed), "pooled_projections": _randn(batch, TEXT_DIM, seed=seed + 10)}
 
-    return model, {}, branch, (batch, 4, 8, 8), 1000.0
+    return model, {}, branch, (batch, 4, side, side), 1000.0
 
 
 def _cogvideox(batch):
@@ -106,7 +108,7 @@ def _cogvideox(batch):
     return model, {}, lambda seed: _text(batch, seed), (batch, 2, 4, 8, 8), 1000.0  # (B, frames, C, H, W)
 
 
-def _hunyuan_video(batch, image_condition_type=None):
+def _hunyuan_video(batch, image_condition_type=None, text_tokens=TEXT_TOKENS):
     torch.manual_seed(0)
     model = HunyuanVideoTransformer3DModel(
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
@@ -116,8 +118,9 @@ def _hunyuan_video(batch, image_condition_type=None):
     )
 
     def branch(seed):
-        return {**_text(batch, seed), "encoder_attention_mask": torch.ones(batch, TEXT_TOKENS),
-                "pooled_projections": _randn(batch, 8, seed=seed + 10)}
+        # Prompts shorter than the text length are padded: the mask hides the padding.
+        mask = (torch.arange(TEXT_TOKENS) < text_tokens).float().expand(batch, -1)
+        return {**_text(batch, seed), "encoder_attention_mask": mask, "pooled_projections": _randn(batch, 8, seed=seed + 10)}
 
     return model, {}, branch, (batch, 4, 2, 8, 8), 1000.0
 
@@ -401,3 +404,64 @@ def test_model_without_adapter_is_refused_with_the_supported_list():
         assert class_name in str(error.value)
     with pytest.raises(ValueError, match="supported: "):
         cadence.accelerate(UnknownTransformer(), "fixed-interval")
+
+
+# -- token level: sparse attention ----------------------------------------------------------
+TOKEN_TECHNIQUES = sorted(name for name, t in load_builtin().items() if t.config.level == "token")
+# Large enough for 2 pattern blocks of 16 tokens at least: FLUX 8 x 8 and SD3 16 x 16 px
+# images (64 tokens); the video families have 32 video tokens; HunyuanVideo pads its text.
+SPARSE_OPTIONS = {"FluxTransformer2DModel": {"side": 8}, "SD3Transformer2DModel": {"side": 16},
+                  "HunyuanVideoTransformer3DModel": {"text_tokens": 3}}
+
+
+@pytest.mark.parametrize("class_name", BUILDERS)
+@pytest.mark.parametrize("technique", TOKEN_TECHNIQUES)
+def test_token_technique_runs_sparse_and_remove_restores(technique, class_name):
+    """At density 0.5 of 16-token blocks every family's self- or joint attention runs
+    sparse (text tokens dense), gives a finite, different result, and is removed exactly."""
+    tiny_model = tiny(class_name, **SPARSE_OPTIONS.get(class_name, {}))
+    baseline = tiny_model.denoise(steps=3)
+    config_class = load_builtin()[technique].config
+    dense_only = technique == "attention-backend"
+    config = config_class(backend="math") if dense_only else config_class(density=0.5, block=16, dense_fraction=0)
+    with cadence.accelerate(tiny_model.model, config) as acceleration:
+        accelerated = tiny_model.denoise(steps=3)
+        stats = acceleration.stats()
+    assert torch.isfinite(accelerated).all()
+    layers = len(adapter_for(tiny_model.model).attention_modules())
+    if dense_only:
+        assert stats["dense_calls"] == 3 * 2 * layers
+        torch.testing.assert_close(accelerated, baseline, rtol=1e-4, atol=1e-4)
+    else:
+        assert stats["sparse_calls"] == 3 * 2 * layers and stats["density"] == 0.5
+        assert not torch.equal(accelerated, baseline)
+    assert torch.equal(tiny_model.denoise(steps=3), baseline)
+
+
+class _SelfAttentionLengths(TorchFunctionMode):
+    """Records the sequence length of every self- or joint-attention SDPA call."""
+
+    def __init__(self):
+        super().__init__()
+        self.lengths = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            query, key = (args[i] if len(args) > i else kwargs[name] for i, name in enumerate(("query", "key")))
+            if query.shape[-2] == key.shape[-2]:
+                self.lengths.add(query.shape[-2])
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("class_name", BUILDERS)
+def test_token_layout_counts_the_attention_sequence(class_name):
+    """The layout read from the transformer's arguments has as many tokens as its self-
+    or joint-attention calls (HunyuanVideo's text refiner attends its text alone)."""
+    tiny_model = tiny(class_name, **SPARSE_OPTIONS.get(class_name, {}))
+    model_inputs = _Inputs(tiny_model.model)
+    with _SelfAttentionLengths() as recorder:
+        tiny_model.denoise(steps=1, cfg=False)
+    layout = adapter_for(tiny_model.model).token_layout(model_inputs.args, model_inputs.kwargs)
+    assert recorder.lengths - {TEXT_TOKENS} == {layout.tokens}
+    assert layout.video == {"Flux": 64, "SD3T": 64}.get(class_name[:4], 32)

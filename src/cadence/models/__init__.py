@@ -94,11 +94,103 @@ MODULATED_INPUT: dict[str, Callable] = {
 }
 
 
+@dataclass(frozen=True)
+class TokenLayout:
+    """How one attention call's joint sequence is made: ``frames x height x width`` video
+    (or image) tokens in raster order after patchifying, and ``text`` text tokens before or
+    after them (joint attention, as in FLUX, SD3, CogVideoX and HunyuanVideo). Self-attention
+    over video alone (Wan, LTX) has ``text = 0``."""
+
+    frames: int
+    height: int
+    width: int
+    text: int = 0
+    text_first: bool = False
+
+    @property
+    def video(self) -> int:
+        return self.frames * self.height * self.width
+
+    @property
+    def tokens(self) -> int:
+        return self.video + self.text
+
+
+def _pair(value):
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def _hidden(args, kwargs):
+    return _arg(args, kwargs, "hidden_states", 0)
+
+
+def _wan_layout(model, args, kwargs):
+    _, _, frames, height, width = _hidden(args, kwargs).shape  # (B, C, F, H, W)
+    pt, ph, pw = model.config.patch_size
+    return TokenLayout(frames // pt, height // ph, width // pw)
+
+
+def _flux_layout(model, args, kwargs):
+    ids = kwargs["img_ids"]  # (tokens, 3) of (0, row, column); (B, tokens, 3) deprecated
+    ids = ids[0] if ids.dim() == 3 else ids
+    text = kwargs["txt_ids"].shape[-2]
+    return TokenLayout(1, int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1, text, text_first=True)
+
+
+def _sd3_layout(model, args, kwargs):
+    _, _, height, width = _hidden(args, kwargs).shape  # (B, C, H, W)
+    patch = model.config.patch_size
+    text = _arg(args, kwargs, "encoder_hidden_states", 1).shape[1]
+    return TokenLayout(1, height // patch, width // patch, text)  # JointAttnProcessor: [image, text]
+
+
+def _cogvideox_layout(model, args, kwargs):
+    _, frames, _, height, width = _hidden(args, kwargs).shape  # (B, F, C, H, W)
+    patch, patch_t = model.config.patch_size, model.config.patch_size_t or 1
+    text = _arg(args, kwargs, "encoder_hidden_states", 1).shape[1]
+    return TokenLayout(frames // patch_t, height // patch, width // patch, text, text_first=True)
+
+
+def _hunyuan_video_layout(model, args, kwargs):
+    _, _, frames, height, width = _hidden(args, kwargs).shape  # (B, C, F, H, W)
+    patch, patch_t = model.config.patch_size, model.config.patch_size_t
+    text = _arg(args, kwargs, "encoder_hidden_states", 2).shape[1]
+    return TokenLayout(frames // patch_t, height // patch, width // patch, text)  # [video, text]
+
+
+def _ltx_layout(model, args, kwargs):
+    return TokenLayout(kwargs["num_frames"], kwargs["height"], kwargs["width"])  # latent sizes
+
+
+# family -> (how to read the token layout of the joint attention from the transformer's
+# forward arguments, the names of the block attributes that hold self- or joint attention).
+# Cross-attention to text (Wan's and LTX's attn2) is never listed: it stays dense.
+ATTENTION: dict[str, tuple[Callable, tuple[str, ...]]] = {
+    "wan": (_wan_layout, ("attn1",)),
+    "flux": (_flux_layout, ("attn",)),
+    "sd3": (_sd3_layout, ("attn",)),
+    "cogvideox": (_cogvideox_layout, ("attn1",)),
+    "hunyuan_video": (_hunyuan_video_layout, ("attn",)),
+    "ltx": (_ltx_layout, ("attn1",)),
+}
+
+
 @dataclass
 class Adapter:
     family: str
     blocks: list[torch.nn.Module]  # execution order
     metadata: list[TransformerBlockMetadata]
+    model: torch.nn.Module | None = None
+
+    def token_layout(self, args, kwargs) -> TokenLayout:
+        """The layout of the joint attention sequence in the forward about to run."""
+        read, _ = ATTENTION[self.family]
+        return read(self.model, args, kwargs)
+
+    def attention_modules(self) -> list[torch.nn.Module]:
+        """The self- or joint-attention modules, one per block, in execution order."""
+        _, names = ATTENTION[self.family]
+        return [getattr(block, name) for block in self.blocks for name in names if hasattr(block, name)]
 
     def modulated_input(self, block, args, kwargs, hidden) -> torch.Tensor:
         read = MODULATED_INPUT.get(self.family)
@@ -128,4 +220,4 @@ def adapter_for(model: torch.nn.Module) -> Adapter:
     family, attributes = FAMILIES[name]
     blocks = [block for attribute in attributes for block in getattr(model, attribute, [])]
     metadata = [TransformerBlockRegistry.get(type(block)) for block in blocks]
-    return Adapter(family, blocks, metadata)
+    return Adapter(family, blocks, metadata, model)

@@ -1,0 +1,150 @@
+"""Block-sparse attention kernels behind one call, ``attend``: a masked-dense reference in
+plain PyTorch (the CPU path and the tests' ground truth), FlexAttention with a block mask
+(compiled, the GPU path), and cadence's Triton kernel where Triton runs.
+
+A ``BlockSparse`` holds one block mask in the forms the kernels read; a pattern that does
+not change from step to step builds it once and every layer and step reuses it.
+"""
+
+from __future__ import annotations
+
+import functools
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+BACKENDS = ("auto", "reference", "flex", "triton")
+DENSE_BACKENDS = {
+    "auto": None,  # torch's own choice
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+    "flex": "flex",
+}
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class BlockSparse:
+    """A block mask (B or 1, H or 1, blocks, blocks) of ``block``-token tiles over a
+    sequence of ``tokens``, and the forms each kernel reads, made on first use."""
+
+    def __init__(self, mask: torch.Tensor, block: int, tokens: int):
+        self.mask, self.block, self.tokens = mask, block, tokens
+        self._flex_masks: dict = {}  # (batch, heads) -> BlockMask
+
+    def expanded(self, batch: int, heads: int) -> torch.Tensor:
+        return self.mask.expand(batch, heads, *self.mask.shape[-2:]).contiguous()
+
+    def kv_blocks(self, batch: int, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """FlexAttention's (kv_num_blocks, kv_indices): per query block, how many key blocks
+        it keeps and which, kept ones first in ascending order."""
+        mask = self.expanded(batch, heads)
+        count = mask.sum(-1, dtype=torch.int32)
+        indices = torch.argsort((~mask).to(torch.uint8), dim=-1, stable=True).to(torch.int32)
+        return count, indices
+
+    def flex_mask(self, batch: int, heads: int, key_valid: torch.Tensor | None):
+        """A FlexAttention BlockMask. The mask_mod repeats the block mask token by token:
+        eager FlexAttention (on the CPU) reads only the mask_mod, the compiled kernel only
+        the block lists, and both must agree."""
+        from torch.nn.attention.flex_attention import BlockMask
+
+        if key_valid is None and (batch, heads) in self._flex_masks:
+            return self._flex_masks[batch, heads]
+        dense = self.expanded(batch, heads)
+        block = self.block
+
+        def mask_mod(b, h, q, kv):
+            keep = dense[b, h, q // block, kv // block]
+            return keep & key_valid[b, kv] if key_valid is not None else keep
+
+        count, indices = self.kv_blocks(batch, heads)
+        if key_valid is None:  # whole blocks: the kernel skips mask_mod inside them
+            flex = BlockMask.from_kv_blocks(
+                torch.zeros_like(count), indices, count, indices, BLOCK_SIZE=block,
+                mask_mod=mask_mod, seq_lengths=(self.tokens, self.tokens),
+            )
+            self._flex_masks[batch, heads] = flex
+            return flex
+        return BlockMask.from_kv_blocks(
+            count, indices, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(self.tokens, self.tokens)
+        )
+
+    def token_mask(self, key_valid: torch.Tensor | None) -> torch.Tensor:
+        """(B or 1, H or 1, tokens, tokens) bool, for the masked-dense reference."""
+        mask = self.mask.repeat_interleave(self.block, -1).repeat_interleave(self.block, -2)
+        mask = mask[..., : self.tokens, : self.tokens]
+        return mask & key_valid[:, None, None, :] if key_valid is not None else mask
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex(query, key, value, **kwargs):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    run = _compiled_flex() if query.is_cuda else flex_attention
+    return run(query, key, value, **kwargs)
+
+
+def resolve_backend(backend: str, device: torch.device, key_valid: torch.Tensor | None) -> str:
+    """The kernel that runs: ``auto`` is Triton on a GPU where it runs and no key padding
+    mask is needed, else FlexAttention on a GPU, else the reference."""
+    if backend != "auto":
+        return backend
+    if device.type != "cuda":
+        return "reference"
+    return "triton" if key_valid is None and triton_available() else "flex"
+
+
+def attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    sparse: BlockSparse,
+    scale: float | None = None,
+    key_valid: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Block-sparse attention. query, key, value: (B, H, tokens, D); key_valid: (B, tokens)
+    bool, keys a padding mask hides (HunyuanVideo's padded text) -> (B, H, tokens, D)."""
+    batch, heads = query.shape[:2]
+    backend = resolve_backend(backend, query.device, key_valid)
+    if backend == "reference":
+        mask = sparse.token_mask(key_valid)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+    if backend == "flex":
+        return _flex(query, key, value, block_mask=sparse.flex_mask(batch, heads, key_valid), scale=scale)
+    if backend == "triton":
+        if key_valid is not None:
+            raise ValueError("the triton attention backend takes no key padding mask; use backend='flex'")
+        from cadence.accel.attention._triton import block_sparse_attention
+
+        count, indices = sparse.kv_blocks(batch, heads)
+        return block_sparse_attention(query, key, value, count, indices, sparse.block, scale=scale)
+    raise ValueError(f"unknown attention backend {backend!r}; valid: {', '.join(BACKENDS)}")
+
+
+def dense(query, key, value, attn_mask=None, scale=None, backend: str = "auto", **kwargs) -> torch.Tensor:
+    """Dense attention on the chosen SDPA backend (or FlexAttention without a mask)."""
+    choice = DENSE_BACKENDS[backend]
+    if choice is None:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, scale=scale, **kwargs)
+    if choice == "flex":
+        if attn_mask is not None:
+            raise ValueError("dense_backend='flex' takes no attention mask")
+        return _flex(query, key, value, scale=scale)
+    with sdpa_kernel(choice):
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, scale=scale, **kwargs)
