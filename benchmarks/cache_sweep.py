@@ -50,8 +50,8 @@ def sweep_recipes(policies=POLICIES, budgets=BUDGETS, peers=PEERS) -> list[str]:
     return [with_budget(p, b) for p in policies for b in budgets] + list(peers)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(default_recipes=sweep_recipes, description=__doc__):
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ref-video", choices=["ref-video", "ref-image"])
     parser.add_argument("--prompts", type=int, default=8, help="held-out prompts")
     parser.add_argument("--seeds", type=int, default=2)
@@ -59,7 +59,7 @@ def main():
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--x", choices=["ideal_speedup", "speedup"], default="ideal_speedup",
                         help="frontier x axis: ideal (work removed) or measured speedup")
-    parser.add_argument("--recipes", nargs="*", default=None, help="default: every policy x budget, and the peers")
+    parser.add_argument("--recipes", nargs="*", default=None, help="default: the sweep's own list")
     parser.add_argument("--embeddings", type=Path, default=None, help="precomputed prompt embeddings")
     parser.add_argument("--prepare-embeddings", type=Path, default=None,
                         help="write the held-out prompts' embeddings of both models to this file and stop")
@@ -79,7 +79,7 @@ def main():
         return
 
     index, parts = map(int, args.part.split("/"))
-    recipes = [Recipe.parse(r) for r in (args.recipes or sweep_recipes())][index - 1 :: parts]
+    recipes = [Recipe.parse(r) for r in (args.recipes or default_recipes())][index - 1 :: parts]
     settings = BenchSettings(model=args.model, recipes=recipes, prompts=default_prompts(args.model, "heldout", args.prompts),
                              seeds=list(range(args.seeds)), out=args.out, steps=args.steps, device=args.device,
                              embeddings=args.embeddings)

@@ -8,7 +8,10 @@ Random weights cost the same time as trained ones for a fixed amount of compute.
     python benchmarks/wan_realsize.py --out $OUT/wan_realsize.json
 
 ``--set policies`` runs every cadence caching policy at budget 0.4 (equal cost), ``--set
-peers`` diffusers' own hooks; each set times its own baseline in the same run. Per-forward
+peers`` diffusers' own hooks, ``--set sparse`` / ``patterns`` the sparse attention
+patterns; each set times its own baseline in the same run. For sparse attention the ideal
+speedup is Amdahl's, from the attention work kept and the self-attention share of a
+forward measured in the same run. Per-forward
 CUDA events split the time of computed and reused forwards: the reused forward's time over
 fixed-interval's is an indicator's overhead.
 """
@@ -25,6 +28,7 @@ import torch
 from diffusers import WanTransformer3DModel
 
 import cadence
+from cadence.bench.metrics import work_fraction
 from cadence.reference.pipelines import RefVideoPipeline
 from cadence.reference.models import reference_model
 
@@ -46,6 +50,18 @@ PEERS = [  # diffusers' hooks at the settings their docs recommend
     "diffusers-fbcache", "diffusers-magcache(calibration='{magcache}')", "diffusers-taylorseer", "diffusers-pab",
 ]
 RECIPES = ["baseline", "fixed-interval(interval=2)", "fixed-interval(interval=3)"]
+# Sparse attention (dense for the first 20 % of steps, the default): the 3D window at the
+# issue's densities, every other pattern at 0.1, and the window on FlexAttention.
+SPARSE = [
+    "sparse-window(density=0.5)", "sparse-window(density=0.25)", "sparse-window(density=0.1)",
+    "sparse-window(density=0.1, backend='flex')",
+]
+SPARSE_PATTERNS = [
+    "sparse-radial(density=0.1)", "sparse-sink(density=0.1)", "sparse-topk(density=0.1)",
+    "sparse-svg(density=0.1)", "sparse-router(density=0.1)",
+]
+SETS = {"fixed": RECIPES, "policies": ["baseline", *POLICIES], "peers": ["baseline", *PEERS],
+        "sparse": ["baseline", *SPARSE], "patterns": ["baseline", *SPARSE_PATTERNS]}
 
 
 def cast_like_from_pretrained(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -100,6 +116,15 @@ class ForwardTimer:
         return split
 
 
+def self_attention_time(transformer, tokens: int) -> float:
+    """Seconds of one forward's self-attention calls on the default SDPA backend: every
+    layer's attention at (1, heads, tokens, head dim), the median of 20 timed calls."""
+    heads, dim = WAN_1_3B["num_attention_heads"], WAN_1_3B["attention_head_dim"]
+    q, k, v = (torch.randn(1, heads, tokens, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    times = [cuda_time(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)) for _ in range(20)]
+    return sorted(times)[len(times) // 2] * len(transformer.blocks)
+
+
 def display(template: str) -> str:
     """The recipe as reported: without this run's calibration path."""
     return re.sub(r",? ?calibration='\{\w+\}'", "", template).replace("()", "")
@@ -130,13 +155,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance-scale", type=float, default=5.0)
-    parser.add_argument("--set", choices=["fixed", "policies", "peers"], default="fixed",
-                        help="fixed: fixed-interval; policies: every cadence policy at budget 0.4; peers: diffusers' hooks")
+    parser.add_argument("--set", choices=list(SETS), default="fixed",
+                        help="fixed: fixed-interval; policies: every cadence policy at budget 0.4; peers: diffusers' "
+                             "hooks; sparse: the 3D window at densities 0.5 / 0.25 / 0.1; patterns: the others at 0.1")
     parser.add_argument("--recipes", nargs="+", default=None, help="instead of --set")
     parser.add_argument("--calibration-dir", default="/tmp/cadence-calibration")
     parser.add_argument("--out", default="wan_realsize.json")
     args = parser.parse_args()
-    recipes = args.recipes or {"fixed": RECIPES, "policies": ["baseline", *POLICIES], "peers": ["baseline", *PEERS]}[args.set]
+    recipes = args.recipes or SETS[args.set]
 
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -156,6 +182,8 @@ def main():
     began = time.time()
     pipe(steps=2, **call)  # warm-up: kernels, cuDNN/cuBLAS handles, allocator
     forward_s = min(cuda_time(forward) for _ in range(3))
+    attention_s = self_attention_time(transformer, tokens)
+    attention_share = attention_s / forward_s
     needed = {name for name in ("teacache", "magcache", "ertacache") if any("{" + name + "}" in r for r in recipes)}
     calibration_began = time.time()
     paths = calibrate(pipe, call, args.steps, needed, args.calibration_dir) if needed else {}
@@ -165,17 +193,20 @@ def main():
     for template in recipes:
         text = template.format(**paths)
         acceleration = cadence.accelerate(pipe, text)
+        if "sparse-" in text:  # compile FlexAttention / tune the Triton kernel before timing
+            pipe(steps=2, **call)
         timer = ForwardTimer(transformer)
         torch.cuda.reset_peak_memory_stats()
         seconds = cuda_time(lambda: pipe(steps=args.steps, **call))
         stats = acceleration.stats()
         acceleration.remove()
         baseline_s = baseline_s or seconds
-        fraction = stats.get("compute_fraction") or 1.0
+        fraction = work_fraction(stats, attention_share) or 1.0
         results.append({
             "recipe": display(template),
             "seconds": seconds, "per_step_ms": 1000 * seconds / args.steps,
             "speedup": baseline_s / seconds, "compute_fraction": fraction, "ideal_speedup": 1 / fraction,
+            **{k: stats[k] for k in ("density", "attention_fraction", "heads") if k in stats},
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
             **timer.split(stats.get("schedule") or {}),
         })
@@ -185,12 +216,13 @@ def main():
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": date.today().isoformat(),
         "config": "Wan2.1-1.3B size, random weights, bf16", "tokens": tokens, "steps": args.steps,
         "cfg": True, "guidance_scale": args.guidance_scale, "one_forward_ms": 1000 * forward_s,
+        "self_attention_ms": 1000 * attention_s, "attention_share": attention_share,
         "calibration_s": calibration_s, "wall_s": time.time() - began,
     }
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1)
     print(f"\n{meta['device']}, torch {meta['torch']}, {tokens} tokens, {args.steps} steps with CFG; "
-          f"one forward {meta['one_forward_ms']:.0f} ms")
+          f"one forward {meta['one_forward_ms']:.0f} ms, of which self-attention {meta['self_attention_ms']:.0f} ms")
     print(f"{'recipe':<44} {'seconds':>8} {'speedup':>8} {'ideal':>6} {'achieved/ideal':>15} {'reused fwd ms':>14} "
           f"{'peak GiB':>9}")
     for r in results:

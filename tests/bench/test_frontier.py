@@ -20,7 +20,7 @@ SUMMARY = [
 def test_technique_names_group_settings_and_mark_cfg_reuse():
     assert frontier.technique_of("teacache(budget=0.5)") == "teacache"
     assert frontier.technique_of("fixed-interval(budget=0.5, cfg_reuse=true)") == "fixed-interval+cfg-reuse"
-    assert frontier.technique_of("first-blocks + other") == "first-blocks"
+    assert frontier.technique_of("first-blocks + sparse-window(density=0.25)") == "first-blocks + sparse-window"
     assert frontier.is_peer("diffusers-fbcache") and not frontier.is_peer("teacache")
 
 

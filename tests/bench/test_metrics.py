@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from cadence.bench.metrics import ideal_speedup, psnr, ssim
+from cadence.bench.metrics import ideal_speedup, psnr, ssim, work_fraction
 
 
 def _video(t=3, h=16, w=20, seed=0):
@@ -119,3 +119,12 @@ def test_ideal_speedup():
     for bad in (0.0, -0.5, 1.5, float("nan")):
         with pytest.raises(ValueError):
             ideal_speedup(bad)
+
+
+def test_work_fraction_composes_step_and_attention_work():
+    assert work_fraction({}) is None
+    assert work_fraction({"compute_fraction": 0.4}) == 0.4
+    # attention at half the forward, a tenth of it kept: 1 - 0.5 * 0.9 of the forward
+    assert work_fraction({"attention_fraction": 0.1}, attention_share=0.5) == pytest.approx(0.55)
+    assert work_fraction({"compute_fraction": 0.4, "attention_fraction": 0.1}, 0.5) == pytest.approx(0.22)
+    assert work_fraction({"attention_fraction": 1.0}) == 1.0

@@ -1,7 +1,7 @@
 """Sweeps: many settings of many techniques on one model, seen as speed/fidelity
 frontiers, and whether cadence's frontier dominates each peer's.
 
-A recipe's *technique* is its first term's name (``teacache(budget=0.4)`` -> teacache),
+A recipe's *technique* is its terms' names (``teacache(budget=0.4)`` -> teacache), each
 with ``+cfg-reuse`` when that option is on; peers are the techniques whose name starts
 with ``diffusers-``. The x axis is a speedup: the ideal one (1 / compute fraction) when
 timings are not meaningful (a tiny model on a GPU is launch-bound), or the measured one.
@@ -17,8 +17,19 @@ PEER_PREFIX = "diffusers-"
 
 
 def technique_of(recipe: str) -> str:
-    name = re.split(r"[(+ ]", recipe.strip(), maxsplit=1)[0]
-    return name + ("+cfg-reuse" if "cfg_reuse=true" in recipe else "")
+    """The technique names of a recipe's terms, joined by " + " (a composed recipe is its
+    own line on the frontier)."""
+    terms, depth, start = [], 0, 0
+    for i, char in enumerate(recipe + "+"):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == "+" and depth == 0:
+            terms.append(recipe[start:i].strip())
+            start = i + 1
+    names = []
+    for term in terms:
+        name = re.split(r"[( ]", term, maxsplit=1)[0]
+        names.append(name + ("+cfg-reuse" if "cfg_reuse=true" in term else ""))
+    return " + ".join(names)
 
 
 def is_peer(technique: str) -> bool:
@@ -90,7 +101,7 @@ def plot_frontiers(path, summary: list[dict], x_key: str = "ideal_speedup", titl
             front = pareto(points)
             ax.plot([p[0] for p in front], [p[1] for p in front], linestyle="none", marker=style["marker"],
                     color=colours[name], markersize=5)
-        ax.set_xlabel("ideal speedup (1 / compute fraction)" if x_key == "ideal_speedup" else "measured speedup")
+        ax.set_xlabel("ideal speedup (1 / work fraction)" if x_key == "ideal_speedup" else "measured speedup")
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize=8, ncol=2, loc="lower left")

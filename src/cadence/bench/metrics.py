@@ -109,4 +109,23 @@ def ideal_speedup(compute_fraction: float) -> float:
     return 1.0 / fraction
 
 
-__all__ = ["psnr", "ssim", "ideal_speedup"]
+# Share of one transformer forward spent in self-attention at the real size the reference
+# models stand for: 336 of 630 ms for Wan2.1-1.3B at 480p x 81 frames on an H100 (cuDNN,
+# DESIGN.md's profile). Used to turn an attention technique's work removed into the share
+# of the whole forward removed; an estimate for other sizes, and said so in the reports.
+ATTENTION_SHARE = 336 / 630
+
+
+def work_fraction(stats: dict, attention_share: float = ATTENTION_SHARE) -> float | None:
+    """Fraction of the transformer work that ran: the step and block techniques'
+    ``compute_fraction`` times, on the forwards that ran, what attention techniques kept
+    (``attention_fraction`` of the attention, itself ``attention_share`` of a forward).
+    None when no technique reported either."""
+    compute, attention = stats.get("compute_fraction"), stats.get("attention_fraction")
+    if compute is None and attention is None:
+        return None
+    kept = 1.0 if attention is None else 1 - attention_share * (1 - attention)
+    return (1.0 if compute is None else compute) * kept
+
+
+__all__ = ["psnr", "ssim", "ideal_speedup", "work_fraction", "ATTENTION_SHARE"]
