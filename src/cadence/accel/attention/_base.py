@@ -214,21 +214,24 @@ class AttentionControl:
             return kernels.dense(query, key, value, attn_mask, scale, config.dense_backend, **kwargs)
 
         geometry = self.geometry(layout, config.block)
-        order = geometry.order.to(query.device)
+        device = query.device
+        order = geometry.memo(("order", device), lambda: geometry.order.to(device))
+        inverse = geometry.memo(("inverse", device), lambda: geometry.inverse.to(device))
         query, key, value = (x.index_select(-2, order) for x in (query, key, value))
         if key_valid is not None:
             key_valid = key_valid.index_select(-1, order)
         sparse, choice = self.block_sparse(geometry, density, query, key, scale)
         output = kernels.attend(query, key, value, sparse, scale, key_valid, config.backend)
 
-        pattern_density = sparse.mask[..., : geometry.pattern_blocks, : geometry.pattern_blocks].float().mean()
+        # Summed on the device and read in stats(): no host sync per attention call.
+        blocks = geometry.pattern_blocks
         self.sparse_calls += 1
-        self.density_sum += float(pattern_density)
-        self.work_sum += float(sparse.mask.float().mean())
+        self.density_sum = self.density_sum + sparse.mask[..., :blocks, :blocks].float().mean()
+        self.work_sum = self.work_sum + sparse.mask.float().mean()
         if choice is not None:
             for index, name in enumerate(config.choices):
-                self.choice_counts[name] += int((choice == index).sum())
-        return output.index_select(-2, geometry.inverse.to(output.device))
+                self.choice_counts[name] = self.choice_counts[name] + (choice == index).sum()
+        return output.index_select(-2, inverse)
 
     def geometry(self, layout: TokenLayout, block: int) -> Geometry:
         if layout not in self.geometries:
@@ -259,14 +262,14 @@ class AttentionControl:
             "sparse_calls": self.sparse_calls,
             "dense_calls": self.dense_calls,
             # kept / all video block pairs, over the sparse calls
-            "density": self.density_sum / self.sparse_calls if self.sparse_calls else 1.0,
+            "density": float(self.density_sum) / self.sparse_calls if self.sparse_calls else 1.0,
             # attention work done over dense work, over every joint-attention call (dense
             # steps, dense layers and text blocks included): the ideal attention speedup is
             # its inverse
-            "attention_fraction": self.work_sum / calls if calls else 1.0,
+            "attention_fraction": float(self.work_sum) / calls if calls else 1.0,
         }
         if self.choice_counts:
-            stats["heads"] = dict(self.choice_counts)
+            stats["heads"] = {name: int(count) for name, count in self.choice_counts.items()}
         return stats
 
     def remove(self) -> None:

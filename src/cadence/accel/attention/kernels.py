@@ -39,6 +39,7 @@ class BlockSparse:
     def __init__(self, mask: torch.Tensor, block: int, tokens: int):
         self.mask, self.block, self.tokens = mask, block, tokens
         self._flex_masks: dict = {}  # (batch, heads) -> BlockMask
+        self._kv_blocks: dict = {}  # (batch, heads) -> (kv_num_blocks, kv_indices)
 
     def expanded(self, batch: int, heads: int) -> torch.Tensor:
         return self.mask.expand(batch, heads, *self.mask.shape[-2:]).contiguous()
@@ -46,10 +47,12 @@ class BlockSparse:
     def kv_blocks(self, batch: int, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
         """FlexAttention's (kv_num_blocks, kv_indices): per query block, how many key blocks
         it keeps and which, kept ones first in ascending order."""
-        mask = self.expanded(batch, heads)
-        count = mask.sum(-1, dtype=torch.int32)
-        indices = torch.argsort((~mask).to(torch.uint8), dim=-1, stable=True).to(torch.int32)
-        return count, indices
+        if (batch, heads) not in self._kv_blocks:
+            mask = self.expanded(batch, heads)
+            count = mask.sum(-1, dtype=torch.int32)
+            indices = torch.argsort((~mask).to(torch.uint8), dim=-1, stable=True).to(torch.int32)
+            self._kv_blocks[batch, heads] = count, indices
+        return self._kv_blocks[batch, heads]
 
     def flex_mask(self, batch: int, heads: int, key_valid: torch.Tensor | None):
         """A FlexAttention BlockMask. The mask_mod repeats the block mask token by token:
