@@ -1,5 +1,11 @@
 """Tiny random configs of the reference model classes: fast CPU fixtures."""
 
+import os
+
+# Triton kernels are tested by Triton's interpreter on the CPU; the flag must be set
+# before anything (diffusers, through torch) imports triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import functools
 import pytest
 import torch

@@ -8,6 +8,8 @@ from cadence.accel.attention import kernels
 from cadence.accel.attention.kernels import BlockSparse, attend
 
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)  # float32, same maths in another order
+# Triton runs in its interpreter on the CPU (conftest sets TRITON_INTERPRET=1).
+BACKENDS = ["reference", "flex"] + (["triton"] if kernels.triton_available() else [])
 
 
 def _inputs(seed, batch=2, heads=3, tokens=80, dim=16):
@@ -31,7 +33,7 @@ def _masked_dense(query, key, value, mask, block, key_valid=None):
     return torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1) @ value
 
 
-@pytest.mark.parametrize("backend", ["reference", "flex"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("tokens", [64, 80])  # 80: the last block is short
 def test_block_sparse_equals_masked_dense(backend, tokens):
     query, key, value = _inputs(seed=tokens, tokens=tokens)
@@ -40,7 +42,7 @@ def test_block_sparse_equals_masked_dense(backend, tokens):
     torch.testing.assert_close(output, _masked_dense(query, key, value, mask, 16), **TOLERANCE)
 
 
-@pytest.mark.parametrize("backend", ["reference", "flex"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_shared_mask_broadcasts_over_batch_and_heads(backend):
     query, key, value = _inputs(seed=2)
     mask = _random_mask(seed=3, batch=1, heads=1, blocks=5)
@@ -89,6 +91,13 @@ def test_kv_blocks_list_the_kept_blocks_first_in_order():
         for row in range(6):
             kept = indices[0, head, row, : count[0, head, row]].tolist()
             assert kept == mask[0, head, row].nonzero().flatten().tolist()
+
+
+def test_triton_refuses_a_key_padding_mask():
+    query, key, value = _inputs(seed=11)
+    sparse = BlockSparse(torch.ones(1, 1, 5, 5, dtype=torch.bool), 16, 80)
+    with pytest.raises(ValueError, match="takes no key padding mask; use backend='flex'"):
+        attend(query, key, value, sparse, key_valid=torch.ones(2, 80, dtype=torch.bool), backend="triton")
 
 
 def test_unknown_backend_is_refused():

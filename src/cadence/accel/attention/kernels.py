@@ -32,6 +32,14 @@ def triton_available() -> bool:
     return True
 
 
+def kv_blocks(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, H, q blocks, k blocks) bool -> (kv_num_blocks (B, H, q), kv_indices (B, H, q, k))
+    int32: the kept key blocks first, ascending (a stable sort puts them first)."""
+    count = mask.sum(-1, dtype=torch.int32)
+    indices = torch.argsort((~mask).to(torch.uint8), dim=-1, stable=True).to(torch.int32)
+    return count, indices
+
+
 class BlockSparse:
     """A block mask (B or 1, H or 1, blocks, blocks) of ``block``-token tiles over a
     sequence of ``tokens``, and the forms each kernel reads, made on first use."""
@@ -48,10 +56,7 @@ class BlockSparse:
         """FlexAttention's (kv_num_blocks, kv_indices): per query block, how many key blocks
         it keeps and which, kept ones first in ascending order."""
         if (batch, heads) not in self._kv_blocks:
-            mask = self.expanded(batch, heads)
-            count = mask.sum(-1, dtype=torch.int32)
-            indices = torch.argsort((~mask).to(torch.uint8), dim=-1, stable=True).to(torch.int32)
-            self._kv_blocks[batch, heads] = count, indices
+            self._kv_blocks[batch, heads] = kv_blocks(self.expanded(batch, heads))
         return self._kv_blocks[batch, heads]
 
     def flex_mask(self, batch: int, heads: int, key_valid: torch.Tensor | None):
