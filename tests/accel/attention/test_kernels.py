@@ -106,5 +106,7 @@ def test_unknown_backend_is_refused():
         attend(query, key, value, BlockSparse(torch.ones(1, 1, 5, 5, dtype=torch.bool), 16, 80), backend="cuda")
 
 
-def test_auto_backend_is_the_reference_on_the_cpu():
-    assert kernels.resolve_backend("auto", torch.device("cpu"), None) == "reference"
+def test_auto_backend_is_the_reference_on_the_cpu_and_for_float32():
+    assert kernels.resolve_backend("auto", torch.zeros(1), None) == "reference"
+    assert kernels.resolve_backend("auto", torch.zeros(1, dtype=torch.bfloat16), None) == "reference"
+    assert kernels.resolve_backend("flex", torch.zeros(1), None) == "flex"

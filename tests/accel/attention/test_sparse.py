@@ -192,3 +192,13 @@ def test_composes_with_step_reuse():
         stats = acceleration.stats()
     assert torch.isfinite(output).all()
     assert stats["compute_fraction"] < 1 and stats["sparse_calls"] > 0
+
+
+def test_every_family_has_a_default_pattern_that_parses():
+    from cadence.accel.attention import DEFAULT_PATTERN
+    from cadence.models import FAMILIES
+    from cadence.recipe import Recipe
+
+    assert set(DEFAULT_PATTERN) == {family for family, _ in FAMILIES.values()}
+    for recipe in DEFAULT_PATTERN.values():
+        assert Recipe.parse(recipe).techniques[0].level == "token"

@@ -71,7 +71,7 @@ class SparseAttentionConfig(AttentionConfig):
         "help": "density over the sparse steps: constant, or linear from 1 down to `density`"})
     block: int = field(default=128, metadata={"help": "tokens per block side (16, 32, 64, 128, 256)"})
     backend: str = field(default="auto", metadata={
-        "help": "sparse kernel: auto (triton on a GPU, else reference), flex, triton, reference"})
+        "help": "sparse kernel: auto (triton for bf16/fp16 on a GPU, else reference), flex, triton, reference"})
 
     def __post_init__(self):
         if not 0 < self.density <= 1 or math.isnan(self.density):

@@ -107,12 +107,14 @@ def _flex(query, key, value, **kwargs):
     return run(query, key, value, **kwargs)
 
 
-def resolve_backend(backend: str, device: torch.device, key_valid: torch.Tensor | None) -> str:
-    """The kernel that runs: ``auto`` is Triton on a GPU where it runs and no key padding
-    mask is needed, else FlexAttention on a GPU, else the reference."""
+def resolve_backend(backend: str, query: torch.Tensor, key_valid: torch.Tensor | None) -> str:
+    """The kernel that runs: ``auto`` is the Triton kernel for bf16 / fp16 on a GPU where
+    Triton runs and no key padding mask is needed, FlexAttention for those with one, and
+    the masked-dense reference otherwise (the CPU, float32 models such as the reference
+    ones, whose sequences are short)."""
     if backend != "auto":
         return backend
-    if device.type != "cuda":
+    if query.device.type != "cuda" or query.dtype not in (torch.bfloat16, torch.float16):
         return "reference"
     return "triton" if key_valid is None and triton_available() else "flex"
 
@@ -129,7 +131,7 @@ def attend(
     """Block-sparse attention. query, key, value: (B, H, tokens, D); key_valid: (B, tokens)
     bool, keys a padding mask hides (HunyuanVideo's padded text) -> (B, H, tokens, D)."""
     batch, heads = query.shape[:2]
-    backend = resolve_backend(backend, query.device, key_valid)
+    backend = resolve_backend(backend, query, key_valid)
     if backend == "reference":
         mask = sparse.token_mask(key_valid)
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
