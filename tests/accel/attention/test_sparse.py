@@ -124,10 +124,11 @@ def test_router_sends_unserved_heads_to_dense_and_counts_choices():
     assert sum(stats["heads"].values()) == heads and stats["heads"]["dense"] == 0
 
 
-def test_attention_backend_runs_the_chosen_backend():
+@pytest.mark.parametrize("backend", ["math", "flex"])
+def test_attention_backend_runs_the_chosen_backend(backend):
     pipe = tiny_pipe("video")
     baseline = _video(pipe)
-    with cadence.accelerate(pipe, AttentionBackendConfig(backend="math")) as acceleration:
+    with cadence.accelerate(pipe, AttentionBackendConfig(backend=backend)) as acceleration:
         torch.testing.assert_close(_video(pipe), baseline, rtol=1e-5, atol=1e-5)
         assert acceleration.stats()["dense_calls"] == 2 * 3 * STEPS
 
