@@ -8,8 +8,12 @@ import torch
 import cadence
 from cadence.accel.cache import calibration
 from cadence.accel.cache.ertacache import ERTACacheConfig, calibrate, describe_calibration, fit_affine, resample
-from cadence.context import get_context
 from cadence.reference.data import heldout_prompts
+from accel.cache.calibrated_contract import (  # noqa: F401 - collected here
+    Calibrated,
+    test_remove_restores_bit_identical_outputs,
+    test_threshold_zero_is_bit_identical,
+)
 from conftest import tiny_pipe as make_pipe, tiny_runs, tiny_sample
 
 STEPS = 8  # calibrated; tests run on these steps unless they test resampling
@@ -31,34 +35,16 @@ def config(calibrated, kind, **params):
     return ERTACacheConfig(calibration=str(calibrated[kind]), **params)
 
 
+@pytest.fixture(scope="module")
+def policy(calibrated):
+    return Calibrated(ERTACacheConfig, calibrated, exact={"threshold": 0.0}, reusing={"threshold": 0.5})
+
+
 def test_calibration_is_small_and_beside_its_maps(calibrated, kind):
     path = calibrated[kind]
     maps = path.with_suffix(".safetensors")
     assert maps.is_file()
     assert path.stat().st_size + maps.stat().st_size < 200_000
-
-
-def test_threshold_zero_is_bit_identical(calibrated, kind):
-    pipe = make_pipe(kind)
-    baseline = sample(pipe, kind)
-    with cadence.accelerate(pipe, config(calibrated, kind, threshold=0.0)) as acceleration:
-        accelerated = sample(pipe, kind)
-        assert acceleration.stats()["compute_fraction"] == 1.0
-    assert torch.equal(baseline, accelerated)
-
-
-def test_remove_restores_bit_identical_outputs(calibrated, kind):
-    pipe = make_pipe(kind)
-    baseline = sample(pipe, kind)
-    acceleration = cadence.accelerate(pipe, f"ertacache(threshold=0.5, calibration='{calibrated[kind]}')")
-    accelerated = sample(pipe, kind)
-    acceleration.remove()
-    assert not torch.equal(baseline, accelerated)
-    assert torch.equal(baseline, sample(pipe, kind))
-    assert get_context(pipe.transformer) is None
-    for name, module in pipe.transformer.named_modules():
-        hooks = getattr(module, "_diffusers_hook", None)
-        assert hooks is None or not any(h.startswith("cadence") for h in hooks.hooks), name
 
 
 def errors_at_one_schedule(calibrated, kind, threshold, **run):

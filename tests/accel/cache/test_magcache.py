@@ -8,6 +8,12 @@ import cadence
 from cadence.accel.cache import calibration
 from cadence.accel.cache.magcache import MagCacheConfig, calibrate, fit
 from cadence.context import get_context
+from accel.cache.calibrated_contract import (  # noqa: F401 - collected here
+    Calibrated,
+    test_positive_threshold_reuses_steps_within_an_error_bound,
+    test_remove_restores_bit_identical_outputs,
+    test_threshold_zero_is_bit_identical,
+)
 from conftest import tiny_pipe as make_pipe, tiny_runs, tiny_sample, tiny_wan
 
 STEPS = 8
@@ -29,6 +35,11 @@ def config(calibrated, kind, **params):
     return MagCacheConfig(calibration=str(calibrated[kind]), **params)
 
 
+@pytest.fixture(scope="module")
+def policy(calibrated):
+    return Calibrated(MagCacheConfig, calibrated, exact={"threshold": 0.0, "retention_ratio": 0.0}, reusing={"threshold": 1.0})
+
+
 def curve_file(tmp_path, kind, cond, uncond=None):
     """A calibration of the tiny model with a given curve (gamma into steps 1..N-1)."""
     ratios = {"cond": cond, **({"uncond": uncond} if uncond else {})}
@@ -42,39 +53,6 @@ def test_calibration_file_holds_one_curve_per_branch(calibrated, kind):
     assert data["steps"] == STEPS and data["guidance_scale"] == 3.0
     assert set(data["ratios"]) == {"cond", "uncond"}
     assert all(len(curve) == STEPS - 1 and all(r > 0 for r in curve) for curve in data["ratios"].values())
-
-
-def test_threshold_zero_is_bit_identical(calibrated, kind):
-    pipe = make_pipe(kind)
-    baseline = sample(pipe, kind)
-    with cadence.accelerate(pipe, config(calibrated, kind, threshold=0.0, retention_ratio=0.0)) as acceleration:
-        accelerated = sample(pipe, kind)
-        assert acceleration.stats()["compute_fraction"] == 1.0
-    assert torch.equal(baseline, accelerated)
-
-
-def test_remove_restores_bit_identical_outputs(calibrated, kind):
-    pipe = make_pipe(kind)
-    baseline = sample(pipe, kind)
-    acceleration = cadence.accelerate(pipe, f"magcache(threshold=1.0, calibration='{calibrated[kind]}')")
-    accelerated = sample(pipe, kind)
-    acceleration.remove()
-    assert not torch.equal(baseline, accelerated)  # the technique did something
-    assert torch.equal(baseline, sample(pipe, kind))
-    assert get_context(pipe.transformer) is None
-
-
-@pytest.mark.parametrize("steps", [STEPS, 12])
-def test_positive_threshold_reuses_steps_within_an_error_bound(calibrated, kind, steps):
-    """Also at a step count other than the calibration's: the curve is resampled."""
-    pipe = make_pipe(kind)
-    baseline = sample(pipe, kind, steps=steps)
-    with cadence.accelerate(pipe, config(calibrated, kind, threshold=0.3)) as acceleration:
-        accelerated = sample(pipe, kind, steps=steps)
-        fraction = acceleration.stats()["compute_fraction"]
-    assert 0 < fraction < 1
-    relative = float((accelerated - baseline).norm() / baseline.norm())
-    assert 0 < relative < 0.1
 
 
 @pytest.mark.parametrize("threshold, computed", [(0.25, [0, 2, 4, 6, 8]), (0.5, [0, 3, 6, 9]), (0.05, list(range(10)))])

@@ -9,6 +9,12 @@ import cadence
 from cadence.accel.cache import calibration
 from cadence.accel.cache.teacache import Rescaler, TeaCacheConfig, calibrate, fit
 from cadence.context import get_context
+from accel.cache.calibrated_contract import (  # noqa: F401 - collected here
+    Calibrated,
+    test_positive_threshold_reuses_steps_within_an_error_bound,
+    test_remove_restores_bit_identical_outputs,
+    test_threshold_zero_is_bit_identical,
+)
 from conftest import tiny_pipe as make_pipe, tiny_runs, tiny_sample, tiny_wan
 
 STEPS = 8
@@ -30,44 +36,17 @@ def config(calibrated, kind, **params):
     return TeaCacheConfig(calibration=str(calibrated[kind]), **params)
 
 
+@pytest.fixture(scope="module")
+def policy(calibrated):
+    return Calibrated(TeaCacheConfig, calibrated, exact={"threshold": 0.0}, reusing={"threshold": 1.0})
+
+
 def test_calibration_file_holds_the_fit_and_what_it_was_made_on(calibrated, kind):
     data = calibration.load(make_pipe(kind).transformer, "teacache", str(calibrated[kind]))
     assert len(data["coefficients"]) == 5
     assert data["steps"] == STEPS and data["guidance_scale"] == 3.0
     assert data["transitions"] == 2 * 2 * (STEPS - 2)  # 2 runs x 2 CFG branches, the last transition left out
     assert data["fit_residual"] >= 0 and data["input_range"][0] <= data["input_range"][1]
-
-
-def test_threshold_zero_is_bit_identical(calibrated, kind):
-    pipe = make_pipe(kind)
-    baseline = sample(pipe, kind)
-    with cadence.accelerate(pipe, config(calibrated, kind, threshold=0.0)) as acceleration:
-        accelerated = sample(pipe, kind)
-        assert acceleration.stats()["compute_fraction"] == 1.0
-    assert torch.equal(baseline, accelerated)
-
-
-def test_remove_restores_bit_identical_outputs(calibrated, kind):
-    pipe = make_pipe(kind)
-    baseline = sample(pipe, kind)
-    acceleration = cadence.accelerate(pipe, f"teacache(threshold=1.0, calibration='{calibrated[kind]}')")
-    accelerated = sample(pipe, kind)
-    acceleration.remove()
-    assert not torch.equal(baseline, accelerated)  # the technique did something
-    assert torch.equal(baseline, sample(pipe, kind))
-    assert get_context(pipe.transformer) is None
-
-
-@pytest.mark.parametrize("steps", [STEPS, 12])
-def test_positive_threshold_reuses_steps_within_an_error_bound(calibrated, kind, steps):
-    pipe = make_pipe(kind)
-    baseline = sample(pipe, kind, steps=steps)
-    with cadence.accelerate(pipe, config(calibrated, kind, threshold=0.3)) as acceleration:
-        accelerated = sample(pipe, kind, steps=steps)
-        fraction = acceleration.stats()["compute_fraction"]
-    assert 0 < fraction < 1
-    relative = float((accelerated - baseline).norm() / baseline.norm())
-    assert 0 < relative < 0.1
 
 
 def test_first_and_last_steps_always_compute(calibrated):
