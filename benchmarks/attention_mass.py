@@ -13,6 +13,7 @@ of each row at the same density: no block pattern can keep more).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 
 import torch
@@ -86,9 +87,11 @@ def main():
     recorder = Recorder(adapter, args.block)
     dense_steps = round(0.2 * args.steps)
 
+    forwards = itertools.count()  # two a step (CFG), args.steps steps a prompt
+
     def read_layout(module, a, kw):
-        step = module._recorder_step = getattr(module, "_recorder_step", -1) + 1
-        recorder.layout = adapter.token_layout(a, kw) if step // 2 % args.steps >= dense_steps else None
+        step = next(forwards) // 2 % args.steps
+        recorder.layout = adapter.token_layout(a, kw) if step >= dense_steps else None
 
     hook = pipe.transformer.register_forward_pre_hook(read_layout, with_kwargs=True)
     with recorder, torch.no_grad():

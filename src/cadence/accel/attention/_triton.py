@@ -19,7 +19,6 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -292,10 +291,10 @@ def kv_blocks_to_dense(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor) ->
 
 
 def reference_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_size, scale=None):
-    """Plain PyTorch: the block mask expanded to tokens, SDPA in float32; rows that keep
-    no key are zeros (SDPA would give NaN)."""
-    seq = q.shape[-2]
-    blocks = kv_blocks_to_dense(kv_num_blocks, kv_indices)
-    tokens = blocks.repeat_interleave(block_size, -2).repeat_interleave(block_size, -1)[..., :seq, :seq]
-    out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=tokens, scale=scale)
-    return out.masked_fill(~tokens.any(-1, keepdim=True), 0.0).to(q.dtype)
+    """Plain PyTorch: cadence's masked-dense reference in float32 on the same blocks; rows
+    that keep no key are zeros (SDPA would give NaN)."""
+    from cadence.accel.attention.kernels import BlockSparse, attend
+
+    sparse = BlockSparse(kv_blocks_to_dense(kv_num_blocks, kv_indices), block_size, q.shape[-2])
+    out = attend(q.float(), k.float(), v.float(), sparse, scale=scale, backend="reference")
+    return out.masked_fill(~sparse.token_mask(None).any(-1, keepdim=True), 0.0).to(q.dtype)

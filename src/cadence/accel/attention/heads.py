@@ -44,8 +44,11 @@ def candidate(name, geometry, density, query, key, scale) -> torch.Tensor:
     if name == "topk":
         return top_blocks(query, key, geometry.block, density, scale=scale)
     distance = _STATIC[name]
-    mask = geometry.memo((name, density), lambda: nearest(distance(geometry.centers), density))
-    return mask[None, None].to(query.device)
+
+    def build():  # once per geometry, density and device: no host-to-device copy per call
+        return nearest(distance(geometry.centers), density)[None, None].to(query.device)
+
+    return geometry.memo((name, density, query.device), build)
 
 
 def route(names, geometry, density, query, key, scale, samples, min_mass=0.0):
