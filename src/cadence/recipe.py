@@ -90,11 +90,16 @@ class Recipe:
 
 
 def _split_top_level(text: str, separator: str) -> list[str]:
-    parts, depth, current = [], 0, ""
+    parts, depth, current, quote = [], 0, "", ""
     for char in text:
-        depth += char == "("
-        depth -= char == ")"
-        if char == separator and depth == 0:
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        else:
+            depth += char == "("
+            depth -= char == ")"
+        if char == separator and depth == 0 and not quote:
             parts.append(current)
             current = ""
         else:

@@ -9,6 +9,8 @@ not change from step to step builds it once and every layer and step reuses it.
 from __future__ import annotations
 
 import functools
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -21,6 +23,11 @@ DENSE_BACKENDS = {
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
     "math": SDPBackend.MATH,
     "flex": "flex",
+    # SageAttention-style low precision (cadence.accel.quant._attention_triton): K smoothed,
+    # Q and K in INT8 (or FP8) per block, P and V in FP8. 1.29x over cuDNN bf16 at Wan2.1-1.3B
+    # size on an H100 (benchmarks/RESULTS.md, "Low-precision attention").
+    "sage": ("int8", "fp8"),
+    "sage-fp8": ("fp8", "fp8"),
 }
 
 
@@ -152,9 +159,36 @@ def dense(query, key, value, attn_mask=None, scale=None, backend: str = "auto", 
     choice = DENSE_BACKENDS[backend]
     if choice is None:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, scale=scale, **kwargs)
+    if isinstance(choice, tuple):
+        return _sage(query, key, value, attn_mask, scale, backend, *choice, **kwargs)
     if choice == "flex":
         if attn_mask is not None:
             raise ValueError("dense_backend='flex' takes no attention mask")
         return _flex(query, key, value, scale=scale)
     with sdpa_kernel(choice):
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, scale=scale, **kwargs)
+
+
+def _sage(query, key, value, attn_mask, scale, backend, qk_format, pv_format, **kwargs):
+    """Low-precision dense attention; where it cannot run (a mask, a causal or dropout
+    call, a head size other than 64 / 128) SDPA runs instead. Off the GPU the kernel's
+    plain PyTorch emulation runs (same quantization, float32, slow), with a warning once."""
+    if attn_mask is not None or kwargs.get("is_causal") or kwargs.get("dropout_p") or query.shape[-1] not in (64, 128):
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, scale=scale, **kwargs)
+    if not triton_available():
+        raise ValueError(f"dense backend {backend!r} needs triton; install it or choose another backend")
+    from cadence.accel.quant import _attention_triton as sage
+
+    if sage.supported(query.device, qk_format=qk_format, pv_format=pv_format) and query.is_cuda:
+        return sage.sage_attention(query, key, value, scale, qk_format=qk_format, pv_format=pv_format)
+    dtype = query.dtype
+    _warn_once(f"{backend}: no {qk_format}/{pv_format} attention kernel on {query.device}; its PyTorch emulation runs "
+               "(same numerics, slower than dense)")
+    out = sage.reference_sage_attention(query, key, value, scale, qk_format=qk_format, pv_format=pv_format,
+                                        block_m=64, block_n=128)  # the H100 default tiles
+    return out.to(dtype)
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=3)

@@ -23,7 +23,11 @@ from cadence.models import find_transformer
 
 
 def model_identity(model: torch.nn.Module) -> dict:
-    """Class, config digest and a weight fingerprint (robust to dtype and device)."""
+    """Class, config digest and a weight fingerprint (robust to dtype and device). A model
+    quantized by cadence answers for its float weights, so calibrations still match it."""
+    quantization = getattr(model, "_cadence_quantization", None)
+    if quantization is not None:
+        return quantization.identity
     config = {k: v for k, v in dict(getattr(model, "config", {})).items() if not k.startswith("_")}
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
     with torch.no_grad():

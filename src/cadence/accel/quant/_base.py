@@ -1,0 +1,263 @@
+"""What every quantization technique shares: the config fields, choosing the linears,
+swapping them for :class:`QuantLinear` and back, and the NaN/Inf check.
+
+The float linears are kept (moved to the CPU when ``offload``, so the GPU memory is really
+freed) and put back by ``remove()``: the model comes back bit-identical.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from tqdm.auto import tqdm
+
+from cadence.accel.quant import formats
+from cadence.accel.quant.linear import KERNELS, MODES, W8A8, QuantLinear, fast_path_available, group_of
+from cadence.accel.cache.calibration import model_identity
+from cadence.accel.registry import Handle, TechniqueConfig
+from cadence.context import attach_context, detach_context
+from cadence.models import adapter_for
+
+TIMESTEP_PATHS = ("full", "quantize")
+ACTIVATIONS = ("dynamic", "static")
+GROUPS = (16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class QuantConfig(TechniqueConfig):
+    """Fields every quantization technique has."""
+
+    level = "bit"
+
+    timestep_path: str = field(default="full", metadata={
+        "help": "full: the AdaLN modulation linears (fed by the timestep embedding) stay in full precision, as "
+                "TFMQ-DM advises; quantize: they are quantized too"})
+    calibration: str = field(default="", metadata={
+        "help": "activation calibration file (default: calibration/activations.json beside the model)"})
+    checkpoint: str = field(default="", metadata={
+        "help": "load quantized weights saved by `cadence quantize` instead of quantizing"})
+    offload: bool = field(default=True, metadata={
+        "help": "move the float weights to the CPU while quantized (frees their GPU memory; remove() restores)"})
+    kernel: str = field(default="auto", metadata={"help": f"one of {', '.join(KERNELS)}"})
+    check_finite: bool = field(default=True, metadata={
+        "help": "raise on NaN/Inf entering a quantized layer (one device sync per transformer forward)"})
+
+    def __post_init__(self):
+        if self.timestep_path not in TIMESTEP_PATHS:
+            raise ValueError(f"{self.name}: timestep_path={self.timestep_path!r}; valid: {', '.join(TIMESTEP_PATHS)}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"{self.name}: kernel={self.kernel!r}; valid: {', '.join(KERNELS)}")
+        self.validate()
+
+    def validate(self) -> None:
+        pass
+
+    mode: ClassVar[str]  # the QuantLinear mode of every layer (mixed: chosen per layer)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return getattr(self, "smooth", 0.0) > 0 or getattr(self, "activations", "dynamic") == "static"
+
+
+def check_common(config, *, smooth=True, activations=True, group=False, rank=False) -> None:
+    name = config.name
+    if smooth and not 0.0 <= config.smooth <= 1.0:
+        raise ValueError(f"{name}: smooth={config.smooth} (SmoothQuant's migration strength alpha) must be in [0, 1]")
+    if activations and config.activations not in ACTIVATIONS:
+        raise ValueError(f"{name}: activations={config.activations!r}; valid: {', '.join(ACTIVATIONS)}")
+    if group and config.group not in GROUPS:
+        raise ValueError(f"{name}: group={config.group}; valid: {', '.join(map(str, GROUPS))}")
+    if rank and not 0 <= config.rank <= 256:
+        raise ValueError(f"{name}: rank={config.rank} must be an integer in [0, 256]")
+
+
+def quantizable_linears(model: torch.nn.Module, timestep_path: str = "full") -> dict[str, torch.nn.Linear]:
+    """The linears of the transformer blocks, by name in the model. With ``timestep_path=
+    'full'`` the AdaLN modulation linears (``norm*.linear``, fed by the timestep embedding)
+    are left out: TFMQ-DM finds the timestep features the most quantization-sensitive part
+    of a diffusion model, and they are a one-row matmul per sample, so nothing is gained."""
+    adapter = adapter_for(model)
+    block_ids = {id(block) for block in adapter.blocks}
+    prefixes = [name + "." for name, module in model.named_modules() if id(module) in block_ids]
+    found = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or not any(name.startswith(p) for p in prefixes):
+            continue
+        if timestep_path == "full" and any(part.startswith("norm") for part in name.split(".")[:-1]):
+            continue
+        found[name] = module
+    return found
+
+
+def unsupported(linear: torch.nn.Linear, mode: str, group: int) -> str:
+    """Why ``linear`` cannot take ``mode`` (empty if it can)."""
+    step = group_of(mode, group)
+    if linear.in_features % step:
+        return f"{mode} quantizes groups of {step} input channels; {linear.in_features} is not a multiple"
+    return ""
+
+
+def _set_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def refuse_second(model: torch.nn.Module, config: TechniqueConfig) -> None:
+    other = getattr(model, "_cadence_quantization", None)
+    if other is not None:
+        raise ValueError(
+            f"{config.name}: the model is already quantized by {other.config}; a model takes one quantization "
+            "technique: remove the other first, or use `mixed` for a precision per layer"
+        )
+
+
+class Quantization:
+    """The swapped linears of one application, the finiteness check, and remove()."""
+
+    def __init__(self, model: torch.nn.Module, config: QuantConfig, plan: dict[str, dict],
+                 saved: dict[str, dict[str, torch.Tensor]] | None = None):
+        self.model, self.config = model, config
+        self.originals: dict[str, tuple[torch.nn.Linear, torch.device]] = {}
+        self.skipped: dict[str, str] = {}
+        self.modes: dict[str, str] = {}
+        self.float_bytes = sum(formats.nbytes(dict(m.named_parameters())) for m in
+                               quantizable_linears(model, config.timestep_path).values())
+        self.context = None
+        self.flags = None
+        self._warned: set[str] = set()
+        self.identity = model_identity(model)  # of the float model: what a saved checkpoint is tied to
+        model._cadence_quantization = self
+        try:
+            self._swap(plan, saved)
+        except Exception:
+            self.remove()
+            raise
+        if config.check_finite and self.modes:
+            device = next(next(iter(self._quantized().values())).buffers()).device
+            self.flags = torch.ones(len(self.modes), dtype=torch.bool, device=device)
+            for index, module in enumerate(self._quantized().values()):
+                module.monitor = (self.flags, index)
+            self.context = attach_context(model)
+            self.context._interceptors.append(self)
+
+    def _quantized(self) -> dict[str, QuantLinear]:
+        return {name: self.model.get_submodule(name) for name in self.modes}
+
+    def _swap(self, plan: dict[str, dict], saved) -> None:
+        linears = quantizable_linears(self.model, self.config.timestep_path)
+        items = [(name, options) for name, options in plan.items() if options["mode"] != "none"]
+        large = sum(linears[name].weight.numel() for name, _ in items) > 50_000_000
+        for name, options in tqdm(items, desc=f"quantize {self.config.name}", unit="layer", disable=not large):
+            linear = linears[name]
+            mode = options["mode"]
+            reason = unsupported(linear, mode, options.get("group", 128))
+            if reason:
+                self.skipped[name] = reason
+                continue
+            available, why = fast_path_available(mode, linear.weight.device)
+            if mode in W8A8 and not available and self.config.kernel == "auto" and why not in self._warned:
+                self._warned.add(why)
+                warnings.warn(f"{why} (same numerics, no speedup)", stacklevel=4)
+            with torch.no_grad():
+                if saved is not None:
+                    tensors = {k: v.to(linear.weight.device) for k, v in saved[name].items()}
+                    module = QuantLinear(linear.in_features, linear.out_features, mode, tensors,
+                                         linear.weight.dtype, options.get("group", 128), self.config.kernel)
+                else:
+                    module = QuantLinear.from_linear(linear, mode, kernel=self.config.kernel, **{
+                        k: v for k, v in options.items() if k != "mode"})
+            device = linear.weight.device
+            if self.config.offload and device.type != "cpu":
+                linear.to("cpu")
+            self.originals[name] = (linear, device)
+            _set_module(self.model, name, module)
+            self.modes[name] = mode
+
+    # -- the step context's interceptor: a NaN/Inf check per transformer forward --------
+    def before(self, context, args, kwargs):
+        return None
+
+    def after(self, context, output):
+        if self.flags is not None and not bool(self.flags.all()):
+            names = list(self.modes)
+            bad = [names[i] for i in (~self.flags).nonzero().flatten().tolist()]
+            self.flags.fill_(True)
+            raise FloatingPointError(
+                f"{self.config.name}: NaN or Inf entered quantized layer(s) {', '.join(bad[:4])}"
+                f"{' and %d more' % (len(bad) - 4) if len(bad) > 4 else ''} at step {context.step_index} "
+                f"({context.branch} branch): a quantized layer would turn them into wrong finite values, so "
+                "the output is refused. Check the inputs (latents, prompt embeddings) or run without quantization."
+            )
+        return None
+
+    def remove(self) -> None:
+        for name, (linear, device) in reversed(list(self.originals.items())):
+            linear.to(device)
+            _set_module(self.model, name, linear)
+        self.originals.clear()
+        if getattr(self.model, "_cadence_quantization", None) is self:
+            del self.model._cadence_quantization
+        if self.context is not None:
+            self.context._interceptors.remove(self)
+            detach_context(self.model)
+            self.context = None
+
+    def stats(self) -> dict:
+        quantized = self._quantized() if self.originals else {}
+        bytes_now = sum(m.weight_bytes for m in quantized.values())
+        float_kept = sum(formats.nbytes(dict(m.named_parameters())) for name, m in
+                         quantizable_linears(self.model, self.config.timestep_path).items())
+        counts: dict[str, int] = {}
+        for mode in self.modes.values():
+            counts[mode] = counts.get(mode, 0) + 1
+        return {
+            "quantized_layers": counts,
+            "skipped_layers": dict(self.skipped),
+            "linear_bytes_float": self.float_bytes,
+            "linear_bytes": bytes_now + float_kept,
+            "weight_memory_saved": 1 - (bytes_now + float_kept) / self.float_bytes if self.float_bytes else 0.0,
+            "native_kernels": sum(m.native for m in quantized.values()),
+        }
+
+
+def uniform_plan(model: torch.nn.Module, config: QuantConfig, mode: str) -> dict[str, dict]:
+    """Every quantizable linear in ``mode``, with the calibrated smoothing and static scale
+    where the config asks for them."""
+    from cadence.accel.quant import calibration
+
+    linears = quantizable_linears(model, config.timestep_path)
+    stats = calibration.load_activations(model, config.calibration) if config.needs_calibration else None
+    plan = {}
+    for name, linear in linears.items():
+        options: dict = {"mode": mode}
+        if hasattr(config, "group"):
+            options["group"] = config.group
+        if getattr(config, "rank", 0):
+            options["rank"] = config.rank
+        if stats is not None:
+            channel_absmax = stats.channel_absmax(name, linear.weight.device)
+            smooth = None
+            if getattr(config, "smooth", 0.0) > 0:
+                smooth = calibration.smoothing_factors(channel_absmax, linear.weight.detach(), config.smooth)
+                options["smooth"] = smooth
+            if getattr(config, "activations", "") == "static" and mode in W8A8:
+                options["static_absmax"] = float((channel_absmax / (smooth if smooth is not None else 1.0)).max())
+        plan[name] = options
+    return plan
+
+
+def install(model: torch.nn.Module, config: QuantConfig, plan: dict[str, dict] | None = None) -> Handle:
+    refuse_second(model, config)
+    from cadence.accel.quant import checkpoint
+
+    saved = None
+    if config.checkpoint:
+        plan, saved = checkpoint.read(model, config)
+    elif plan is None:
+        plan = uniform_plan(model, config, config.mode)
+    quantization = Quantization(model, config, plan, saved)
+    return Handle(config, quantization.remove, quantization.stats)

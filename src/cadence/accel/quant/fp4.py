@@ -1,0 +1,59 @@
+"""NVFP4 and MXFP4 (W4A4), simulated: Hopper has no FP4 tensor cores, so cadence stores
+the packed E2M1 codes and block scales (the memory is real: 4.5 and 4.25 bits a weight) and
+runs the matmul in the layer's dtype on dequantized values, activations fake-quantized the
+same way per block of the input channels. What it measures is the accuracy that FP4
+hardware (Blackwell) would give.
+
+``rank > 0`` adds SVDQuant's low-rank branch: the top ``rank`` singular directions of the
+(smoothed) weight stay in full precision and absorb the outliers; only the residual is
+quantized. ``smooth`` migrates activation outliers into the weight first, as SVDQuant does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from cadence.accel.quant.calibration import calibrate, describe_calibration  # noqa: F401 (cadence calibrate)
+from cadence.accel.quant._base import QuantConfig, check_common, install
+from cadence.accel.registry import Handle, register
+
+_RANK_HELP = "SVDQuant low-rank branch kept in full precision (0: off; 32 in the paper)"
+_SMOOTH_HELP = "outlier migration strength alpha in [0, 1] (> 0 needs the activation calibration)"
+
+
+@dataclass(frozen=True)
+class NVFP4Config(QuantConfig):
+    name = "nvfp4"
+    summary = "NVFP4 W4A4 (E2M1, 16-blocks, FP8 scales), simulated; optional SVDQuant low-rank branch"
+    mode = "nvfp4"
+
+    rank: int = field(default=0, metadata={"help": _RANK_HELP})
+    smooth: float = field(default=0.0, metadata={"help": _SMOOTH_HELP})
+
+    def validate(self):
+        check_common(self, activations=False, rank=True)
+
+
+@dataclass(frozen=True)
+class MXFP4Config(QuantConfig):
+    name = "mxfp4"
+    summary = "MXFP4 W4A4 (E2M1, 32-blocks, power-of-two scales), simulated; optional SVDQuant low-rank branch"
+    mode = "mxfp4"
+
+    rank: int = field(default=0, metadata={"help": _RANK_HELP})
+    smooth: float = field(default=0.0, metadata={"help": _SMOOTH_HELP})
+
+    def validate(self):
+        check_common(self, activations=False, rank=True)
+
+
+def apply(model: torch.nn.Module, config: QuantConfig) -> Handle:
+    return install(model, config)
+
+
+register(NVFP4Config, apply)
+register(MXFP4Config, apply)
+
+__all__ = ["MXFP4Config", "NVFP4Config", "apply"]

@@ -1,0 +1,58 @@
+"""W8A8: weights and activations in 8 bits, the matmul on 8-bit tensor cores.
+
+``fp8``: FP8 e4m3 through ``torch._scaled_mm`` (H100: 1391 against 774 TFLOP/s in bf16).
+``int8``: INT8 through ``torch._int_mm`` (948 TOP/s), with SmoothQuant's scale migration,
+on by default because INT8's uniform grid loses the small values of outlier channels.
+Activation scales are per token, computed on the fly (``activations=dynamic``), or one per
+tensor from the calibration (``static``), the maximum over every calibrated timestep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from cadence.accel.quant.calibration import calibrate, describe_calibration  # noqa: F401 (cadence calibrate)
+from cadence.accel.quant._base import ACTIVATIONS, QuantConfig, check_common, install
+from cadence.accel.registry import Handle, register
+
+_ACTIVATIONS_HELP = f"one of {', '.join(ACTIVATIONS)}: a scale per token, or one per tensor from the calibration"
+_SMOOTH_HELP = "SmoothQuant migration strength alpha in [0, 1] (0: off; > 0 needs the activation calibration)"
+
+
+@dataclass(frozen=True)
+class FP8Config(QuantConfig):
+    name = "fp8"
+    summary = "FP8 e4m3 weights (per channel) and activations (per token), torch._scaled_mm"
+    mode = "fp8"
+
+    activations: str = field(default="dynamic", metadata={"help": _ACTIVATIONS_HELP})
+    smooth: float = field(default=0.0, metadata={"help": _SMOOTH_HELP})
+
+    def validate(self):
+        check_common(self)
+
+
+@dataclass(frozen=True)
+class Int8Config(QuantConfig):
+    name = "int8"
+    summary = "INT8 weights and activations with SmoothQuant migration, torch._int_mm"
+    mode = "int8"
+
+    activations: str = field(default="dynamic", metadata={"help": _ACTIVATIONS_HELP})
+    # 0.5: SmoothQuant's default, balanced difficulty between weights and activations.
+    smooth: float = field(default=0.5, metadata={"help": _SMOOTH_HELP})
+
+    def validate(self):
+        check_common(self)
+
+
+def apply(model: torch.nn.Module, config: QuantConfig) -> Handle:
+    return install(model, config)
+
+
+register(FP8Config, apply)
+register(Int8Config, apply)
+
+__all__ = ["FP8Config", "Int8Config", "apply"]
