@@ -60,8 +60,16 @@ SPARSE_PATTERNS = [
     "sparse-radial(density=0.1)", "sparse-sink(density=0.1)", "sparse-topk(density=0.1)",
     "sparse-svg(density=0.1)", "sparse-router(density=0.1)",
 ]
+# Bit reduction (20 steps: a ratio per step, and 10 recipes fit one GPU call). int8 without
+# SmoothQuant: random weights have no calibration; torchao's configurations as peers.
+SAGE = "attention-backend(backend='sage')"
+QUANT = ["fp8", "int8(smooth=0)", "weight-int8", "weight-int4", "torchao-float8", "torchao-int8", SAGE,
+         f"fp8 + {SAGE}", f"int8(smooth=0) + {SAGE}", f"fixed-interval(budget={BUDGET}) + fp8 + {SAGE}"]
+# Ideal speedup of a low-bit GEMM: the measured throughput ratio over bf16 (DESIGN.md).
+BIT_RATIO = {"fp8": 1391 / 774, "int8": 948 / 774}
 SETS = {"fixed": RECIPES, "policies": ["baseline", *POLICIES], "peers": ["baseline", *PEERS],
-        "sparse": ["baseline", *SPARSE], "patterns": ["baseline", *SPARSE_PATTERNS]}
+        "sparse": ["baseline", *SPARSE], "patterns": ["baseline", *SPARSE_PATTERNS],
+        "quant": ["baseline", *QUANT]}
 
 
 def cast_like_from_pretrained(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -125,6 +133,41 @@ def self_attention_time(transformer, tokens: int) -> float:
     return sorted(times)[len(times) // 2] * len(transformer.blocks)
 
 
+def linear_time(transformer, forward) -> float:
+    """Seconds of one forward spent in the quantizable linears (CUDA events around each)."""
+    from cadence.accel.quant._base import quantizable_linears
+
+    events = []
+
+    def start(*_):
+        events.append([torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)])
+        events[-1][0].record()
+
+    def end(*_):
+        events[-1][1].record()
+
+    handles = []
+    for linear in quantizable_linears(transformer).values():
+        handles += [linear.register_forward_pre_hook(start), linear.register_forward_hook(end)]
+    forward()
+    torch.cuda.synchronize()
+    for handle in handles:
+        handle.remove()
+    return sum(a.elapsed_time(b) for a, b in events) / 1000
+
+
+def bit_fraction(text: str, linear_share: float, attention_share: float) -> float:
+    """The fraction of a forward's time left if low-bit matmuls ran at the GEMM throughput
+    ratio and cost nothing else (Amdahl); weight-only modes remove no compute."""
+    left = 1.0
+    for config in cadence.recipe.Recipe.parse(text).techniques:
+        if getattr(config, "mode", None) in BIT_RATIO:
+            left -= linear_share * (1 - 1 / BIT_RATIO[config.mode])
+        if getattr(config, "backend", None) in ("sage", "sage-fp8"):
+            left -= attention_share * (1 - 1 / BIT_RATIO["fp8"])
+    return left
+
+
 def display(template: str) -> str:
     """The recipe as reported: without this run's calibration path."""
     return re.sub(r",? ?calibration='\{\w+\}'", "", template).replace("()", "")
@@ -157,7 +200,8 @@ def main():
     parser.add_argument("--guidance-scale", type=float, default=5.0)
     parser.add_argument("--set", choices=list(SETS), default="fixed",
                         help="fixed: fixed-interval; policies: every cadence policy at budget 0.4; peers: diffusers' "
-                             "hooks; sparse: the 3D window at densities 0.5 / 0.25 / 0.1; patterns: the others at 0.1")
+                             "hooks; sparse: the 3D window at densities 0.5 / 0.25 / 0.1; patterns: the others at 0.1; "
+                             "quant: the bit-reduction modes and torchao's peers")
     parser.add_argument("--recipes", nargs="+", default=None, help="instead of --set")
     parser.add_argument("--calibration-dir", default="/tmp/cadence-calibration")
     parser.add_argument("--out", default="wan_realsize.json")
@@ -184,6 +228,8 @@ def main():
     forward_s = min(cuda_time(forward) for _ in range(3))
     attention_s = self_attention_time(transformer, tokens)
     attention_share = attention_s / forward_s
+    linear_s = min(linear_time(transformer, forward) for _ in range(2))
+    linear_share = linear_s / forward_s
     needed = {name for name in ("teacache", "magcache", "ertacache") if any("{" + name + "}" in r for r in recipes)}
     calibration_began = time.time()
     paths = calibrate(pipe, call, args.steps, needed, args.calibration_dir) if needed else {}
@@ -192,31 +238,38 @@ def main():
     baseline_s = None
     for template in recipes:
         text = template.format(**paths)
+        allocated = torch.cuda.memory_allocated()
         acceleration = cadence.accelerate(pipe, text)
-        if "sparse-" in text:  # compile FlexAttention / tune the Triton kernel before timing
-            pipe(steps=2, **call)
+        weights_gib = (torch.cuda.memory_allocated() - allocated) / 2**30  # < 0: weight memory freed
+        if text != "baseline":  # compile FlexAttention, tune Triton kernels before timing
+            pipe(steps=4, **call)  # 4: a budget of 0.4 needs at least 3 steps
         timer = ForwardTimer(transformer)
         torch.cuda.reset_peak_memory_stats()
         seconds = cuda_time(lambda: pipe(steps=args.steps, **call))
         stats = acceleration.stats()
         acceleration.remove()
         baseline_s = baseline_s or seconds
-        fraction = work_fraction(stats, attention_share) or 1.0
+        fraction = (work_fraction(stats, attention_share) or 1.0) * bit_fraction(text, linear_share, attention_share)
         results.append({
             "recipe": display(template),
             "seconds": seconds, "per_step_ms": 1000 * seconds / args.steps,
             "speedup": baseline_s / seconds, "compute_fraction": fraction, "ideal_speedup": 1 / fraction,
-            **{k: stats[k] for k in ("density", "attention_fraction", "heads") if k in stats},
+            **{k: stats[k] for k in ("density", "attention_fraction", "heads", "linear_bytes", "linear_bytes_float",
+                                     "weight_memory_saved") if k in stats},
+            "weight_memory_change_gib": weights_gib,
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
             **timer.split(stats.get("schedule") or {}),
         })
         print(json.dumps(results[-1]), flush=True)
+        with open(args.out + ".partial", "w") as f:  # what finished survives a time-out
+            json.dump(results, f, indent=1)
 
     meta = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": date.today().isoformat(),
         "config": "Wan2.1-1.3B size, random weights, bf16", "tokens": tokens, "steps": args.steps,
         "cfg": True, "guidance_scale": args.guidance_scale, "one_forward_ms": 1000 * forward_s,
         "self_attention_ms": 1000 * attention_s, "attention_share": attention_share,
+        "linear_ms": 1000 * linear_s, "linear_share": linear_share,
         "calibration_s": calibration_s, "wall_s": time.time() - began,
     }
     with open(args.out, "w") as f:

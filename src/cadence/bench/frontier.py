@@ -114,6 +114,11 @@ def plot_frontiers(path, summary: list[dict], x_key: str = "ideal_speedup", titl
     return path
 
 
+def _number(value, spec: str) -> str:
+    """A table cell; techniques that remove no counted work (quantization) report none."""
+    return "-" if value is None else format(value, spec)
+
+
 def markdown(summary: list[dict], x_key: str = "ideal_speedup") -> str:
     """Per-technique table (settings by speed) and the dominance table."""
     lines = ["| technique | setting | compute fraction | ideal | measured | PSNR (dB) | SSIM | Pareto |",
@@ -125,7 +130,7 @@ def markdown(summary: list[dict], x_key: str = "ideal_speedup") -> str:
         for _, _, recipe in groups[name]:
             s = by_recipe[recipe]
             lines.append(
-                f"| {name} | `{recipe}` | {s['compute_fraction']:.3f} | {s['ideal_speedup']:.2f}x | "
+                f"| {name} | `{recipe}` | {_number(s['compute_fraction'], '.3f')} | {_number(s['ideal_speedup'], '.2f')}{'x' if s['ideal_speedup'] else ''} | "
                 f"{s['speedup']:.2f}x | {s['psnr_mean']:.2f} | {s['ssim_mean']:.4f} | {'*' if recipe in front else ''} |"
             )
     rows = dominance(summary, x_key)

@@ -157,3 +157,27 @@ def test_nan_in_the_input_is_flagged():
         x[2, 5] = float("nan")
         module(x)
         assert flags.tolist() == [True, False], mode
+
+
+def test_triton_quantizer_flags_a_nan_row_without_another_kernel():
+    pytest.importorskip("triton")
+    from cadence.accel.quant._kernels import quantize_rows
+
+    flags = torch.ones(3, dtype=torch.uint8)
+    x = _randn(37, 96, seed=20)
+    quantize_rows(x, "fp8", flag=flags[1:2])
+    assert flags.tolist() == [1, 1, 1]
+    x[30, 4] = float("inf")
+    quantize_rows(x, "int8", flag=flags[1:2])
+    assert flags.tolist() == [1, 0, 1]
+
+
+def test_triton_int8_epilogue_matches_the_reference():
+    pytest.importorskip("triton")
+    from cadence.accel.quant._kernels import dequantize_int32
+
+    acc = torch.randint(-2**20, 2**20, (45, 300), generator=torch.Generator().manual_seed(21), dtype=torch.int32)
+    row, col, bias = _randn(45, 1, seed=22).abs(), _randn(1, 300, seed=23).abs(), _randn(300, seed=24)
+    expected = acc.float() * row * col + bias
+    torch.testing.assert_close(dequantize_int32(acc, row, col, bias, torch.float32), expected, rtol=1e-6, atol=1e-3)
+    torch.testing.assert_close(dequantize_int32(acc, row, col, None, torch.float32), expected - bias, rtol=1e-6, atol=1e-3)

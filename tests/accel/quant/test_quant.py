@@ -184,4 +184,23 @@ def test_quantization_composes_with_step_reuse(step):
 
 def test_every_bit_technique_is_registered_with_the_level_bit():
     bit = {name for name, t in load_builtin().items() if t.config.level == "bit"}
-    assert bit == {"fp8", "int8", "weight-int8", "weight-int4", "nvfp4", "mxfp4", "mixed"}
+    assert bit == {"fp8", "int8", "weight-int8", "weight-int4", "nvfp4", "mxfp4", "mixed", "torchao-float8", "torchao-int8"}
+
+
+@pytest.mark.parametrize("term", ["torchao-int8", "torchao-float8"])
+def test_torchao_peer_runs_on_the_same_linears_and_restores(term, kind):
+    pytest.importorskip("torchao")
+    pipe = quant_pipe(kind)
+    baseline = tiny_sample(pipe, kind)
+    try:
+        acceleration = cadence.accelerate(pipe, term)
+    except ValueError as error:  # torchao's float8 needs a GPU of compute capability 8.9+
+        assert "does not run on cpu" in str(error)
+        assert torch.equal(tiny_sample(pipe, kind), baseline)
+        return
+    with acceleration:
+        quantized = tiny_sample(pipe, kind)
+        with pytest.raises(ValueError, match=f"already quantized by {term}"):
+            cadence.accelerate(pipe, "fp8")
+    assert 0 < _relative(quantized, baseline) < 0.1
+    assert torch.equal(tiny_sample(pipe, kind), baseline)

@@ -180,7 +180,10 @@ def _sage(query, key, value, attn_mask, scale, backend, qk_format, pv_format, **
     from cadence.accel.quant import _attention_triton as sage
 
     if sage.supported(query.device, qk_format=qk_format, pv_format=pv_format) and query.is_cuda:
-        return sage.sage_attention(query, key, value, scale, qk_format=qk_format, pv_format=pv_format)
+        low = query.dtype if query.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16  # float32 models
+        out = sage.sage_attention(query.to(low), key.to(low), value.to(low), scale, qk_format=qk_format,
+                                  pv_format=pv_format)
+        return out.to(query.dtype)
     dtype = query.dtype
     _warn_once(f"{backend}: no {qk_format}/{pv_format} attention kernel on {query.device}; its PyTorch emulation runs "
                "(same numerics, slower than dense)")

@@ -138,7 +138,7 @@ class Quantization:
             raise
         if config.check_finite and self.modes:
             device = next(next(iter(self._quantized().values())).buffers()).device
-            self.flags = torch.ones(len(self.modes), dtype=torch.bool, device=device)
+            self.flags = torch.ones(len(self.modes), dtype=torch.uint8, device=device)  # 0: NaN/Inf seen
             for index, module in enumerate(self._quantized().values()):
                 module.monitor = (self.flags, index)
             self.context = attach_context(model)
@@ -184,8 +184,8 @@ class Quantization:
     def after(self, context, output):
         if self.flags is not None and not bool(self.flags.all()):
             names = list(self.modes)
-            bad = [names[i] for i in (~self.flags).nonzero().flatten().tolist()]
-            self.flags.fill_(True)
+            bad = [names[i] for i in (self.flags == 0).nonzero().flatten().tolist()]
+            self.flags.fill_(1)
             raise FloatingPointError(
                 f"{self.config.name}: NaN or Inf entered quantized layer(s) {', '.join(bad[:4])}"
                 f"{' and %d more' % (len(bad) - 4) if len(bad) > 4 else ''} at step {context.step_index} "

@@ -148,17 +148,20 @@ class QuantLinear(torch.nn.Module):
         # torch._int_mm on CUDA needs more than 16 rows; the modulation and pooled-text
         # linears (one row per sample) take the reference path.
         native = self.native and (self.mode == "fp8" or rows > 16 or x2.device.type != "cuda")
+        fused_check = False
         if native and x2.is_cuda:
             from cadence.accel.quant._kernels import quantize_rows
 
-            q, scale, amax = quantize_rows(x2, self.mode, getattr(self, "inv_smooth", None), static)
+            flag = self.monitor[0][self.monitor[1]:self.monitor[1] + 1] if self.monitor is not None else None
+            q, scale, amax = quantize_rows(x2, self.mode, getattr(self, "inv_smooth", None), static, flag)
+            fused_check = True
         else:
             qmax = FP8_MAX if self.mode == "fp8" else INT8_MAX
             amax = smoothed.abs().amax(dim=-1).float()
             scale = static.reshape(1, 1).expand(rows, 1) if static is not None else formats.absmax_scale(smoothed, qmax)
             quantize = formats.quantize_fp8 if self.mode == "fp8" else formats.quantize_int8
             q = quantize(smoothed, scale)
-        if self.monitor is not None:
+        if self.monitor is not None and not fused_check:
             self._report_finite(amax)
         bias = getattr(self, "bias", None)
         if native and self.mode == "fp8":
@@ -167,7 +170,11 @@ class QuantLinear(torch.nn.Module):
                                  bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype,
                                  use_fast_accum=True)
             return y.to(x2.dtype)
-        if native:  # int8
+        if native and x2.is_cuda:  # int8
+            from cadence.accel.quant._kernels import dequantize_int32
+
+            return dequantize_int32(torch._int_mm(q, self.weight.t()), scale, self.weight_scale, bias, x2.dtype)
+        if native:
             y = torch._int_mm(q, self.weight.t()).float() * (scale * self.weight_scale)
         else:
             y = F.linear(q.float() * scale, self.weight.float() * self.weight_scale.reshape(-1, 1))

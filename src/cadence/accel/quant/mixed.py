@@ -35,7 +35,7 @@ TECHNIQUE = "sensitivity"
 FULL = "bf16"  # the layer keeps its float weight; accounted at 2 bytes a weight
 DEFAULT_FORMATS = ("bf16", "weight-int8", "weight-int4", "weight-int2")
 CHOICES = (FULL,) + tuple(MODES)
-CALIBRATION_RUNS = 2  # prompts; x STEPS_SAMPLED steps x 2 branches forwards per layer and format
+CALIBRATION_RUNS = 1  # prompts; x STEPS_SAMPLED steps x 2 branches forwards per layer and format
 STEPS_SAMPLED = 4
 
 
