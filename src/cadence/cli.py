@@ -1,4 +1,4 @@
-"""cadence generate | bench | train | calibrate | recipes | demo"""
+"""cadence generate | bench | train | calibrate | quantize | recipes | demo"""
 
 from __future__ import annotations
 
@@ -281,6 +281,38 @@ def calibrate(model, technique, count, steps, guidance_scale, out, device):
     click.echo(f"{technique} on {model}: {count} training captions x {steps} steps, guidance {guidance_scale}")
     click.echo(module.describe_calibration(json.loads(Path(path).read_text())))
     click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.option("--model", "model", default="ref-video", show_default=True,
+              help="ref-video, ref-image, or a local diffusers checkpoint dir")
+@click.option("--recipe", required=True, help="one quantization technique, e.g. 'int8' or 'mixed(memory=0.3)'")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="the .safetensors to write")
+@click.option("--device", default=None, callback=_device, help="cpu or cuda (default: cuda when available)")
+def quantize(model, recipe, out, device):
+    """Quantize a model's transformer once and save it; load it later with the same
+    technique and checkpoint=OUT (no calibration or sensitivity run then)."""
+    _quiet()
+    import cadence
+    from cadence.accel.quant import checkpoint
+    from cadence.bench.runner import check_writable
+
+    try:
+        (parsed,) = _recipes((recipe,))
+        terms = [t for t in parsed.techniques if t.level == "bit"]
+        if len(terms) != 1 or len(parsed.techniques) != 1:
+            raise ValueError(f"--recipe {recipe!r} must be exactly one quantization technique (level bit); "
+                             "see `cadence recipes`")
+        check_writable(out.parent if str(out.parent) else Path("."))
+        pipe = cadence.load(model, device=device, text_encoder=False)
+        acceleration = cadence.accelerate(pipe, parsed)
+    except (ValueError, FileNotFoundError) as error:
+        _fail(error)
+    path = checkpoint.save(pipe.transformer, out)
+    stats = acceleration.stats()
+    click.echo(f"{parsed} on {model}: {stats['quantized_layers']}, weight memory of the quantized linears "
+               f"-{stats['weight_memory_saved']:.0%}")
+    click.echo(f"wrote {path}; use it with --recipe \"{terms[0].name}(checkpoint='{path}')\"")
 
 
 @main.command()

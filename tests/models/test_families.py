@@ -465,3 +465,36 @@ def test_token_layout_counts_the_attention_sequence(class_name):
     layout = adapter_for(tiny_model.model).token_layout(model_inputs.args, model_inputs.kwargs)
     assert recorder.lengths - {TEXT_TOKENS} == {layout.tokens}
     assert layout.video == {"Flux": 64, "SD3T": 64}.get(class_name[:4], 32)
+
+
+# -- bit level: quantized linears ----------------------------------------------------------
+BIT_TECHNIQUES = ["fp8", "int8(smooth=0)", "weight-int8", "weight-int4(group=16)", "nvfp4", "mxfp4"]
+
+
+@pytest.mark.parametrize("class_name", BUILDERS)
+@pytest.mark.parametrize("term", BIT_TECHNIQUES)
+def test_bit_technique_quantizes_the_block_linears_and_remove_restores(term, class_name):
+    """Every family's block linears (the AdaLN modulation kept in full precision) are
+    quantized, or skipped with the reason where a group does not divide their width; the
+    result is finite and different, and remove() gives the exact model back."""
+    import warnings
+
+    from cadence.accel.quant._base import quantizable_linears
+
+    tiny_model = tiny(class_name)
+    baseline = tiny_model.denoise(steps=3)
+    linears = quantizable_linears(tiny_model.model)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*reference path runs")
+        with cadence.accelerate(tiny_model.model, term) as acceleration:
+            quantized = tiny_model.denoise(steps=3)
+            stats = acceleration.stats()
+    done = sum(stats["quantized_layers"].values())
+    assert done + len(stats["skipped_layers"]) == len(linears) > 0
+    assert all("not a multiple" in reason for reason in stats["skipped_layers"].values())
+    assert torch.isfinite(quantized).all()
+    if done:
+        assert not torch.equal(quantized, baseline)
+    if not term.startswith("mxfp4"):  # MXFP4's 32-channel blocks are wider than some tiny layers
+        assert done > 0
+    assert torch.equal(tiny_model.denoise(steps=3), baseline)

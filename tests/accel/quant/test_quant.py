@@ -204,3 +204,21 @@ def test_torchao_peer_runs_on_the_same_linears_and_restores(term, kind):
             cadence.accelerate(pipe, "fp8")
     assert 0 < _relative(quantized, baseline) < 0.1
     assert torch.equal(tiny_sample(pipe, kind), baseline)
+
+
+def test_cli_quantize_writes_a_checkpoint_the_technique_loads(tmp_path):
+    from click.testing import CliRunner
+
+    from cadence.cli import main
+
+    out = tmp_path / "int8.safetensors"
+    result = CliRunner().invoke(main, ["quantize", "--model", "ref-image", "--recipe", "weight-int8", "--out", str(out),
+                                       "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output and out.is_file()
+    pipe = cadence.load("ref-image", text_encoder=False)
+    layers = len(quantizable_linears(pipe.transformer))
+    with cadence.accelerate(pipe, f"weight-int8(checkpoint='{out}')") as acceleration:
+        assert acceleration.stats()["quantized_layers"] == {"weight-int8": layers}
+    bad = CliRunner().invoke(main, ["quantize", "--model", "ref-image", "--recipe", "fixed-interval", "--out", str(out)])
+    assert bad.exit_code != 0 and "exactly one quantization technique" in bad.output
