@@ -18,6 +18,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 import cadence
+from quant_linears import median_ms
 from wan_realsize import SAGE, bit_fraction, linear_time
 
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
@@ -29,16 +30,7 @@ RECIPES = ["baseline", "fp8", "int8(smooth=0)", "torchao-float8", SAGE, f"fp8 + 
 
 
 def median_s(fn, reps: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return sorted(times)[len(times) // 2]
+    return median_ms(fn, reps) / 1000
 
 
 def attention_time(model) -> float:

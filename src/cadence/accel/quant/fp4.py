@@ -24,11 +24,7 @@ _SMOOTH_HELP = "outlier migration strength alpha in [0, 1] (> 0 needs the activa
 
 
 @dataclass(frozen=True)
-class NVFP4Config(QuantConfig):
-    name = "nvfp4"
-    summary = "NVFP4 W4A4 (E2M1, 16-blocks, FP8 scales), simulated; optional SVDQuant low-rank branch"
-    mode = "nvfp4"
-
+class _FP4Config(QuantConfig):
     rank: int = field(default=0, metadata={"help": _RANK_HELP})
     smooth: float = field(default=0.0, metadata={"help": _SMOOTH_HELP})
 
@@ -37,16 +33,17 @@ class NVFP4Config(QuantConfig):
 
 
 @dataclass(frozen=True)
-class MXFP4Config(QuantConfig):
+class NVFP4Config(_FP4Config):
+    name = "nvfp4"
+    summary = "NVFP4 W4A4 (E2M1, 16-blocks, FP8 scales), simulated; optional SVDQuant low-rank branch"
+    mode = "nvfp4"
+
+
+@dataclass(frozen=True)
+class MXFP4Config(_FP4Config):
     name = "mxfp4"
     summary = "MXFP4 W4A4 (E2M1, 32-blocks, power-of-two scales), simulated; optional SVDQuant low-rank branch"
     mode = "mxfp4"
-
-    rank: int = field(default=0, metadata={"help": _RANK_HELP})
-    smooth: float = field(default=0.0, metadata={"help": _SMOOTH_HELP})
-
-    def validate(self):
-        check_common(self, activations=False, rank=True)
 
 
 def apply(model: torch.nn.Module, config: QuantConfig) -> Handle:

@@ -35,17 +35,13 @@ class FP8Config(QuantConfig):
 
 
 @dataclass(frozen=True)
-class Int8Config(QuantConfig):
+class Int8Config(FP8Config):
     name = "int8"
     summary = "INT8 weights and activations with SmoothQuant migration, torch._int_mm"
     mode = "int8"
 
-    activations: str = field(default="dynamic", metadata={"help": _ACTIVATIONS_HELP})
     # 0.5: SmoothQuant's default, balanced difficulty between weights and activations.
     smooth: float = field(default=0.5, metadata={"help": _SMOOTH_HELP})
-
-    def validate(self):
-        check_common(self)
 
 
 def apply(model: torch.nn.Module, config: QuantConfig) -> Handle:
