@@ -189,6 +189,11 @@ def test_two_step_level_policies_are_refused():
         Recipe.parse("fixed-interval + fixed-interval(interval=3)")
     with pytest.raises(ValueError, match=r"one step-reuse policy"):
         Recipe([FixedIntervalConfig(), FixedIntervalConfig(interval=3)])
+    with pytest.raises(ValueError, match=r"one attention technique, got 2: sparse-window, attention-backend"):
+        Recipe.parse("sparse-window + attention-backend")
+    with pytest.raises(ValueError, match=r"one quantization technique, got 2: fp8, weight-int4; .* use mixed"):
+        Recipe.parse("fp8 + weight-int4")
+    assert len(Recipe.parse("magcache + sparse-window + fp8").techniques) == 3  # one per level composes
 
 
 def test_recipe_holds_only_technique_configs():

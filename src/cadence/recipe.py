@@ -134,12 +134,17 @@ def _parse_value(value: str) -> Any:
     return value
 
 
+# level -> what a recipe may hold one of: each level's techniques own the same part of
+# the model (the forward's schedule, the attention calls, the linears).
+ONE_PER_LEVEL = {"step": "step-reuse policy", "token": "attention technique", "bit": "quantization technique"}
+
+
 def _check_compatible(techniques: tuple[TechniqueConfig, ...]) -> None:
-    step_level = [t.name for t in techniques if t.level == "step"]
-    if len(step_level) > 1:
-        raise ValueError(
-            f"a recipe can hold one step-reuse policy, got {len(step_level)}: {', '.join(step_level)}"
-        )
+    for level, what in ONE_PER_LEVEL.items():
+        names = [t.name for t in techniques if t.level == level]
+        if len(names) > 1:
+            hint = "; for a precision per layer use mixed" if level == "bit" else ""
+            raise ValueError(f"a recipe can hold one {what}, got {len(names)}: {', '.join(names)}{hint}")
 
 
 def as_recipe(recipe: "Recipe | str | TechniqueConfig | Iterable[TechniqueConfig]") -> Recipe:
