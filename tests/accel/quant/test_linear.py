@@ -181,3 +181,14 @@ def test_triton_int8_epilogue_matches_the_reference():
     expected = acc.float() * row * col + bias
     torch.testing.assert_close(dequantize_int32(acc, row, col, bias, torch.float32), expected, rtol=1e-6, atol=1e-3)
     torch.testing.assert_close(dequantize_int32(acc, row, col, None, torch.float32), expected - bias, rtol=1e-6, atol=1e-3)
+
+
+def test_fp8_on_a_gpu_without_fp8_units_says_so(monkeypatch):
+    from cadence.accel.quant.linear import fast_path_available
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    available, why = fast_path_available("fp8", torch.device("cuda"))
+    assert not available and why == "fp8: NVIDIA A100 has no FP8 tensor cores (needs sm89+); the reference path runs"
+    assert fast_path_available("int8", torch.device("cuda")) == (True, "")
+    assert fast_path_available("weight-int4", torch.device("cuda")) == (False, "")

@@ -127,22 +127,27 @@ class QuantLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        smoothed = x2 * self.inv_smooth.to(x2.dtype) if hasattr(self, "inv_smooth") else x2
         if self.mode in W8A8:
-            y = self._w8a8(x2, smoothed)
+            y = self._w8a8(x2)
         else:
             if self.monitor is not None:
                 self._report_finite(x2.abs().amax())
+            inputs = self._smoothed(x2)
             if self.mode in formats.FP4_GROUP:
-                smoothed = formats.fake_fp4(smoothed, self.mode)
-            y = F.linear(smoothed, self.dequantized_weight(x.dtype))
+                inputs = formats.fake_fp4(inputs, self.mode)
+            y = F.linear(inputs, self.dequantized_weight(x.dtype))
         if hasattr(self, "lora_up"):
-            y = y + F.linear(F.linear(smoothed.to(self.lora_down.dtype), self.lora_down), self.lora_up).to(y.dtype)
+            low_rank = F.linear(F.linear(self._smoothed(x2).to(self.lora_down.dtype), self.lora_down), self.lora_up)
+            y = y + low_rank.to(y.dtype)
         if hasattr(self, "bias") and self.mode not in W8A8:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
-    def _w8a8(self, x2: torch.Tensor, smoothed: torch.Tensor) -> torch.Tensor:
+    def _smoothed(self, x2: torch.Tensor) -> torch.Tensor:
+        """x / s (SmoothQuant); the fast W8A8 path does this inside its quantizer instead."""
+        return x2 * self.inv_smooth.to(x2.dtype) if hasattr(self, "inv_smooth") else x2
+
+    def _w8a8(self, x2: torch.Tensor) -> torch.Tensor:
         static = getattr(self, "act_scale", None)
         rows = x2.shape[0]
         # torch._int_mm on CUDA needs more than 16 rows; the modulation and pooled-text
@@ -157,6 +162,7 @@ class QuantLinear(torch.nn.Module):
             fused_check = True
         else:
             qmax = FP8_MAX if self.mode == "fp8" else INT8_MAX
+            smoothed = self._smoothed(x2)
             amax = smoothed.abs().amax(dim=-1).float()
             scale = static.reshape(1, 1).expand(rows, 1) if static is not None else formats.absmax_scale(smoothed, qmax)
             quantize = formats.quantize_fp8 if self.mode == "fp8" else formats.quantize_int8
