@@ -16,11 +16,11 @@ from cadence.reference.pipelines import RefVideoPipeline
 from tests.conftest import TEXT_DIM, tiny_pipe, tiny_sample
 
 # Relative error of the generated sample (6 steps, CFG 3) against the float model, per
-# technique, on the tiny random models (measured: at most 0.01 / 0.004 / 0.002 / 0.06 /
-# 0.1 / 0.1 / 0.08): bounds with margin.
+# technique, on the tiny random models (measured, the larger of video and image: 0.013 /
+# 0.002 / 0.001 / 0.015 / 0.045 / 0.056 / 0.036): bounds about 3x that.
 TECHNIQUES = {
-    "fp8": 0.05, "int8(smooth=0)": 0.02, "weight-int8": 0.01, "weight-int4(group=32)": 0.15,
-    "nvfp4": 0.25, "mxfp4": 0.25, "nvfp4(rank=4)": 0.25,
+    "fp8": 0.04, "int8(smooth=0)": 0.01, "weight-int8": 0.005, "weight-int4(group=32)": 0.05,
+    "nvfp4": 0.15, "mxfp4": 0.15, "nvfp4(rank=4)": 0.12,
 }
 
 
