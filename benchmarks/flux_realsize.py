@@ -33,7 +33,7 @@ def median_s(fn, reps: int = 5) -> float:
     return median_ms(fn, reps) / 1000
 
 
-def attention_time(model) -> float:
+def attention_time() -> float:
     """Seconds of one forward's joint attention on the default SDPA backend."""
     heads, dim = FLUX_DEV["num_attention_heads"], FLUX_DEV["attention_head_dim"]
     q, k, v = (torch.randn(1, heads, SIDE * SIDE + TEXT_TOKENS, dim, device="cuda", dtype=torch.bfloat16)
@@ -70,7 +70,7 @@ def main():
     baseline_out = forward()
     forward_s = median_s(forward)
     linear_share = linear_time(model, forward) / forward_s
-    attention_share = attention_time(model) / forward_s
+    attention_share = attention_time() / forward_s
     results = []
     for text in args.recipes:
         allocated = torch.cuda.memory_allocated()

@@ -16,11 +16,11 @@ from cadence.reference.pipelines import RefImagePipeline, RefVideoPipeline
 TEXT_DIM = 16
 
 
-def tiny_wan() -> WanTransformer3DModel:
+def tiny_wan(attention_head_dim: int = 12, ffn_dim: int = 32, num_layers: int = 3) -> WanTransformer3DModel:
     torch.manual_seed(0)
     return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=3, out_channels=3,
-        text_dim=TEXT_DIM, freq_dim=16, ffn_dim=32, num_layers=3, rope_max_seq_len=32,
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=attention_head_dim, in_channels=3,
+        out_channels=3, text_dim=TEXT_DIM, freq_dim=16, ffn_dim=ffn_dim, num_layers=num_layers, rope_max_seq_len=32,
     ).eval()
 
 

@@ -5,15 +5,13 @@ import warnings
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 
 import cadence
 from cadence.accel.quant import checkpoint
 from cadence.accel.quant._base import quantizable_linears
 from cadence.accel.quant.linear import QuantLinear
 from cadence.accel.registry import load_builtin
-from cadence.reference.pipelines import RefVideoPipeline
-from tests.conftest import TEXT_DIM, tiny_pipe, tiny_sample
+from tests.conftest import TEXT_DIM, tiny_pipe, tiny_sample, tiny_wan
 
 # Relative error of the generated sample (6 steps, CFG 3) against the float model, per
 # technique, on the tiny random models (measured, the larger of video and image: 0.013 /
@@ -24,17 +22,10 @@ TECHNIQUES = {
 }
 
 
-def tiny_wan_32() -> WanTransformer3DModel:
-    """The tiny Wan with 32-wide attention and a 64-wide FFN: groups of 16 and 32 fit."""
-    torch.manual_seed(0)
-    return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=3, out_channels=3,
-        text_dim=TEXT_DIM, freq_dim=16, ffn_dim=64, num_layers=2, rope_max_seq_len=32,
-    ).eval()
-
-
 def quant_pipe(kind):
-    return tiny_pipe(kind, tiny_wan_32() if kind == "video" else None)
+    """A tiny pipeline whose Wan has 32-wide attention and a 64-wide FFN: groups of 16 and 32 fit."""
+    wan = tiny_wan(attention_head_dim=16, ffn_dim=64, num_layers=2) if kind == "video" else None
+    return tiny_pipe(kind, wan)
 
 
 def _relative(a, b):

@@ -209,8 +209,8 @@ class Quantization:
     def stats(self) -> dict:
         quantized = self._quantized() if self.originals else {}
         bytes_now = sum(m.weight_bytes for m in quantized.values())
-        float_kept = sum(formats.nbytes(dict(m.named_parameters())) for name, m in
-                         quantizable_linears(self.model, self.config.timestep_path).items())
+        float_kept = sum(formats.nbytes(dict(m.named_parameters())) for m in
+                         quantizable_linears(self.model, self.config.timestep_path).values())
         counts: dict[str, int] = {}
         for mode in self.modes.values():
             counts[mode] = counts.get(mode, 0) + 1

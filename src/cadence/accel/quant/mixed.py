@@ -126,11 +126,12 @@ def measure_sensitivity(pipe, runs: Iterable[dict[str, Any]], formats: Iterable[
 def calibrate(pipe, runs: Iterable[dict[str, Any]], path: Path | None = None, progress=None) -> Path:
     """``cadence calibrate --technique mixed``: every layer's sensitivity to every format."""
     model = find_transformer(pipe)
+    runs = list(runs)[:CALIBRATION_RUNS]  # read once: an iterator would be spent by the measurement
     if progress is not None:
         progress.reset(total=len(quantizable_linears(model)))
         progress.unit = "layer"
     sensitivity = measure_sensitivity(pipe, runs, DEFAULT_FORMATS[1:] + ("fp8", "int8"), progress)
-    data = {"runs": min(len(list(runs)), CALIBRATION_RUNS), "steps_sampled": STEPS_SAMPLED, "layers": sensitivity}
+    data = {"runs": len(runs), "steps_sampled": STEPS_SAMPLED, "layers": sensitivity}
     return files.save(model, TECHNIQUE, data, path)
 
 
