@@ -135,16 +135,37 @@ def _parse_value(value: str) -> Any:
 
 
 # level -> what a recipe may hold one of: each level's techniques own the same part of
-# the model (the forward's schedule, the attention calls, the linears).
-ONE_PER_LEVEL = {"step": "step-reuse policy", "token": "attention technique", "bit": "quantization technique"}
+# the model (the forward's schedule, the attention calls, the linears, the block graphs).
+ONE_PER_LEVEL = {"step": "step-reuse policy", "token": "attention technique", "bit": "quantization technique",
+                 "graph": "compilation"}
+HINTS = {
+    "bit": "; for a precision per layer use mixed",
+    "token": "; a sparse pattern runs its own kernel: sparse and low-precision attention do not combine",
+}
+# Whatever order a recipe is written in, its techniques are applied in this one: compile
+# first, so that its hook is the innermost forward of every block and the hooks of the
+# others stay outside the graph; then the module swaps (quantization), then hooks.
+APPLY_ORDER = ("graph", "bit", "token", "step")
 
 
 def _check_compatible(techniques: tuple[TechniqueConfig, ...]) -> None:
     for level, what in ONE_PER_LEVEL.items():
         names = [t.name for t in techniques if t.level == level]
         if len(names) > 1:
-            hint = "; for a precision per layer use mixed" if level == "bit" else ""
-            raise ValueError(f"a recipe can hold one {what}, got {len(names)}: {', '.join(names)}{hint}")
+            raise ValueError(f"a recipe can hold one {what}, got {len(names)}: {', '.join(names)}{HINTS.get(level, '')}")
+    if any(t.level == "graph" for t in techniques):
+        traced = [t.name for t in techniques if not t.compile_safe]
+        if traced:
+            raise ValueError(
+                f"compile cannot hold {', '.join(traced)}: its hooks sit on modules inside the blocks, where the "
+                "compiled graph would trace their per-step state; use it without compile, or a cadence policy"
+            )
+
+
+def apply_order(recipe: "Recipe") -> list[TechniqueConfig]:
+    """The recipe's techniques in the order ``accelerate`` applies them."""
+    rank = {level: index for index, level in enumerate(APPLY_ORDER)}
+    return sorted(recipe.techniques, key=lambda t: rank.get(t.level, len(rank)))
 
 
 def as_recipe(recipe: "Recipe | str | TechniqueConfig | Iterable[TechniqueConfig]") -> Recipe:
@@ -187,7 +208,8 @@ class Acceleration:
 
 
 def accelerate(target, recipe) -> Acceleration:
-    """Apply ``recipe`` to a diffusers pipeline (its ``transformer``) or to a transformer.
+    """Apply ``recipe`` to a diffusers pipeline (its ``transformer``) or to a transformer,
+    in the order of ``APPLY_ORDER`` whatever the order the recipe is written in.
 
     Returns an :class:`Acceleration`; ``.remove()`` gives back the exact model."""
     recipe = as_recipe(recipe)
@@ -195,7 +217,7 @@ def accelerate(target, recipe) -> Acceleration:
     load_builtin()
     handles: list[Handle] = []
     try:
-        for config in recipe.techniques:
+        for config in apply_order(recipe):
             handles.append(get_technique(config.name).apply(model, config))
     except Exception:
         for handle in reversed(handles):

@@ -26,6 +26,9 @@ class TechniqueConfig:
     name: ClassVar[str]
     level: ClassVar[str]  # step | block | token | bit | stage | sequence
     summary: ClassVar[str]
+    # False for techniques whose hooks sit on modules inside the blocks and keep Python state
+    # per call (diffusers' PAB, FasterCache, TaylorSeer): a compiled block would trace them.
+    compile_safe: ClassVar[bool] = True
 
     @classmethod
     def fields(cls) -> list[dataclasses.Field]:

@@ -137,6 +137,9 @@ class _AttentionHook(ModelHook):
         super().__init__()
         self.control, self.layer = control, layer
 
+    # Outside any compiled graph: dynamo cannot trace a TorchFunctionMode entered inside it
+    # (it breaks the graph at every op), and the control's per-call state would guard it.
+    @torch.compiler.disable
     def new_forward(self, module, *args, **kwargs):
         with _Intercept(self.control, self.layer):
             return self.fn_ref.original_forward(*args, **kwargs)

@@ -240,6 +240,7 @@ class MagCachePeer(PeerConfig):
 @dataclass(frozen=True)
 class TaylorSeerPeer(PeerConfig):
     name = "diffusers-taylorseer"
+    compile_safe = False  # hooks the attention (and feed-forward) modules inside the blocks
     summary = ("diffusers' TaylorSeerCache (peer): compute every cache_interval-th step, forecast the attention "
                "(and optionally feed-forward) outputs between by a Taylor series")
 
@@ -302,6 +303,7 @@ FIRST_TIMESTEP = 1000
 @dataclass(frozen=True)
 class FasterCachePeer(PeerConfig):
     name = "diffusers-fastercache"
+    compile_safe = False  # hooks the attention (and feed-forward) modules inside the blocks
     summary = ("diffusers' FasterCache (peer): compute self-attention every N-th step inside a timestep range, "
                "extrapolate it from the last two in between")
 
@@ -365,6 +367,7 @@ class FasterCachePeer(PeerConfig):
 @dataclass(frozen=True)
 class PyramidAttentionBroadcastPeer(PeerConfig):
     name = "diffusers-pab"
+    compile_safe = False  # hooks the attention (and feed-forward) modules inside the blocks
     summary = ("diffusers' PyramidAttentionBroadcast (peer): inside a timestep range, compute each attention every "
                "N-th step and broadcast its last output in between")
 

@@ -139,8 +139,10 @@ class Quantization:
         if config.check_finite and self.modes:
             device = next(next(iter(self._quantized().values())).buffers()).device
             self.flags = torch.ones(len(self.modes), dtype=torch.uint8, device=device)  # 0: NaN/Inf seen
+            # Each layer writes its own element: a view, not (flags, index), since a compiled
+            # block would specialise on the index and compile once per layer.
             for index, module in enumerate(self._quantized().values()):
-                module.monitor = (self.flags, index)
+                module.monitor = self.flags[index:index + 1]
             self.context = attach_context(model)
             self.context._interceptors.append(self)
 

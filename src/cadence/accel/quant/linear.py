@@ -63,7 +63,7 @@ class QuantLinear(torch.nn.Module):
         self.mode, self.group, self.kernel, self.dtype = mode, group, kernel, dtype
         for name, tensor in tensors.items():
             self.register_buffer(name, tensor)
-        self.monitor = None  # (flags, index) set by install: a NaN/Inf check per call
+        self.monitor = None  # set by install: a (1,) uint8 view this layer's NaN/Inf check writes 0 to
         device = next(iter(tensors.values())).device
         # torch._scaled_mm and torch._int_mm need both sizes multiples of 16.
         shapes_fit = in_features % 16 == 0 and out_features % 16 == 0
@@ -154,10 +154,12 @@ class QuantLinear(torch.nn.Module):
         # linears (one row per sample) take the reference path.
         native = self.native and (self.mode == "fp8" or rows > 16 or x2.device.type != "cuda")
         fused_check = False
-        if native and x2.is_cuda:
+        # Compiled (cadence's compile technique), the plain torch quantization below is fused
+        # by inductor into the op that produces x; eager, the Triton quantizer is one pass.
+        if native and x2.is_cuda and not torch.compiler.is_compiling():
             from cadence.accel.quant._kernels import quantize_rows
 
-            flag = self.monitor[0][self.monitor[1]:self.monitor[1] + 1] if self.monitor is not None else None
+            flag = self.monitor
             q, scale, amax = quantize_rows(x2, self.mode, getattr(self, "inv_smooth", None), static, flag)
             fused_check = True
         else:
@@ -189,8 +191,7 @@ class QuantLinear(torch.nn.Module):
         return y.to(x2.dtype)
 
     def _report_finite(self, amax: torch.Tensor) -> None:
-        flags, index = self.monitor
-        flags[index] = torch.isfinite(amax).all()  # stays on the device: no sync per call
+        self.monitor.copy_(torch.isfinite(amax).all().reshape(1))  # stays on the device: no sync per call
 
     def extra_repr(self) -> str:
         extras = [name for name in ("inv_smooth", "act_scale", "lora_up") if hasattr(self, name)]
