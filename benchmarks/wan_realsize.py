@@ -28,7 +28,7 @@ import torch
 from diffusers import WanTransformer3DModel
 
 import cadence
-from cadence.bench.metrics import work_fraction
+from cadence.bench.metrics import ForwardShares, work_fraction
 from cadence.reference.pipelines import RefVideoPipeline
 from cadence.reference.models import reference_model
 
@@ -65,11 +65,16 @@ SPARSE_PATTERNS = [
 SAGE = "attention-backend(backend='sage')"
 QUANT = ["fp8", "int8(smooth=0)", "weight-int8", "weight-int4", "torchao-float8", "torchao-int8", SAGE,
          f"fp8 + {SAGE}", f"int8(smooth=0) + {SAGE}", f"fixed-interval(budget={BUDGET}) + fp8 + {SAGE}"]
-# Ideal speedup of a low-bit GEMM: the measured throughput ratio over bf16 (DESIGN.md).
-BIT_RATIO = {"fp8": 1391 / 774, "int8": 948 / 774}
+# Composed recipes against diffusers' best hook (MagCache, 2.49x here at its docs' setting;
+# calibrated on a short run and resampled to the run's steps, as cadence's MagCache is).
+COMPOSED = [
+    "diffusers-magcache(calibration='{magcache}', steps={steps})", "compile", f"compile + {SAGE}",
+    f"compile + fp8 + {SAGE}", *(f"magcache(budget={b}, calibration='{{magcache}}') + compile + {SAGE}" for b in (0.3, 0.25, 0.2)),
+    f"magcache(budget=0.25, calibration='{{magcache}}') + compile + fp8 + {SAGE}",
+]
 SETS = {"fixed": RECIPES, "policies": ["baseline", *POLICIES], "peers": ["baseline", *PEERS],
         "sparse": ["baseline", *SPARSE], "patterns": ["baseline", *SPARSE_PATTERNS],
-        "quant": ["baseline", *QUANT]}
+        "quant": ["baseline", *QUANT], "composed": ["baseline", *COMPOSED]}
 
 
 def cast_like_from_pretrained(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -156,21 +161,10 @@ def linear_time(transformer, forward) -> float:
     return sum(a.elapsed_time(b) for a, b in events) / 1000
 
 
-def bit_fraction(text: str, linear_share: float, attention_share: float) -> float:
-    """The fraction of a forward's time left if low-bit matmuls ran at the GEMM throughput
-    ratio and cost nothing else (Amdahl); weight-only modes remove no compute."""
-    left = 1.0
-    for config in cadence.recipe.Recipe.parse(text).techniques:
-        if getattr(config, "mode", None) in BIT_RATIO:
-            left -= linear_share * (1 - 1 / BIT_RATIO[config.mode])
-        if getattr(config, "backend", None) in ("sage", "sage-fp8"):
-            left -= attention_share * (1 - 1 / BIT_RATIO["fp8"])
-    return left
-
-
-def display(template: str) -> str:
+def display(template: str, steps: int) -> str:
     """The recipe as reported: without this run's calibration path."""
-    return re.sub(r",? ?calibration='\{\w+\}'", "", template).replace("()", "")
+    text = re.sub(r"calibration='\{\w+\}'(, )?", "", template).replace(", )", ")").replace("()", "")
+    return text.replace("{steps}", str(steps))
 
 
 def calibrate(pipe, call: dict, steps: int, techniques: set[str], folder: str) -> dict[str, str]:
@@ -201,12 +195,18 @@ def main():
     parser.add_argument("--set", choices=list(SETS), default="fixed",
                         help="fixed: fixed-interval; policies: every cadence policy at budget 0.4; peers: diffusers' "
                              "hooks; sparse: the 3D window at densities 0.5 / 0.25 / 0.1; patterns: the others at 0.1; "
-                             "quant: the bit-reduction modes and torchao's peers")
+                             "quant: the bit-reduction modes and torchao's peers; composed: compile and the composed "
+                             "recipes against diffusers' MagCache")
     parser.add_argument("--recipes", nargs="+", default=None, help="instead of --set")
     parser.add_argument("--calibration-dir", default="/tmp/cadence-calibration")
+    parser.add_argument("--calibration-steps", type=int, default=None,
+                        help="steps of the calibration run (default: --steps); curves are resampled to --steps")
     parser.add_argument("--out", default="wan_realsize.json")
     args = parser.parse_args()
     recipes = args.recipes or SETS[args.set]
+    # Each distinct recipe compiles the block again (other modules inside it); dynamo's
+    # default of 8 graphs per function would turn the later ones eager in a long sweep.
+    torch._dynamo.config.recompile_limit = 64
 
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -232,26 +232,28 @@ def main():
     linear_share = linear_s / forward_s
     needed = {name for name in ("teacache", "magcache", "ertacache") if any("{" + name + "}" in r for r in recipes)}
     calibration_began = time.time()
-    paths = calibrate(pipe, call, args.steps, needed, args.calibration_dir) if needed else {}
+    paths = calibrate(pipe, call, args.calibration_steps or args.steps, needed, args.calibration_dir) if needed else {}
     calibration_s = time.time() - calibration_began
     results = []
     baseline_s = None
     for template in recipes:
-        text = template.format(**paths)
+        text = template.format(steps=args.steps, **paths)
         allocated = torch.cuda.memory_allocated()
         acceleration = cadence.accelerate(pipe, text)
         weights_gib = (torch.cuda.memory_allocated() - allocated) / 2**30  # < 0: weight memory freed
-        if text != "baseline":  # compile FlexAttention, tune Triton kernels before timing
-            pipe(steps=4, **call)  # 4: a budget of 0.4 needs at least 3 steps
+        # Compile blocks and FlexAttention, tune Triton kernels before timing; diffusers'
+        # MagCache counts steps itself and runs only the number it was set up for.
+        if text != "baseline" and "diffusers-magcache" not in text:
+            pipe(steps=5, **call)  # 5: a budget of 0.2 needs at least 5 steps
         timer = ForwardTimer(transformer)
         torch.cuda.reset_peak_memory_stats()
         seconds = cuda_time(lambda: pipe(steps=args.steps, **call))
         stats = acceleration.stats()
         acceleration.remove()
         baseline_s = baseline_s or seconds
-        fraction = (work_fraction(stats, attention_share) or 1.0) * bit_fraction(text, linear_share, attention_share)
+        fraction = work_fraction(stats, ForwardShares(attention_share, linear_share), acceleration.recipe) or 1.0
         results.append({
-            "recipe": display(template),
+            "recipe": display(template, args.steps),
             "seconds": seconds, "per_step_ms": 1000 * seconds / args.steps,
             "speedup": baseline_s / seconds, "compute_fraction": fraction, "ideal_speedup": 1 / fraction,
             **{k: stats[k] for k in ("density", "attention_fraction", "heads", "linear_bytes", "linear_bytes_float",

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from cadence.bench.metrics import ideal_speedup, psnr, ssim, work_fraction
+from cadence.bench.metrics import ForwardShares, ideal_speedup, psnr, ssim, work_fraction
+from cadence.recipe import Recipe
 
 
 def _video(t=3, h=16, w=20, seed=0):
@@ -122,9 +123,21 @@ def test_ideal_speedup():
 
 
 def test_work_fraction_composes_step_and_attention_work():
+    half = ForwardShares(attention=0.5, linear=0.2)
     assert work_fraction({}) is None
     assert work_fraction({"compute_fraction": 0.4}) == 0.4
     # attention at half the forward, a tenth of it kept: 1 - 0.5 * 0.9 of the forward
-    assert work_fraction({"attention_fraction": 0.1}, attention_share=0.5) == pytest.approx(0.55)
-    assert work_fraction({"compute_fraction": 0.4, "attention_fraction": 0.1}, 0.5) == pytest.approx(0.22)
+    assert work_fraction({"attention_fraction": 0.1}, half) == pytest.approx(0.55)
+    assert work_fraction({"compute_fraction": 0.4, "attention_fraction": 0.1}, half) == pytest.approx(0.22)
     assert work_fraction({"attention_fraction": 1.0}) == 1.0
+
+
+def test_work_fraction_of_a_composed_recipe_multiplies_every_level():
+    shares = ForwardShares(attention=0.5, linear=0.2)  # the rest: 0.3
+    recipe = Recipe.parse("fixed-interval(budget=0.4) + compile + fp8 + attention-backend(backend='sage')")
+    fp8, sage = 1 - 0.2 * (1 - 774 / 1391), 1 - 0.5 * (1 - 774 / 1391)
+    assert work_fraction({}, shares, Recipe.parse("fp8")) == pytest.approx(fp8)
+    assert work_fraction({}, shares, Recipe.parse("compile")) == pytest.approx(0.7)
+    assert work_fraction({}, shares, Recipe.parse("weight-int4")) is None  # no compute removed
+    left = 1 - 0.2 * (1 - 774 / 1391) - 0.5 * (1 - 774 / 1391) - 0.3
+    assert work_fraction({"compute_fraction": 0.4}, shares, recipe) == pytest.approx(0.4 * left)

@@ -9,6 +9,7 @@ swamped by bf16/fp32 rounding in the metric itself.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -109,23 +110,54 @@ def ideal_speedup(compute_fraction: float) -> float:
     return 1.0 / fraction
 
 
-# Share of one transformer forward spent in self-attention at the real size the reference
-# models stand for: 336 of 630 ms for Wan2.1-1.3B at 480p x 81 frames on an H100 (cuDNN,
-# DESIGN.md's profile). Used to turn an attention technique's work removed into the share
-# of the whole forward removed; an estimate for other sizes, and said so in the reports.
-ATTENTION_SHARE = 336 / 630
+@dataclass(frozen=True)
+class ForwardShares:
+    """Where the time of one unaccelerated transformer forward goes: self-attention, the
+    quantizable linears, and the rest (elementwise, norm, modulation and copy kernels,
+    embeddings, launches), as fractions of the forward."""
+
+    attention: float
+    linear: float
+
+    @property
+    def other(self) -> float:
+        return max(0.0, 1.0 - self.attention - self.linear)
 
 
-def work_fraction(stats: dict, attention_share: float = ATTENTION_SHARE) -> float | None:
-    """Fraction of the transformer work that ran: the step and block techniques'
-    ``compute_fraction`` times, on the forwards that ran, what attention techniques kept
-    (``attention_fraction`` of the attention, itself ``attention_share`` of a forward).
-    None when no technique reported either."""
+# Wan2.1-1.3B at 480p x 81 frames on an H100 (cuDNN, diffusers bf16, DESIGN.md's profile):
+# 336 ms attention and 107 ms GEMMs of 630 ms. Used for the reference models, which stand
+# for that size; the real-size benchmarks measure their own shares in the run.
+WAN_SHARES = ForwardShares(attention=336 / 630, linear=107 / 630)
+ATTENTION_SHARE = WAN_SHARES.attention
+# Ideal speedup of a low-bit matmul: its measured GEMM throughput over bf16 on the H100
+# (DESIGN.md: FP8 1391, INT8 948, bf16 774 TFLOP/s). Low-precision attention (SageAttention:
+# INT8 Q.K, FP8 P.V) counts at the FP8 ratio.
+BIT_RATIO = {"fp8": 1391 / 774, "int8": 948 / 774}
+
+
+def work_fraction(stats: dict, shares: ForwardShares = WAN_SHARES, recipe=None) -> float | None:
+    """The fraction of the transformer's time a recipe would leave if the work it removes
+    cost nothing (Amdahl): the step techniques' ``compute_fraction`` times, on the forwards
+    that ran, what is left of each share of a forward: attention times the
+    ``attention_fraction`` kept (or over the low-bit ratio), the linears over the low-bit
+    GEMM ratio, the rest removed entirely by compilation (its ideal: every kernel between
+    the GEMMs and attention fused away). None when the recipe removes nothing."""
     compute, attention = stats.get("compute_fraction"), stats.get("attention_fraction")
-    if compute is None and attention is None:
-        return None
-    kept = 1.0 if attention is None else 1 - attention_share * (1 - attention)
-    return (1.0 if compute is None else compute) * kept
+    left, removed = 1.0, compute is not None or attention is not None
+    if attention is not None:
+        left -= shares.attention * (1 - attention)
+    for config in getattr(recipe, "techniques", ()):
+        if getattr(config, "mode", None) in BIT_RATIO:
+            left -= shares.linear * (1 - 1 / BIT_RATIO[config.mode])
+        elif getattr(config, "backend", None) in ("sage", "sage-fp8"):
+            left -= shares.attention * (1 - 1 / BIT_RATIO["fp8"])
+        elif config.level == "graph":
+            left -= shares.other
+        else:
+            continue
+        removed = True
+    return (1.0 if compute is None else compute) * left if removed else None
 
 
-__all__ = ["psnr", "ssim", "ideal_speedup", "work_fraction", "ATTENTION_SHARE"]
+__all__ = ["psnr", "ssim", "ideal_speedup", "work_fraction", "ForwardShares", "WAN_SHARES", "ATTENTION_SHARE",
+           "BIT_RATIO"]

@@ -213,7 +213,7 @@ def run_bench(settings: BenchSettings) -> tuple[list[dict], list[dict]]:
             reference = baselines[prompt, seed]
             rows.append(_row(recipe, prompt, seed, seconds, baseline_latency, settings.steps,
                              metrics.psnr(output, reference), metrics.ssim(output, reference), peak,
-                             metrics.work_fraction(stats)))
+                             metrics.work_fraction(stats, recipe=recipe)))
             partial.write(json.dumps(rows[-1]) + "\n")
             partial.flush()
             outputs.setdefault(str(recipe), output)
