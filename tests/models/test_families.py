@@ -498,3 +498,44 @@ def test_bit_technique_quantizes_the_block_linears_and_remove_restores(term, cla
     if not term.startswith("mxfp4"):  # MXFP4's 32-channel blocks are wider than some tiny layers
         assert done > 0
     assert torch.equal(tiny_model.denoise(steps=3), baseline)
+
+
+# -- graph level: regional compilation, composed with the other levels -----------------------
+@pytest.mark.parametrize("class_name", BUILDERS)
+def test_compile_composes_with_every_level_and_remove_restores(class_name):
+    """Every family's blocks compile (traced by aot_eager: the graphs without code
+    generation) under step reuse, sparse attention and quantization, giving exactly what the
+    same recipe gives eagerly; remove() gives the exact model back."""
+    import warnings
+
+    tiny_model = tiny(class_name)
+    baseline = tiny_model.denoise(steps=4)
+    recipe = "fixed-interval(budget=0.5) + sparse-window(density=0.5) + int8(smooth=0)"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*reference path runs")
+        with cadence.accelerate(tiny_model.model, recipe):
+            eager = tiny_model.denoise(steps=4)
+        with cadence.accelerate(tiny_model.model, f"{recipe} + compile(backend='aot_eager')") as acceleration:
+            compiled = tiny_model.denoise(steps=4)
+            stats = acceleration.stats()
+    assert stats["compiled_blocks"] == len(adapter_for(tiny_model.model).blocks)
+    assert stats["compute_fraction"] < 1 and stats["sparse_calls"] > 0
+    assert torch.equal(compiled, eager)
+    assert torch.equal(tiny_model.denoise(steps=4), baseline)
+
+
+@pytest.mark.parametrize("class_name", BUILDERS)
+def test_default_recipe_of_every_family_runs(class_name, tmp_path):
+    """`cadence recipes --model FAMILY`'s recipe applies to the family and reuses steps
+    (MagCache calibrated on the tiny model first; compile traced by aot_eager)."""
+    from cadence.models.defaults import default_recipe
+
+    tiny_model = tiny(class_name)
+    baseline = tiny_model.denoise()
+    path = _calibrate("magcache")(_Pipe(tiny_model), [{"seed": 1}], path=tmp_path / "magcache.json")
+    text = default_recipe(class_name).recipe.replace("magcache(", f"magcache(calibration='{path}', ")
+    with cadence.accelerate(tiny_model.model, text.replace("compile", "compile(backend='aot_eager')")) as acceleration:
+        accelerated = tiny_model.denoise()
+        assert acceleration.stats()["compute_fraction"] < 1
+    assert torch.isfinite(accelerated).all()
+    assert torch.equal(tiny_model.denoise(), baseline)

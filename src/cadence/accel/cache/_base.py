@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -364,6 +365,7 @@ class _CfgReuse:
 
     def __init__(self, reuse: StepReuse):
         self.reuse = reuse
+        self.warned = False
         self.reset()
 
     def reset(self) -> None:
@@ -388,6 +390,11 @@ class _CfgReuse:
         return _with_sample(output, _sample(output) - self.difference)
 
     def after(self, context: StepContext, output) -> None:
+        if context.branch not in ("cond", "uncond") and not self.warned:
+            self.warned = True  # e.g. CogVideoX's pipeline: cache context 'cond_uncond'
+            warnings.warn(
+                f"{self.reuse.config.name}: cfg_reuse does nothing here: the pipeline runs both CFG branches as one "
+                f"batched forward ({context.branch!r}), so there is no unconditional forward to skip", stacklevel=2)
         if context.branch == "cond":
             self.cond_output = (context.step_index, output)
         elif context.branch == "uncond" and self.cond_output is not None and self.cond_output[0] == context.step_index:

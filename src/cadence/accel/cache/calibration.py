@@ -114,7 +114,7 @@ class _Recorder(Policy):
         self.last_output.clear()
 
     def computed(self, state, probe, residual, encoder_residual):
-        branch = probe.context.branch
+        branch = traced_branch(probe.context.branch)
         trace = self.current.get(branch)
         if trace is None:
             trace = self.current[branch] = Trace(branch)
@@ -137,6 +137,13 @@ class _Recorder(Policy):
         self.last_output[branch] = sample.detach()
 
 
+def traced_branch(branch: str) -> str:
+    """The branch a trace is filed under. CogVideoX's pipeline runs both CFG branches as one
+    batched forward ('cond_uncond'): its curve is the one the policies read as 'cond' (they
+    fall back to it for a branch they were not calibrated on)."""
+    return branch if branch == "uncond" else "cond"
+
+
 class _OutputTap:
     def __init__(self, recorder: _Recorder):
         self.recorder = recorder
@@ -145,7 +152,7 @@ class _OutputTap:
         return None
 
     def after(self, context, output):
-        self.recorder.output(context.branch, output[0] if isinstance(output, tuple) else output.sample)
+        self.recorder.output(traced_branch(context.branch), output[0] if isinstance(output, tuple) else output.sample)
 
 
 def record(pipe, runs: Iterable[dict[str, Any]], keep_residuals: bool = False, progress=None) -> list[Trace]:
