@@ -42,6 +42,22 @@ def test_recipes_documents_every_registered_technique():
             assert f"{param}: {kind} = {default!r}" in output
 
 
+@pytest.mark.parametrize("family", ["wan", "flux", "sd3", "cogvideox", "hunyuan_video", "ltx", "ref-video",
+                                    "WanTransformer3DModel"])
+def test_recipes_model_shows_a_valid_default_recipe_and_its_evidence(family):
+    result = invoke("recipes", "--model", family)
+    assert result.exit_code == 0, result.output
+    recipe = re.search(r'--recipe "(.*)"', result.output).group(1)
+    assert "compile" in recipe and Recipe.parse(recipe)
+    assert "measured:" in result.output and "needs:" in result.output
+
+
+def test_recipes_model_refuses_an_unknown_family_with_the_valid_ones():
+    result = invoke("recipes", "--model", "unet")
+    assert result.exit_code != 0
+    assert "no default recipe for 'unet'; valid: cogvideox, flux, hunyuan_video, ltx, sd3, wan" in result.output
+
+
 def test_every_recipes_example_is_a_valid_recipe():
     examples = re.findall(r"--recipe '([^']*)'", invoke("recipes").output)
     assert len(examples) == len(load_builtin())

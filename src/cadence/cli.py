@@ -316,10 +316,24 @@ def quantize(model, recipe, out, device):
 
 
 @main.command()
-def recipes():
+@click.option("--model", "family", default=None,
+              help="a family (wan, flux, sd3, cogvideox, hunyuan_video, ltx) or ref-video / ref-image: show its "
+                   "default fast recipe and what it rests on")
+def recipes(family):
     """List every technique with its parameters, defaults and description."""
     from cadence.accel.registry import load_builtin
 
+    if family:
+        from cadence.models.defaults import default_recipe
+
+        try:
+            chosen = default_recipe(family)
+        except ValueError as error:
+            raise click.BadParameter(str(error), param_hint="--model") from None
+        click.echo(f"{family}: --recipe \"{chosen.recipe}\"")
+        click.echo(f"    measured: {chosen.measured}")
+        click.echo(f"    needs: {chosen.needs} (the reference models ship theirs)")
+        return
     for name, technique in sorted(load_builtin().items()):
         config = technique.config
         click.echo(f"{name}  [{config.level}]  {config.summary}")
