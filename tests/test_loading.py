@@ -232,3 +232,17 @@ def test_pickle_based_weights_are_refused_before_loading(tmp_path, video_pipe, u
     with pytest.raises(ValueError, match="safetensors") as error:
         cadence.load(str(tmp_path))
     assert unsafe_file in str(error.value)
+
+
+def test_a_loaded_checkpoint_directory_takes_a_composed_recipe(tmp_path):
+    tiny_wan_pipeline().save_pretrained(tmp_path)
+    loaded = cadence.load(str(tmp_path))
+    loaded.set_progress_bar_config(disable=True)
+    expected = _run_wan(loaded)
+    recipe = "fixed-interval(budget=0.5) + weight-int8 + compile(backend='aot_eager')"
+    with cadence.accelerate(loaded, recipe) as acceleration:
+        accelerated = _run_wan(loaded)
+        stats = acceleration.stats()
+    assert stats["compute_fraction"] < 1 and stats["compiled_blocks"] > 0
+    assert torch.isfinite(accelerated).all() and not torch.equal(accelerated, expected)
+    assert torch.equal(_run_wan(loaded), expected)
