@@ -79,7 +79,9 @@ def main(default_recipes=sweep_recipes, description=__doc__):
         return
 
     index, parts = map(int, args.part.split("/"))
-    recipes = [Recipe.parse(r) for r in (args.recipes or default_recipes())][index - 1 :: parts]
+    # "{steps}" in a recipe: the run's steps (diffusers' MagCache must be told them)
+    recipes = [Recipe.parse(r.replace("{steps}", str(args.steps)))
+               for r in (args.recipes or default_recipes())][index - 1 :: parts]
     settings = BenchSettings(model=args.model, recipes=recipes, prompts=default_prompts(args.model, "heldout", args.prompts),
                              seeds=list(range(args.seeds)), out=args.out, steps=args.steps, device=args.device,
                              embeddings=args.embeddings)

@@ -13,23 +13,19 @@ from __future__ import annotations
 import torch
 
 from cache_sweep import main
+from quant_sweep import SAGE
 
-SAGE = "attention-backend(backend='sage')"
-PEERS = ["diffusers-magcache(steps={steps})", "diffusers-magcache(threshold=0.12, steps={steps})",
-         "diffusers-fbcache(threshold=0.1)", "diffusers-fbcache(threshold=0.2)"]
+PEERS = [  # {steps}: the run's, filled in by cache_sweep
+    "diffusers-magcache(steps={steps})", "diffusers-magcache(threshold=0.12, steps={steps})",
+    "diffusers-fbcache(threshold=0.1)", "diffusers-fbcache(threshold=0.2)",
+]
 COMPOSED = [
     *(f"magcache(budget={b})" for b in (0.2, 0.25, 0.3)), "compile", f"compile + {SAGE}", f"compile + fp8 + {SAGE}",
-    *(f"magcache(budget={b}) + compile + {SAGE}" for b in (0.2, 0.25, 0.3)), f"magcache(budget=0.25) + compile + fp8 + {SAGE}",
+    *(f"magcache(budget={b}) + compile + {SAGE}" for b in (0.2, 0.25, 0.3)),
+    f"magcache(budget=0.25) + compile + fp8 + {SAGE}",
 ]
 
 
-def recipes(steps: int) -> list[str]:
-    return [r.replace("{steps}", str(steps)) for r in PEERS + COMPOSED]
-
-
 if __name__ == "__main__":
-    import sys
-
     torch._dynamo.config.recompile_limit = 64  # one graph per distinct recipe (see wan_realsize.py)
-    steps = int(sys.argv[sys.argv.index("--steps") + 1]) if "--steps" in sys.argv else 20
-    main(default_recipes=lambda: recipes(steps), description=__doc__)
+    main(default_recipes=lambda: PEERS + COMPOSED, description=__doc__)

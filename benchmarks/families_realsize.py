@@ -39,7 +39,8 @@ from cadence.bench.metrics import ForwardShares, work_fraction
 from cadence.models import adapter_for
 from flux_realsize import FLUX_DEV  # black-forest-labs/FLUX.1-dev transformer/config.json
 from wan_realsize import (
-    BUDGET, SAGE, WAN_1_3B, ForwardTimer, calibrate, cast_like_from_pretrained, cuda_time, display, linear_time,
+    BUDGET, SAGE, WAN_1_3B, ForwardTimer, attention_time, calibrate, cast_like_from_pretrained, cuda_time, display,
+    linear_time,
 )
 
 # THUDM/CogVideoX-2b transformer/config.json: sinusoidal position embeddings for 13 latent
@@ -195,18 +196,6 @@ def capture_call(transformer, generate: Generate) -> tuple[tuple, dict]:
     return seen["call"]
 
 
-def attention_time(heads: int, dim: int, batch: int, tokens: int, calls: int, masked: bool, device, dtype) -> float:
-    """Seconds of one forward's self- or joint-attention calls on the default SDPA backend,
-    as wan_realsize.self_attention_time at any shape: ``calls`` calls at (batch, heads,
-    tokens, dim), the median of 20. A key mask (HunyuanVideo) rules out the flash kernel, so
-    it is timed with one."""
-    q, k, v = (torch.randn(batch, heads, tokens, dim, device=device, dtype=dtype) for _ in range(3))
-    mask = torch.ones(batch, 1, 1, tokens, device=device, dtype=torch.bool) if masked else None
-    times = [cuda_time(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))
-             for _ in range(20)]
-    return sorted(times)[len(times) // 2] * calls
-
-
 def run_family(name: str, args, recipes: list[str], save) -> dict:
     family, device = FAMILIES[name], "cpu" if args.tiny else "cuda"
     dtype, steps = (torch.float32, 3) if args.tiny else (torch.bfloat16, args.steps)
@@ -230,9 +219,9 @@ def run_family(name: str, args, recipes: list[str], save) -> dict:
             transformer(*call_args, **call_kwargs)
 
     forward_s = min(cuda_time(forward) for _ in range(3))
-    attention_s = attention_time(config["num_attention_heads"], config["attention_head_dim"],
-                                 call_kwargs["hidden_states"].shape[0], layout.tokens,
-                                 len(adapter.attention_modules()), family.mask, device, dtype)
+    attention_s = attention_time(config["num_attention_heads"], config["attention_head_dim"], layout.tokens,
+                                 len(adapter.attention_modules()), call_kwargs["hidden_states"].shape[0],
+                                 family.mask, device, dtype)
     linear_s = min(linear_time(transformer, forward) for _ in range(2))
     attention_share, linear_share = attention_s / forward_s, linear_s / forward_s
     meta = {

@@ -20,27 +20,19 @@ from diffusers import FluxTransformer2DModel
 import cadence
 from quant_linears import median_ms
 from cadence.bench.metrics import ForwardShares, work_fraction
-from wan_realsize import SAGE, linear_time
+from wan_realsize import SAGE, attention_time, linear_time
 
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
                 axes_dims_rope=(16, 56, 56))
 SIDE = 64  # 1024 px / 8 (VAE) / 2 (2x2 packing)
 TEXT_TOKENS = 512
-RECIPES = ["baseline", "compile", f"compile + fp8 + {SAGE}", "fp8", "int8(smooth=0)", "torchao-float8", SAGE, f"fp8 + {SAGE}", "weight-int8", "weight-int4"]
+RECIPES = ["baseline", "compile", f"compile + fp8 + {SAGE}", "fp8", "int8(smooth=0)", "torchao-float8", SAGE,
+           f"fp8 + {SAGE}", "weight-int8", "weight-int4"]
 
 
 def median_s(fn, reps: int = 5) -> float:
     return median_ms(fn, reps) / 1000
-
-
-def attention_time() -> float:
-    """Seconds of one forward's joint attention on the default SDPA backend."""
-    heads, dim = FLUX_DEV["num_attention_heads"], FLUX_DEV["attention_head_dim"]
-    q, k, v = (torch.randn(1, heads, SIDE * SIDE + TEXT_TOKENS, dim, device="cuda", dtype=torch.bfloat16)
-               for _ in range(3))
-    per_call = median_s(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), reps=20)
-    return per_call * (FLUX_DEV["num_layers"] + FLUX_DEV["num_single_layers"])
 
 
 def main():
@@ -71,7 +63,9 @@ def main():
     baseline_out = forward()
     forward_s = median_s(forward)
     linear_share = linear_time(model, forward) / forward_s
-    attention_share = attention_time() / forward_s
+    joint = SIDE * SIDE + TEXT_TOKENS
+    attention_share = attention_time(FLUX_DEV["num_attention_heads"], FLUX_DEV["attention_head_dim"], joint,
+                                     FLUX_DEV["num_layers"] + FLUX_DEV["num_single_layers"]) / forward_s
     results = []
     for text in args.recipes:
         allocated = torch.cuda.memory_allocated()

@@ -11,7 +11,6 @@ share of forwards it computes on ref-video): an upper bound, hollow.
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 
@@ -102,7 +101,6 @@ def main() -> None:
     out = RESULTS / "speed-fidelity.png"
     figure.savefig(out, dpi=130)
     print(f"wrote {out}")
-    assert not any(math.isnan(p) for p, _ in quality.values())
 
 
 if __name__ == "__main__":

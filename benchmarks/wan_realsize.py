@@ -129,13 +129,21 @@ class ForwardTimer:
         return split
 
 
-def self_attention_time(transformer, tokens: int) -> float:
-    """Seconds of one forward's self-attention calls on the default SDPA backend: every
-    layer's attention at (1, heads, tokens, head dim), the median of 20 timed calls."""
-    heads, dim = WAN_1_3B["num_attention_heads"], WAN_1_3B["attention_head_dim"]
-    q, k, v = (torch.randn(1, heads, tokens, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    times = [cuda_time(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)) for _ in range(20)]
-    return sorted(times)[len(times) // 2] * len(transformer.blocks)
+def attention_time(heads: int, dim: int, tokens: int, calls: int, batch: int = 1, masked: bool = False,
+                   device="cuda", dtype=torch.bfloat16) -> float:
+    """Seconds of one forward's self- or joint-attention calls on the default SDPA backend:
+    ``calls`` calls at (batch, heads, tokens, dim), the median of 20 timed calls after one
+    untimed. A key mask (HunyuanVideo's padded text) rules out the flash kernel, so it is
+    timed with one."""
+    q, k, v = (torch.randn(batch, heads, tokens, dim, device=device, dtype=dtype) for _ in range(3))
+    mask = torch.ones(batch, 1, 1, tokens, device=device, dtype=torch.bool) if masked else None
+
+    def attend():
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    attend()
+    times = [cuda_time(attend) for _ in range(20)]
+    return sorted(times)[len(times) // 2] * calls
 
 
 def linear_time(transformer, forward) -> float:
@@ -226,7 +234,8 @@ def main():
     began = time.time()
     pipe(steps=2, **call)  # warm-up: kernels, cuDNN/cuBLAS handles, allocator
     forward_s = min(cuda_time(forward) for _ in range(3))
-    attention_s = self_attention_time(transformer, tokens)
+    attention_s = attention_time(WAN_1_3B["num_attention_heads"], WAN_1_3B["attention_head_dim"], tokens,
+                                 len(transformer.blocks))
     attention_share = attention_s / forward_s
     linear_s = min(linear_time(transformer, forward) for _ in range(2))
     linear_share = linear_s / forward_s

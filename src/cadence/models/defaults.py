@@ -9,7 +9,7 @@ at or above 35 dB PSNR against the unaccelerated output at the benchmark's step 
   compile and low-precision attention.
 - compile costs no fidelity (99 dB: float rounding) and gave 1.19-1.37x on every family
   measured at its real size.
-- SageAttention-style attention costs 47.6 dB alone on ref-video. It is left out where the
+- SageAttention-style attention keeps 47.6 dB on ref-video (with compile). It is left out where the
   family's attention always carries a mask (HunyuanVideo's padded text), since the kernel
   then falls back to SDPA, and where attention is a small share (FLUX: 15 % at 1024^2).
 - FP8 linears are left out: 32.5 dB on ref-video alone, below the bar.
