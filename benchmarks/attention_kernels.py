@@ -41,10 +41,10 @@ FLEX_VARIANTS = {
 
 
 def load_kernel():
-    """The Triton kernel module, with kernels.kv_blocks as its mask converter."""
-    from cadence.accel.attention import _triton, kernels
+    """The Triton kernel module, with block_mask.kv_blocks as its mask converter."""
+    from cadence.accel.attention import _triton, block_mask
 
-    _triton.dense_to_kv_blocks = kernels.kv_blocks
+    _triton.dense_to_kv_blocks = block_mask.kv_blocks
     return _triton
 
 
@@ -231,7 +231,7 @@ def cadence_calls(q, k, v, timed) -> dict:
     tokens reordered into 2 x 8 x 8 tiles, the pattern's block mask, the kernel, the
     output put back in raster order; and, apart, what building each dynamic pattern's mask
     costs per call (the static ones are built once)."""
-    from cadence.accel.attention import kernels
+    from cadence.accel.attention import block_mask, kernels
     from cadence.accel.attention.heads import route
     from cadence.accel.attention.patterns import Geometry, top_blocks
     from cadence.accel.attention.window import WindowConfig
@@ -244,7 +244,7 @@ def cadence_calls(q, k, v, timed) -> dict:
     calls = {}
     for density in (0.5, 0.25, 0.1):
         mask, _ = WindowConfig().pattern(geometry, density, q, k, None)
-        sparse = kernels.BlockSparse(mask, 128, geometry.layout.tokens)
+        sparse = block_mask.BlockSparse(mask, 128, geometry.layout.tokens)
         for backend in ("triton", "flex"):
             def call():
                 qp, kp, vp = (x.index_select(-2, order) for x in (q, k, v))

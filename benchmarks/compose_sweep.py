@@ -11,7 +11,6 @@ compared with a peer at equal or better fidelity.
 from __future__ import annotations
 
 import torch
-
 from cache_sweep import main
 from quant_sweep import SAGE
 

@@ -29,19 +29,35 @@ from unittest import mock
 
 import torch
 from diffusers import (
-    CogVideoXDDIMScheduler, CogVideoXDPMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel,
-    FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel, HunyuanVideoPipeline,
-    HunyuanVideoTransformer3DModel, WanPipeline, WanTransformer3DModel,
+    CogVideoXDDIMScheduler,
+    CogVideoXDPMScheduler,
+    CogVideoXPipeline,
+    CogVideoXTransformer3DModel,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    HunyuanVideoPipeline,
+    HunyuanVideoTransformer3DModel,
+    WanPipeline,
+    WanTransformer3DModel,
+)
+from flux_realsize import FLUX_DEV  # black-forest-labs/FLUX.1-dev transformer/config.json
+from wan_realsize import (
+    BUDGET,
+    SAGE,
+    WAN_1_3B,
+    ForwardTimer,
+    attention_time,
+    calibrate,
+    cast_like_from_pretrained,
+    cuda_time,
+    display,
+    linear_time,
 )
 
 import cadence
 from cadence.bench.metrics import ForwardShares, work_fraction
 from cadence.models import adapter_for
-from flux_realsize import FLUX_DEV  # black-forest-labs/FLUX.1-dev transformer/config.json
-from wan_realsize import (
-    BUDGET, SAGE, WAN_1_3B, ForwardTimer, attention_time, calibrate, cast_like_from_pretrained, cuda_time, display,
-    linear_time,
-)
 
 # THUDM/CogVideoX-2b transformer/config.json: sinusoidal position embeddings for 13 latent
 # frames (49 pixel frames) of 60 x 90 latents and 226 text tokens.

@@ -16,11 +16,11 @@ from datetime import date
 
 import torch
 from diffusers import FluxTransformer2DModel
+from quant_linears import median_ms
+from wan_realsize import SAGE, attention_time, linear_time
 
 import cadence
-from quant_linears import median_ms
 from cadence.bench.metrics import ForwardShares, work_fraction
-from wan_realsize import SAGE, attention_time, linear_time
 
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,

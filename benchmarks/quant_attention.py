@@ -15,7 +15,7 @@ q and k the same random Fourier features of the (t, y, x) position (so each quer
 nearby keys; half the heads sharply, half broadly), plus noise, K with a few large channel
 biases (the outliers that smoothing removes) and V with log-normal channel scales.
 
-Self-contained: it loads src/cadence/accel/quant/_attention_triton.py by path (torch and
+Self-contained: it loads src/cadence/accel/attention/_sage_triton.py by path (torch and
 triton only), so cadence's own dependencies need not be installed.
 
     python benchmarks/quant_attention.py --sweep --out $OUT/quant_attention.json
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-KERNEL_PATH = Path(__file__).resolve().parents[1] / "src/cadence/accel/quant/_attention_triton.py"
+KERNEL_PATH = Path(__file__).resolve().parents[1] / "src/cadence/accel/attention/_sage_triton.py"
 FORMATS = [("int8", "fp8"), ("fp8", "fp8"), ("int8", "bf16"), ("fp8", "bf16")]
 LATENT_GRID = (21, 30, 52)  # Wan2.1 480p x 81 frames after the VAE (4x8x8) and 1x2x2 patches
 
@@ -110,7 +110,7 @@ def errors(out, expected) -> dict:
 
 def _sweep_plan():
     """(formats, KernelConfig fields) to time. Tiles x stages x pipelining and single-option
-    variants were swept before (the table in _attention_triton.default_config); this is
+    variants were swept before (the table in _sage_triton.default_config); this is
     the fastest of those again, the options not yet combined, and register caps that fit
     more programs per SM."""
     main = ("int8", "fp8")

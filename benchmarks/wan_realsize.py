@@ -29,8 +29,8 @@ from diffusers import WanTransformer3DModel
 
 import cadence
 from cadence.bench.metrics import ForwardShares, work_fraction
-from cadence.reference.pipelines import RefVideoPipeline
 from cadence.reference.models import reference_model
+from cadence.reference.pipelines import RefVideoPipeline
 
 WAN_1_3B = dict(
     patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
@@ -148,7 +148,7 @@ def attention_time(heads: int, dim: int, tokens: int, calls: int, batch: int = 1
 
 def linear_time(transformer, forward) -> float:
     """Seconds of one forward spent in the quantizable linears (CUDA events around each)."""
-    from cadence.accel.quant._base import quantizable_linears
+    from cadence.models import quantizable_linears
 
     events = []
 
@@ -178,12 +178,14 @@ def display(template: str, steps: int) -> str:
 def calibrate(pipe, call: dict, steps: int, techniques: set[str], folder: str) -> dict[str, str]:
     """Calibrate the random-weight model for the policies that need it. The fitted values
     do not change the cost of a run at a fixed budget, so one prompt is enough here."""
-    from cadence.accel.cache import calibration, ertacache, magcache, teacache
+    from cadence.accel import calibration
+    from cadence.accel.cache import ertacache, magcache, teacache
+    from cadence.accel.cache.traces import record
 
     paths = {}
     run = dict(steps=steps, **call)
     if techniques & {"teacache", "magcache"}:
-        traces = calibration.record(pipe, [run])
+        traces = record(pipe, [run])
         for name, module in (("teacache", teacache), ("magcache", magcache)):
             if name in techniques:
                 data = {**module.fit(traces), "steps": steps}

@@ -195,7 +195,7 @@ def test_calibrate_unwritable_out_is_refused_before_loading(tmp_path, no_model_l
 
 
 def test_calibrate_fits_on_training_captions_and_writes_where_asked(tmp_path):
-    from cadence.accel.cache import calibration
+    from cadence.accel import calibration
     from cadence.reference import data
 
     out = tmp_path / "teacache.json"

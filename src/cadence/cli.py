@@ -194,18 +194,6 @@ def train(model, seconds, batch_size, embeddings, out, device, precision, compil
     click.echo(f"{model}: {result['steps']} steps, final loss {result['final_loss']:.4f}, held-out {result['heldout_loss']:.4f}")
 
 
-def _calibrated_techniques() -> dict:
-    """technique name -> its module, for every technique whose module offers
-    ``calibrate(pipe, runs, path, progress=None) -> Path`` and ``describe_calibration(data) -> str``."""
-    import sys
-
-    from cadence.accel.registry import load_builtin
-
-    modules = {name: sys.modules[technique.apply.__module__] for name, technique in load_builtin().items()}
-    return {name: module for name, module in sorted(modules.items())
-            if hasattr(module, "calibrate") and hasattr(module, "describe_calibration")}
-
-
 def _is_video(pipe) -> bool:
     from cadence.reference.pipelines import RefImagePipeline, RefVideoPipeline
 
@@ -252,9 +240,11 @@ def calibrate(model, technique, count, steps, guidance_scale, out, device):
     from cadence.reference.pipelines import check_sampling_args
 
     try:
-        techniques = _calibrated_techniques()
-        if technique not in techniques:
-            raise ValueError(f"--technique {technique!r} has no calibration; valid: {', '.join(techniques)}")
+        from cadence.accel.registry import calibrations
+
+        known = calibrations()
+        if technique not in known:
+            raise ValueError(f"--technique {technique!r} has no calibration; valid: {', '.join(known)}")
         if count <= 0:
             raise ValueError(f"--prompts {count} must be a positive integer")
         if steps < 2:
@@ -272,14 +262,15 @@ def calibrate(model, technique, count, steps, guidance_scale, out, device):
     video = REFERENCE_MODELS[model].task == "video" if model in REFERENCE_MODELS else _is_video(pipe)
     captions = data.train_captions(count, video=video)
     runs = _calibration_runs(pipe, captions, steps, guidance_scale, device)
-    module = techniques[technique]
+    calibration = known[technique]
     with tqdm(total=len(runs), desc=f"calibrate {technique}", unit="gen") as progress:
         try:
-            path = module.calibrate(pipe, runs, out, progress=progress)
+            path = calibration.run(pipe, runs, out, progress=progress)
         except ValueError as error:
             _fail(error)
-    click.echo(f"{technique} on {model}: {count} training captions x {steps} steps, guidance {guidance_scale}")
-    click.echo(module.describe_calibration(json.loads(Path(path).read_text())))
+    click.echo(f"{technique} ({calibration.store}) on {model}: {count} training captions x {steps} steps, "
+               f"guidance {guidance_scale}")
+    click.echo(calibration.describe(json.loads(Path(path).read_text())))
     click.echo(f"wrote {path}")
 
 

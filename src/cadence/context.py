@@ -13,7 +13,7 @@ is more noise, starts a new generation).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
@@ -22,28 +22,52 @@ from diffusers.hooks.hooks import BaseState, StateManager
 CONTEXT_HOOK = "cadence.context"
 
 
+class Interceptor(Protocol):
+    """A technique that acts on a whole transformer forward: it may answer the forward
+    without running it (CFG reuse), or replace its output (ERTACache's output scale, the
+    quantization's NaN check). Returning None leaves the forward, or its output, as is."""
+
+    def before(self, context: "StepContext", args: tuple, kwargs: dict) -> Any | None: ...
+
+    def after(self, context: "StepContext", output: Any) -> Any | None: ...
+
+
 @dataclass
 class StepContext:
+    """The facts of the forward about to run. Techniques read the fields and subscribe
+    through the methods; the context hook alone writes the fields."""
+
     step_index: int = -1
     timestep: float | torch.Tensor | None = None
     num_steps: int | None = None
     branch: str = "cond"  # "cond" / "uncond": the CFG branch of this forward
-    chunk_index: int = 0  # streaming autoregressive video: which chunk is being denoised
-    generation: int = 0  # counts generations, so per-generation state can be dropped
     scheduler: object = field(default=None, repr=False)  # the pipeline's, when accelerate() got a pipeline
-    forwards: int = 0  # transformer forwards seen in this generation
-    _on_new_generation: list[Callable[[], None]] = field(default_factory=list, repr=False)
-    # Objects with before(context, args, kwargs) -> output | None and after(context, output)
-    # -> output | None: a technique that answers a whole transformer forward without running
-    # it (CFG reuse), or replaces its output (ERTACache's output scale). None keeps it.
-    _interceptors: list = field(default_factory=list, repr=False)
+    _generation_listeners: list[Callable[[], None]] = field(default_factory=list, repr=False)
+    _interceptors: list[Interceptor] = field(default_factory=list, repr=False)
+
+    def add_interceptor(self, interceptor: Interceptor, *, first: bool = False) -> None:
+        """Run ``interceptor`` around every forward, after those added before it (or, with
+        ``first``, before all of them: its ``after`` then sees the raw output first)."""
+        self._interceptors.insert(0 if first else len(self._interceptors), interceptor)
+
+    def remove_interceptor(self, interceptor: Interceptor) -> None:
+        self._interceptors.remove(interceptor)
+
+    @property
+    def interceptors(self) -> tuple[Interceptor, ...]:
+        return tuple(self._interceptors)
+
+    def add_generation_listener(self, reset: Callable[[], None]) -> None:
+        """Call ``reset()`` whenever a new generation starts (per-generation state is dropped)."""
+        self._generation_listeners.append(reset)
+
+    def remove_generation_listener(self, reset: Callable[[], None]) -> None:
+        self._generation_listeners.remove(reset)
 
     def start_generation(self) -> None:
-        self.generation += 1
         self.step_index = -1
         self.timestep = None
-        self.forwards = 0
-        for reset in self._on_new_generation:
+        for reset in self._generation_listeners:
             reset()
 
 
@@ -66,12 +90,13 @@ class _ContextHook(ModelHook):
     def new_forward(self, module, *args, **kwargs):
         self._update(kwargs)
         context = self.context
-        for interceptor in context._interceptors:
+        interceptors = context.interceptors
+        for interceptor in interceptors:
             output = interceptor.before(context, args, kwargs)
             if output is not None:
                 return output
         output = self.fn_ref.original_forward(*args, **kwargs)
-        for interceptor in context._interceptors:
+        for interceptor in interceptors:
             replaced = interceptor.after(context, output)
             if replaced is not None:
                 output = replaced
@@ -105,7 +130,6 @@ class _ContextHook(ModelHook):
                 context.timestep = value
             elif value is None and context.branch == "cond":
                 context.step_index += 1
-        context.forwards += 1
 
     def reset_state(self, module):
         # Called by diffusers at the end of a pipeline call (maybe_free_model_hooks).

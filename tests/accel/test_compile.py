@@ -5,12 +5,12 @@ bit-identical numerics, no C++ compile on the CPU); one runs inductor."""
 
 import pytest
 import torch
+from conftest import tiny_pipe, tiny_sample, video_run
 from torch._dynamo.utils import counters
 
 import cadence
-from cadence.recipe import Recipe, apply_order
 from cadence.models import adapter_for
-from conftest import tiny_pipe, tiny_sample, video_run
+from cadence.recipe import Recipe, apply_order
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*reference path runs")
 TRACE = "compile(backend='aot_eager')"

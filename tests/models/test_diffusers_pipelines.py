@@ -7,15 +7,19 @@ import inspect
 
 import pytest
 import torch
+from conftest import TEXT_DIM, text, tiny_flux, tiny_wan
 from diffusers import (
-    CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel, FlowMatchEulerDiscreteScheduler,
-    FluxPipeline, WanPipeline,
+    CogVideoXDDIMScheduler,
+    CogVideoXPipeline,
+    CogVideoXTransformer3DModel,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    WanPipeline,
 )
 
 import cadence
 from cadence.accel.cache import magcache
 from cadence.context import get_context
-from conftest import TEXT_DIM, text, tiny_flux, tiny_wan
 
 
 def _tiny_cogvideox():

@@ -7,7 +7,6 @@ num_inference_steps=...)`` as diffusers 0.42's Wan and FLUX pipelines make it.""
 
 import contextlib
 import dataclasses
-import sys
 from typing import Callable
 
 import pytest
@@ -221,15 +220,10 @@ def test_every_adapted_family_has_a_tiny_config():
 
 
 def _calibrate(technique):
-    """A technique's ``calibrate(pipe, runs, path)``: in its module, or, for a peer wrapping
-    a diffusers hook, in the module of the cadence technique whose calibration it reads
-    (diffusers-magcache reads magcache's)."""
-    techniques = load_builtin()
-    for name in (technique, technique.removeprefix("diffusers-")):
-        module = sys.modules[techniques[name].config.__module__] if name in techniques else None
-        if hasattr(module, "calibrate"):
-            return module.calibrate
-    raise AssertionError(f"{technique} has a calibration field but no calibrate() in its module")
+    """A technique's ``calibrate(pipe, runs, path)``, as it registered it."""
+    calibration = load_builtin()[technique].calibration
+    assert calibration is not None, f"{technique} has a calibration field but registered no calibration"
+    return calibration.run
 
 
 def _reusing_config(technique, tiny_model, tmp_path):
@@ -479,7 +473,7 @@ def test_bit_technique_quantizes_the_block_linears_and_remove_restores(term, cla
     result is finite and different, and remove() gives the exact model back."""
     import warnings
 
-    from cadence.accel.quant._base import quantizable_linears
+    from cadence.models import quantizable_linears
 
     tiny_model = tiny(class_name)
     baseline = tiny_model.denoise(steps=3)

@@ -26,12 +26,12 @@ overwrites its output buffers on the next replay.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-from cadence.accel.registry import Handle, TechniqueConfig, register
+from cadence.accel.registry import Handle, TechniqueConfig, param, register
 from cadence.models import adapter_for
 
 HOOK = "cadence.compile"
@@ -46,18 +46,11 @@ class CompileConfig(TechniqueConfig):
     summary = ("regional torch.compile: each transformer block's forward compiled once per block class and shared "
                "by all blocks (fuses the elementwise, norm and modulation kernels)")
 
-    mode: str = field(default="default", metadata={
-        "help": f"torch.compile mode, one of {', '.join(MODES)} (no CUDA graphs: step reuse keeps block outputs)"})
-    backend: str = field(default="inductor", metadata={
-        "help": f"one of {', '.join(BACKENDS)}; aot_eager and eager trace without generating kernels (debugging)"})
-    dynamic: bool = field(default=False, metadata={
-        "help": "one graph for every resolution (dynamic shapes) instead of one per shape"})
+    mode: str = param("default", "torch.compile mode (no CUDA graphs: step reuse keeps block outputs)", choices=MODES)
+    backend: str = param("inductor", "aot_eager and eager trace without generating kernels (debugging)",
+                         choices=BACKENDS)
+    dynamic: bool = param(False, "one graph for every resolution (dynamic shapes) instead of one per shape")
 
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"compile: mode={self.mode!r}; valid: {', '.join(MODES)}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"compile: backend={self.backend!r}; valid: {', '.join(BACKENDS)}")
 
 
 class _CompiledForward(ModelHook):

@@ -1,11 +1,17 @@
-"""The technique registry: name -> (config class, apply function), and the handle that
-every ``apply`` returns."""
+"""The technique registry: everything a technique has, declared once where it registers.
+
+A technique is a frozen config dataclass (its parameters, validated on construction), an
+``apply(model, config) -> Handle`` and, where it must measure the model first, a
+:class:`Calibration`. ``register`` records all of it; the CLI, the recipe parser and the
+tests read the registry and never probe modules.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
 import importlib
+import math
 import pkgutil
 import typing
 from dataclasses import dataclass
@@ -17,18 +23,50 @@ import torch
 # module under cadence.accel (one folder per level) is imported once.
 BUILTIN_PACKAGE = "cadence.accel"
 
+# The levels of the generation loop a technique works at, in the order ``accelerate``
+# applies them (recipe.APPLY_ORDER): a recipe holds at most one technique per level.
+LEVELS = ("graph", "bit", "token", "step")
+
+
+def param(default: Any, help: str, *, choices: tuple | None = None, low: float | None = None,
+          high: float | None = None, low_open: bool = False, high_open: bool = False) -> Any:
+    """A config field with its help text and the values it takes: one of ``choices``, or a
+    number between ``low`` and ``high`` (closed bounds unless ``*_open``; NaN and infinity
+    are refused). Every config checks these on construction (``TechniqueConfig.__post_init__``)."""
+    return dataclasses.field(default=default, metadata={
+        "help": help, "choices": choices, "low": low, "high": high, "low_open": low_open, "high_open": high_open})
+
 
 class TechniqueConfig:
     """Base of every technique config: a frozen dataclass whose fields are the
-    technique's parameters. Subclasses set ``name``, ``level`` and ``summary`` and
-    validate their values in ``__post_init__``."""
+    technique's parameters. Subclasses set ``name``, ``level`` and ``summary``.
+
+    Validation is one mechanism for every config: on construction each field is checked
+    against what its ``param`` declares (choices, range), then every class of the config's
+    hierarchy that defines ``validate`` runs it, base classes first, on the rules one field
+    cannot state (a special value, two fields together). A ``validate`` checks only what its
+    own class adds (it never calls ``super().validate()``) and refuses through ``require``,
+    so every message starts with the technique's name."""
 
     name: ClassVar[str]
-    level: ClassVar[str]  # step | block | token | bit | graph | stage | sequence
+    level: ClassVar[str]  # one of LEVELS
     summary: ClassVar[str]
     # False for techniques whose hooks sit on modules inside the blocks and keep Python state
     # per call (diffusers' PAB, FasterCache, TaylorSeer): a compiled block would trace them.
     compile_safe: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_field(self.name, f, getattr(self, f.name))
+        for klass in reversed(type(self).__mro__):
+            validate = klass.__dict__.get("validate")
+            if validate is not None:
+                validate(self)
+
+    def require(self, ok: bool, message: str) -> None:
+        """Refuse this configuration unless ``ok``; ``message`` names the bad value and the valid ones."""
+        if not ok:
+            raise ValueError(f"{self.name}: {message}")
 
     @classmethod
     def fields(cls) -> list[dataclasses.Field]:
@@ -54,10 +92,11 @@ class TechniqueConfig:
 
     @classmethod
     def describe(cls) -> list[tuple[str, str, Any, str]]:
-        """(parameter, type, default, help) for every parameter."""
+        """(parameter, type, default, help) for every parameter; the help ends with the
+        values the parameter takes."""
         hints = typing.get_type_hints(cls)
         return [
-            (f.name, getattr(hints[f.name], "__name__", str(hints[f.name])), f.default, f.metadata.get("help", ""))
+            (f.name, getattr(hints[f.name], "__name__", str(hints[f.name])), f.default, _help(f))
             for f in cls.fields()
         ]
 
@@ -65,6 +104,41 @@ class TechniqueConfig:
         defaults = {f.name: f.default for f in self.fields()}
         changed = [f"{k}={_format(v)}" for k, v in self.params().items() if v != defaults[k]]
         return f"{self.name}({', '.join(changed)})" if changed else self.name
+
+
+def _valid_values(meta) -> str:
+    """What a field's ``param`` declares it takes, in words ('' when anything goes)."""
+    if meta.get("choices") is not None:
+        return f"one of {', '.join(map(str, meta['choices']))}"
+    low, high = meta.get("low"), meta.get("high")
+    if low is not None and high is not None:
+        return f"in {'(' if meta['low_open'] else '['}{low}, {high}{')' if meta['high_open'] else ']'}"
+    if low is not None:
+        return f"{'>' if meta['low_open'] else '>='} {low}"
+    if high is not None:
+        return f"{'<' if meta['high_open'] else '<='} {high}"
+    return ""
+
+
+def _help(f: dataclasses.Field) -> str:
+    valid = _valid_values(f.metadata)
+    return f"{f.metadata.get('help', '')} ({valid})" if valid else f.metadata.get("help", "")
+
+
+def _check_field(technique: str, f: dataclasses.Field, value: Any) -> None:
+    meta = f.metadata
+    choices = meta.get("choices")
+    if choices is not None:
+        if value not in choices:
+            raise ValueError(f"{technique}: {f.name}={value!r}; valid: {', '.join(map(str, choices))}")
+        return
+    low, high = meta.get("low"), meta.get("high")
+    if low is None and high is None:
+        return
+    above = low is None or (value > low if meta["low_open"] else value >= low)
+    below = high is None or (value < high if meta["high_open"] else value <= high)
+    if not (above and below and math.isfinite(value)):  # NaN fails every comparison
+        raise ValueError(f"{technique}: {f.name}={value!r} must be {_valid_values(meta)}")
 
 
 def _coerce(technique: str, key: str, value: Any, kind: Any) -> Any:
@@ -125,18 +199,44 @@ class Handle:
 
 
 @dataclass(frozen=True)
+class Calibration:
+    """How a technique measures a model before it can run (``cadence calibrate``).
+
+    ``run(pipe, runs, path=None, progress=None) -> Path`` generates ``pipe(**run)`` for each
+    run with every step computed and saves what it fits in the calibration store
+    (:mod:`cadence.accel.calibration`) under ``store``, the name of what it holds
+    (``teacache``, ``activations``, ...; techniques that read the same measurement share
+    it); ``describe(data) -> str`` says what a saved one holds."""
+
+    store: str
+    run: Callable[..., Any]
+    describe: Callable[[dict], str]
+
+
+@dataclass(frozen=True)
 class Technique:
     config: type[TechniqueConfig]
     apply: Callable[[torch.nn.Module, TechniqueConfig], Handle]
+    calibration: Calibration | None = None
 
 
 TECHNIQUES: dict[str, Technique] = {}
 
 
-def register(config: type[TechniqueConfig], apply: Callable[[torch.nn.Module, Any], Handle]) -> None:
+def register(config: type[TechniqueConfig], apply: Callable[[torch.nn.Module, Any], Handle],
+             calibration: Calibration | None = None) -> None:
+    """Make a technique known by its config's ``name``: recipes, the CLI and the tests find
+    it here, with its calibration if it needs one."""
+    if config.level not in LEVELS:
+        raise ValueError(f"technique {config.name!r}: level={config.level!r}; valid: {', '.join(LEVELS)}")
     if config.name in TECHNIQUES and TECHNIQUES[config.name].config is not config:
         raise ValueError(f"technique name {config.name!r} is already registered")
-    TECHNIQUES[config.name] = Technique(config, apply)
+    TECHNIQUES[config.name] = Technique(config, apply, calibration)
+
+
+def unregister(name: str) -> None:
+    """Forget a technique (one registered by a plug-in or a test)."""
+    TECHNIQUES.pop(name, None)
 
 
 @functools.cache
@@ -157,3 +257,15 @@ def get_technique(name: str) -> Technique:
     if name not in techniques:
         raise ValueError(f"unknown technique {name!r}; valid: {', '.join(sorted(techniques))}")
     return techniques[name]
+
+
+def calibrations() -> dict[str, Calibration]:
+    """Every name ``cadence calibrate --technique`` takes: the techniques that need a
+    calibration, and the stored measurements by their own name (``activations``, which the
+    FP8, INT8 and FP4 techniques share)."""
+    found: dict[str, Calibration] = {}
+    for name, technique in sorted(load_builtin().items()):
+        if technique.calibration is not None:
+            found[name] = technique.calibration
+            found.setdefault(technique.calibration.store, technique.calibration)
+    return found

@@ -221,3 +221,21 @@ def adapter_for(model: torch.nn.Module) -> Adapter:
     blocks = [block for attribute in attributes for block in getattr(model, attribute, [])]
     metadata = [TransformerBlockRegistry.get(type(block)) for block in blocks]
     return Adapter(family, blocks, metadata, model)
+
+
+def quantizable_linears(model: torch.nn.Module, timestep_path: str = "full") -> dict[str, torch.nn.Linear]:
+    """What quantization may swap: the linears of the transformer blocks, by name in the model. With ``timestep_path=
+    'full'`` the AdaLN modulation linears (``norm*.linear``, fed by the timestep embedding)
+    are left out: TFMQ-DM finds the timestep features the most quantization-sensitive part
+    of a diffusion model, and they are a one-row matmul per sample, so nothing is gained."""
+    adapter = adapter_for(model)
+    block_ids = {id(block) for block in adapter.blocks}
+    prefixes = [name + "." for name, module in model.named_modules() if id(module) in block_ids]
+    found = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or not any(name.startswith(p) for p in prefixes):
+            continue
+        if timestep_path == "full" and any(part.startswith("norm") for part in name.split(".")[:-1]):
+            continue
+        found[name] = module
+    return found

@@ -19,8 +19,8 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from safetensors.torch import load_file, save_file
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from cadence.reference import data

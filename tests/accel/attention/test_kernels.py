@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from cadence.accel.attention import kernels
-from cadence.accel.attention.kernels import BlockSparse, attend
+from cadence.accel.attention.block_mask import BlockSparse
+from cadence.accel.attention.kernels import attend
 
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)  # float32, same maths in another order
 # Triton runs in its interpreter on the CPU (conftest sets TRITON_INTERPRET=1).

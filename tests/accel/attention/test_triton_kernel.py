@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from cadence.accel.attention.kernels import kv_blocks as dense_to_kv_blocks
 from cadence.accel.attention._triton import (
     KernelConfig,
     _launch,
@@ -17,6 +16,7 @@ from cadence.accel.attention._triton import (
     kv_blocks_to_dense,
     reference_block_sparse_attention,
 )
+from cadence.accel.attention.block_mask import kv_blocks as dense_to_kv_blocks
 
 FP32 = dict(atol=1e-4, rtol=1e-4)
 FP16 = dict(atol=2e-3, rtol=2e-3)

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from conftest import tiny_pipe as make_pipe
+from conftest import tiny_sample
 
 import cadence
 from cadence.context import get_context
-from conftest import tiny_pipe as make_pipe, tiny_sample
 
 STEPS = 8  # the tiny calibrations' step count
 sample = functools.partial(tiny_sample, steps=STEPS)

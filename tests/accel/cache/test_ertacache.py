@@ -4,17 +4,18 @@ import math
 
 import pytest
 import torch
-
-import cadence
-from cadence.accel.cache import calibration
-from cadence.accel.cache.ertacache import ERTACacheConfig, calibrate, describe_calibration, fit_affine, resample
-from cadence.reference.data import heldout_prompts
 from accel.cache.calibrated_contract import (  # noqa: F401 - collected here
     Calibrated,
     test_remove_restores_bit_identical_outputs,
     test_threshold_zero_is_bit_identical,
 )
-from conftest import tiny_pipe as make_pipe, tiny_runs, tiny_sample
+from conftest import tiny_pipe as make_pipe
+from conftest import tiny_runs, tiny_sample
+
+import cadence
+from cadence.accel import calibration
+from cadence.accel.cache.ertacache import ERTACacheConfig, calibrate, describe_calibration, fit_affine, resample
+from cadence.reference.data import heldout_prompts
 
 STEPS = 8  # calibrated; tests run on these steps unless they test resampling
 

@@ -3,18 +3,20 @@ import math
 
 import pytest
 import torch
-
-import cadence
-from cadence.accel.cache import calibration
-from cadence.accel.cache.magcache import MagCacheConfig, calibrate, fit
-from cadence.context import get_context
 from accel.cache.calibrated_contract import (  # noqa: F401 - collected here
     Calibrated,
     test_positive_threshold_reuses_steps_within_an_error_bound,
     test_remove_restores_bit_identical_outputs,
     test_threshold_zero_is_bit_identical,
 )
-from conftest import tiny_pipe as make_pipe, tiny_runs, tiny_sample, tiny_wan
+from conftest import tiny_pipe as make_pipe
+from conftest import tiny_runs, tiny_sample, tiny_wan
+
+import cadence
+from cadence.accel import calibration
+from cadence.accel.cache import traces
+from cadence.accel.cache.magcache import MagCacheConfig, calibrate, fit
+from cadence.context import get_context
 
 STEPS = 8
 
@@ -122,15 +124,15 @@ def test_budget_mode_spends_its_first_slots_on_the_retained_steps(tmp_path):
 
 
 def test_fit_averages_each_branch():
-    traces = [calibration.Trace("cond", magnitude_ratio=[0.9, 1.0]),
-              calibration.Trace("cond", magnitude_ratio=[1.1, 0.8]),
-              calibration.Trace("uncond", magnitude_ratio=[0.5, 0.5])]
-    fitted = fit(traces)
+    recorded = [traces.Trace("cond", magnitude_ratio=[0.9, 1.0]),
+                traces.Trace("cond", magnitude_ratio=[1.1, 0.8]),
+                traces.Trace("uncond", magnitude_ratio=[0.5, 0.5])]
+    fitted = fit(recorded)
     assert fitted["steps"] == 3
     assert fitted["ratios"]["cond"] == pytest.approx([1.0, 0.9])
     assert fitted["ratios"]["uncond"] == pytest.approx([0.5, 0.5])
     with pytest.raises(ValueError, match="magcache: no step transitions"):
-        fit([calibration.Trace("cond")])
+        fit([traces.Trace("cond")])
 
 
 def test_refuses_a_calibration_of_another_model(calibrated):

@@ -2,6 +2,7 @@ import re
 
 import pytest
 import torch
+from conftest import text
 from diffusers.hooks import TaylorSeerCacheConfig
 
 import cadence
@@ -17,7 +18,6 @@ from cadence.accel.cache.peers import (
 from cadence.accel.registry import get_technique
 from cadence.recipe import Recipe
 from cadence.reference.pipelines import image_ids
-from conftest import text
 
 STEPS = 6
 

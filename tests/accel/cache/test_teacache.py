@@ -4,18 +4,20 @@ import math
 import numpy as np
 import pytest
 import torch
-
-import cadence
-from cadence.accel.cache import calibration
-from cadence.accel.cache.teacache import Rescaler, TeaCacheConfig, calibrate, fit
-from cadence.context import get_context
 from accel.cache.calibrated_contract import (  # noqa: F401 - collected here
     Calibrated,
     test_positive_threshold_reuses_steps_within_an_error_bound,
     test_remove_restores_bit_identical_outputs,
     test_threshold_zero_is_bit_identical,
 )
-from conftest import tiny_pipe as make_pipe, tiny_runs, tiny_sample, tiny_wan
+from conftest import tiny_pipe as make_pipe
+from conftest import tiny_runs, tiny_sample, tiny_wan
+
+import cadence
+from cadence.accel import calibration
+from cadence.accel.cache import traces
+from cadence.accel.cache.teacache import Rescaler, TeaCacheConfig, calibrate, fit
+from cadence.context import get_context
 
 STEPS = 8
 
@@ -81,22 +83,22 @@ def test_budget_is_never_exceeded(calibrated, kind, budget, steps):
 def test_fit_recovers_a_polynomial_and_leaves_out_the_transition_into_the_last_step():
     rng = np.random.default_rng(0)
     truth = [40.0, -12.0, 3.0, 0.5, 0.01]
-    traces = []
+    recorded = []
     for _ in range(4):
         x = list(rng.uniform(0.02, 0.3, size=9))
         y = list(np.polyval(truth, x))
         y[-1] = 5.0  # the output jump into the last step, which always computes
-        traces.append(calibration.Trace("cond", modulated_l1=x, output_l1=y))
-    fitted = fit(traces)
+        recorded.append(traces.Trace("cond", modulated_l1=x, output_l1=y))
+    fitted = fit(recorded)
     assert fitted["transitions"] == 4 * 8
     assert np.allclose(fitted["coefficients"], truth, rtol=1e-4, atol=1e-6)
     assert fitted["fit_residual"] < 1e-6
 
 
 def test_fit_refuses_too_few_transitions():
-    traces = [calibration.Trace("cond", modulated_l1=[0.1, 0.2, 0.3], output_l1=[0.1, 0.2, 0.3])]
+    recorded = [traces.Trace("cond", modulated_l1=[0.1, 0.2, 0.3], output_l1=[0.1, 0.2, 0.3])]
     with pytest.raises(ValueError, match="teacache: 2 step transitions.*more prompts or more steps"):
-        fit(traces)
+        fit(recorded)
 
 
 def test_rescaled_change_is_never_negative_and_keeps_growing_past_the_calibrated_range():

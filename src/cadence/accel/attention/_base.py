@@ -12,9 +12,8 @@ Calls whose shape is not the model's joint sequence (cross-attention to text) st
 
 from __future__ import annotations
 
-import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -23,8 +22,9 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch.overrides import TorchFunctionMode
 
 from cadence.accel.attention import kernels
+from cadence.accel.attention.block_mask import BlockSparse
 from cadence.accel.attention.patterns import BLOCK_SIZES, Geometry
-from cadence.accel.registry import Handle, TechniqueConfig
+from cadence.accel.registry import Handle, TechniqueConfig, param
 from cadence.context import StepContext, attach_context, detach_context
 from cadence.models import TokenLayout, adapter_for
 
@@ -39,12 +39,6 @@ class AttentionConfig(TechniqueConfig):
 
     level = "token"
 
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> None:
-        pass
-
     def density_at(self, context: StepContext, layer: int) -> float | None:
         return None
 
@@ -55,40 +49,27 @@ class AttentionConfig(TechniqueConfig):
 
 @dataclass(frozen=True)
 class SparseAttentionConfig(AttentionConfig):
-    """Parameters every sparse pattern shares. Subclasses add their own, check them in
-    ``validate`` and build the block mask in ``pattern``."""
+    """Parameters every sparse pattern shares. Subclasses add their own and build the
+    block mask in ``pattern``."""
 
     # A mask that depends only on the layout and the density is built once and reused by
     # every layer and step; dynamic patterns (top-k, head classification) set False.
     static: ClassVar[bool] = True
 
-    density: float = field(default=0.25, metadata={
-        "help": "share of video key blocks each query block attends, in (0, 1]; 1 = dense"})
-    dense_fraction: float = field(default=0.2, metadata={
-        "help": "first steps, as a share of the run, attended densely (the layout forms early)"})
-    dense_layers: int = field(default=0, metadata={"help": "first attention layers always dense"})
-    schedule: str = field(default="constant", metadata={
-        "help": "density over the sparse steps: constant, or linear from 1 down to `density`"})
-    block: int = field(default=128, metadata={"help": "tokens per block side (16, 32, 64, 128, 256)"})
-    backend: str = field(default="auto", metadata={
-        "help": "sparse kernel: auto (triton for bf16/fp16 on a GPU, else reference), flex, triton, reference"})
+    density: float = param(0.25, "share of video key blocks each query block attends; 1 = dense",
+                           low=0, high=1, low_open=True)
+    dense_fraction: float = param(0.2, "first steps, as a share of the run, attended densely (the layout forms early)",
+                                  low=0, high=1)
+    dense_layers: int = param(0, "first attention layers always dense", low=0)
+    schedule: str = param("constant", "density over the sparse steps: constant, or linear from 1 down to `density`",
+                          choices=SCHEDULES)
+    block: int = param(128, "tokens per block side", choices=BLOCK_SIZES)
+    backend: str = param("auto", "sparse kernel: auto (triton for bf16/fp16 on a GPU, else reference), flex, triton, "
+                                 "reference", choices=kernels.BACKENDS)
 
-    def __post_init__(self):
-        if not 0 < self.density <= 1 or math.isnan(self.density):
-            raise ValueError(f"{self.name}: density={self.density} must be in (0, 1]")
-        if not 0 <= self.dense_fraction <= 1:
-            raise ValueError(f"{self.name}: dense_fraction={self.dense_fraction} must be in [0, 1]")
-        if self.dense_layers < 0:
-            raise ValueError(f"{self.name}: dense_layers={self.dense_layers} must be >= 0")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"{self.name}: schedule={self.schedule!r}; valid: {', '.join(SCHEDULES)}")
-        if self.block not in BLOCK_SIZES:
-            raise ValueError(f"{self.name}: block={self.block}; valid: {', '.join(map(str, BLOCK_SIZES))}")
-        if self.backend not in kernels.BACKENDS:
-            raise ValueError(f"{self.name}: backend={self.backend!r}; valid: {', '.join(kernels.BACKENDS)}")
-        if self.backend == "triton" and not kernels.triton_available():
-            raise ValueError(f"{self.name}: backend='triton' needs the triton package; use 'flex' or 'auto'")
-        self.validate()
+    def validate(self):
+        self.require(self.backend != "triton" or kernels.triton_available(),
+                     "backend='triton' needs the triton package; use 'flex' or 'auto'")
 
     def density_at(self, context: StepContext, layer: int) -> float | None:
         if layer < self.dense_layers:
@@ -178,9 +159,9 @@ class AttentionControl:
         self.model, self.config, self.adapter, self.modules = model, config, adapter, modules
         self.layout: TokenLayout | None = None
         self.geometries: dict[TokenLayout, Geometry] = {}
-        self.static_masks: dict[tuple, kernels.BlockSparse] = {}
+        self.static_masks: dict[tuple, BlockSparse] = {}
         self.context = attach_context(model)
-        self.context._interceptors.append(self)
+        self.context.add_interceptor(self)
         for layer, module in enumerate(modules):
             HookRegistry.check_if_exists_or_initialize(module).register_hook(_AttentionHook(self, layer), HOOK)
         self.sparse_calls = self.dense_calls = 0
@@ -248,7 +229,7 @@ class AttentionControl:
             return self.static_masks[cache_key], None
         tokens = min(geometry.pattern_blocks * geometry.block, geometry.layout.tokens)
         pattern, choice = config.pattern(geometry, density, query[..., :tokens, :], key[..., :tokens, :], scale)
-        sparse = kernels.BlockSparse(geometry.full_mask(pattern.to(query.device)), geometry.block, geometry.layout.tokens)
+        sparse = BlockSparse(geometry.full_mask(pattern.to(query.device)), geometry.block, geometry.layout.tokens)
         if config.static:
             self.static_masks[cache_key] = sparse
         return sparse, choice
@@ -278,7 +259,7 @@ class AttentionControl:
     def remove(self) -> None:
         for module in self.modules:
             HookRegistry.check_if_exists_or_initialize(module).remove_hook(HOOK, recurse=False)
-        self.context._interceptors.remove(self)
+        self.context.remove_interceptor(self)
         detach_context(self.model)
 
 

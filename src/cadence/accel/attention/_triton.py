@@ -19,8 +19,11 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from cadence.accel.attention.block_mask import BlockSparse
 
 HEAD_DIMS = (16, 32, 64, 128)
 LOG2E = 1.4426950408889634
@@ -281,7 +284,7 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_size: int =
 
 
 def kv_blocks_to_dense(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor) -> torch.Tensor:
-    """The inverse of kernels.kv_blocks: (B, H, nq, nk) bool of the kept blocks."""
+    """The inverse of block_mask.kv_blocks: (B, H, nq, nk) bool of the kept blocks."""
     blocks = kv_indices.shape[-1]
     valid = torch.arange(blocks, device=kv_indices.device) < kv_num_blocks[..., None]
     index = torch.where(valid, kv_indices, 0).long()  # the arbitrary rest may be out of range
@@ -293,8 +296,7 @@ def kv_blocks_to_dense(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor) ->
 def reference_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_size, scale=None):
     """Plain PyTorch: cadence's masked-dense reference in float32 on the same blocks; rows
     that keep no key are zeros (SDPA would give NaN)."""
-    from cadence.accel.attention.kernels import BlockSparse, attend
-
     sparse = BlockSparse(kv_blocks_to_dense(kv_num_blocks, kv_indices), block_size, q.shape[-2])
-    out = attend(q.float(), k.float(), v.float(), sparse, scale=scale, backend="reference")
+    out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=sparse.token_mask(None),
+                                         scale=scale)
     return out.masked_fill(~sparse.token_mask(None).any(-1, keepdim=True), 0.0).to(q.dtype)

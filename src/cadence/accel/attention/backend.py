@@ -6,13 +6,13 @@ On an H100 at Wan2.1-1.3B's 32,760 tokens cuDNN takes 11.6 ms per layer call and
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from cadence.accel.attention._base import AttentionConfig, install
 from cadence.accel.attention.kernels import DENSE_BACKENDS
-from cadence.accel.registry import Handle, register
+from cadence.accel.registry import Handle, param, register
 
 
 @dataclass(frozen=True)
@@ -20,11 +20,7 @@ class AttentionBackendConfig(AttentionConfig):
     name = "attention-backend"
     summary = "dense attention on a chosen backend (cuDNN, flash, efficient, math, FlexAttention)"
 
-    backend: str = field(default="cudnn", metadata={"help": f"one of {', '.join(DENSE_BACKENDS)}"})
-
-    def validate(self):
-        if self.backend not in DENSE_BACKENDS:
-            raise ValueError(f"{self.name}: backend={self.backend!r}; valid: {', '.join(DENSE_BACKENDS)}")
+    backend: str = param("cudnn", "the dense attention kernel", choices=tuple(DENSE_BACKENDS))
 
     @property
     def dense_backend(self) -> str:

@@ -13,7 +13,7 @@ to dense attention. VORTA learns its router; this one measures, at the cost of
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -28,7 +28,7 @@ from cadence.accel.attention.patterns import (
     top_blocks,
     window_distance,
 )
-from cadence.accel.registry import Handle, register
+from cadence.accel.registry import Handle, param, register
 
 _STATIC = {
     "window": window_distance,
@@ -74,11 +74,7 @@ class SparseVideoGenConfig(SparseAttentionConfig):
     static: ClassVar[bool] = False
     choices: ClassVar[tuple[str, ...]] = ("spatial", "temporal")
 
-    samples: int = field(default=64, metadata={"help": "query rows per head attended exactly to classify it (>= 1)"})
-
-    def validate(self):
-        if self.samples < 1:
-            raise ValueError(f"{self.name}: samples={self.samples} must be >= 1")
+    samples: int = param(64, "query rows per head attended exactly to classify it", low=1)
 
     def pattern(self, geometry, density, query, key, scale):
         return route(self.choices, geometry, density, query, key, scale, self.samples)
@@ -90,24 +86,16 @@ class RouterConfig(SparseAttentionConfig):
     summary = "per-step, per-head router (VORTA-style): the candidate pattern that keeps most attention mass"
     static: ClassVar[bool] = False
 
-    candidates: str = field(default="window,temporal,topk", metadata={
-        "help": f"comma-separated patterns to route among: {', '.join(CANDIDATES)}"})
-    samples: int = field(default=64, metadata={"help": "query rows per head attended exactly to route it (>= 1)"})
-    min_mass: float = field(default=0.0, metadata={
-        "help": "a head whose best candidate keeps less attention mass than this runs dense, in [0, 1]"})
+    candidates: str = param("window,temporal,topk", f"comma-separated patterns to route among: {', '.join(CANDIDATES)}")
+    samples: int = param(64, "query rows per head attended exactly to route it", low=1)
+    min_mass: float = param(0.0, "a head whose best candidate keeps less attention mass than this runs dense",
+                            low=0, high=1)
 
     def validate(self):
         names = self.names
         unknown = [name for name in names if name not in CANDIDATES]
-        if not names or unknown:
-            raise ValueError(
-                f"{self.name}: candidates={self.candidates!r} names {', '.join(unknown) or 'nothing'}; "
-                f"valid: {', '.join(CANDIDATES)}"
-            )
-        if self.samples < 1:
-            raise ValueError(f"{self.name}: samples={self.samples} must be >= 1")
-        if not 0 <= self.min_mass <= 1:
-            raise ValueError(f"{self.name}: min_mass={self.min_mass} must be in [0, 1]")
+        self.require(names and not unknown, f"candidates={self.candidates!r} names {', '.join(unknown) or 'nothing'}; "
+                                            f"valid: {', '.join(CANDIDATES)}")
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -2,8 +2,7 @@
 plain PyTorch (the CPU path and the tests' ground truth), FlexAttention with a block mask
 (compiled, the GPU path), and cadence's Triton kernel where Triton runs.
 
-A ``BlockSparse`` holds one block mask in the forms the kernels read; a pattern that does
-not change from step to step builds it once and every layer and step reuses it.
+The block mask they read is a :class:`~cadence.accel.attention.block_mask.BlockSparse`.
 """
 
 from __future__ import annotations
@@ -15,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from cadence.accel.attention.block_mask import BlockSparse
+
 BACKENDS = ("auto", "reference", "flex", "triton")
 DENSE_BACKENDS = {
     "auto": None,  # torch's own choice
@@ -23,7 +24,7 @@ DENSE_BACKENDS = {
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
     "math": SDPBackend.MATH,
     "flex": "flex",
-    # SageAttention-style low precision (cadence.accel.quant._attention_triton): K smoothed,
+    # SageAttention-style low precision (cadence.accel.attention._sage_triton): K smoothed,
     # Q and K in INT8 (or FP8) per block, P and V in FP8. 1.29x over cuDNN bf16 at Wan2.1-1.3B
     # size on an H100 (benchmarks/RESULTS.md, "Low-precision attention").
     "sage": ("int8", "fp8"),
@@ -37,67 +38,6 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def kv_blocks(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, H, q blocks, k blocks) bool -> (kv_num_blocks (B, H, q), kv_indices (B, H, q, k))
-    int32: the kept key blocks first, ascending (a stable sort puts them first)."""
-    count = mask.sum(-1, dtype=torch.int32)
-    indices = torch.argsort((~mask).to(torch.uint8), dim=-1, stable=True).to(torch.int32)
-    return count, indices
-
-
-class BlockSparse:
-    """A block mask (B or 1, H or 1, blocks, blocks) of ``block``-token tiles over a
-    sequence of ``tokens``, and the forms each kernel reads, made on first use."""
-
-    def __init__(self, mask: torch.Tensor, block: int, tokens: int):
-        self.mask, self.block, self.tokens = mask, block, tokens
-        self._flex_masks: dict = {}  # (batch, heads) -> BlockMask
-        self._kv_blocks: dict = {}  # (batch, heads) -> (kv_num_blocks, kv_indices)
-
-    def expanded(self, batch: int, heads: int) -> torch.Tensor:
-        return self.mask.expand(batch, heads, *self.mask.shape[-2:]).contiguous()
-
-    def kv_blocks(self, batch: int, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """FlexAttention's (kv_num_blocks, kv_indices): per query block, how many key blocks
-        it keeps and which, kept ones first in ascending order."""
-        if (batch, heads) not in self._kv_blocks:
-            self._kv_blocks[batch, heads] = kv_blocks(self.expanded(batch, heads))
-        return self._kv_blocks[batch, heads]
-
-    def flex_mask(self, batch: int, heads: int, key_valid: torch.Tensor | None):
-        """A FlexAttention BlockMask. The mask_mod repeats the block mask token by token:
-        eager FlexAttention (on the CPU) reads only the mask_mod, the compiled kernel only
-        the block lists, and both must agree."""
-        from torch.nn.attention.flex_attention import BlockMask
-
-        if key_valid is None and (batch, heads) in self._flex_masks:
-            return self._flex_masks[batch, heads]
-        dense = self.expanded(batch, heads)
-        block = self.block
-
-        def mask_mod(b, h, q, kv):
-            keep = dense[b, h, q // block, kv // block]
-            return keep & key_valid[b, kv] if key_valid is not None else keep
-
-        count, indices = self.kv_blocks(batch, heads)
-        if key_valid is None:  # whole blocks: the kernel skips mask_mod inside them
-            flex = BlockMask.from_kv_blocks(
-                torch.zeros_like(count), indices, count, indices, BLOCK_SIZE=block,
-                mask_mod=mask_mod, seq_lengths=(self.tokens, self.tokens),
-            )
-            self._flex_masks[batch, heads] = flex
-            return flex
-        return BlockMask.from_kv_blocks(
-            count, indices, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(self.tokens, self.tokens)
-        )
-
-    def token_mask(self, key_valid: torch.Tensor | None) -> torch.Tensor:
-        """(B or 1, H or 1, tokens, tokens) bool, for the masked-dense reference."""
-        mask = self.mask.repeat_interleave(self.block, -1).repeat_interleave(self.block, -2)
-        mask = mask[..., : self.tokens, : self.tokens]
-        return mask & key_valid[:, None, None, :] if key_valid is not None else mask
 
 
 @functools.cache
@@ -177,7 +117,7 @@ def _sage(query, key, value, attn_mask, scale, backend, qk_format, pv_format, **
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, scale=scale, **kwargs)
     if not triton_available():
         raise ValueError(f"dense backend {backend!r} needs triton; install it or choose another backend")
-    from cadence.accel.quant import _attention_triton as sage
+    from cadence.accel.attention import _sage_triton as sage
 
     if sage.supported(query.device, qk_format=qk_format, pv_format=pv_format) and query.is_cuda:
         low = query.dtype if query.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16  # float32 models

@@ -6,13 +6,13 @@ allows. ``causal`` keeps only the past side, for autoregressive use.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from cadence.accel.attention._base import SparseAttentionConfig, install
 from cadence.accel.attention.patterns import sink_local
-from cadence.accel.registry import Handle, register
+from cadence.accel.registry import Handle, param, register
 
 
 @dataclass(frozen=True)
@@ -20,12 +20,8 @@ class SinkConfig(SparseAttentionConfig):
     name = "sparse-sink"
     summary = "attention sink + sliding window over the block sequence (streaming / causal use)"
 
-    sink: int = field(default=1, metadata={"help": "first key blocks every query block attends (>= 0)"})
-    causal: bool = field(default=False, metadata={"help": "attend only to earlier blocks (and the sinks)"})
-
-    def validate(self):
-        if self.sink < 0:
-            raise ValueError(f"{self.name}: sink={self.sink} must be >= 0")
+    sink: int = param(1, "first key blocks every query block attends", low=0)
+    causal: bool = param(False, "attend only to earlier blocks (and the sinks)")
 
     def pattern(self, geometry, density, query, key, scale):
         mask = sink_local(geometry.pattern_blocks, density, self.sink, self.causal)

@@ -7,14 +7,14 @@ follows the content, so it is rebuilt on every call (a few block-level matmuls).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from cadence.accel.attention._base import SparseAttentionConfig, install
 from cadence.accel.attention.patterns import top_blocks
-from cadence.accel.registry import Handle, register
+from cadence.accel.registry import Handle, param, register
 
 
 @dataclass(frozen=True)
@@ -23,12 +23,8 @@ class TopKConfig(SparseAttentionConfig):
     summary = "top-k key blocks per query block from mean-pooled Q·K scores (SpargeAttn / XAttention)"
     static: ClassVar[bool] = False
 
-    mass: float = field(default=0.0, metadata={
-        "help": "stop once this share of the estimated attention mass is kept, in [0, 1); 0 = use the whole density"})
-
-    def validate(self):
-        if not 0 <= self.mass < 1:
-            raise ValueError(f"{self.name}: mass={self.mass} must be in [0, 1)")
+    mass: float = param(0.0, "stop once this share of the estimated attention mass is kept; 0 = use the whole density",
+                        low=0, high=1, high_open=True)
 
     def pattern(self, geometry, density, query, key, scale):
         return top_blocks(query, key, geometry.block, density, self.mass, scale), None

@@ -8,13 +8,13 @@ built once and reused by every layer and step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from cadence.accel.attention._base import SparseAttentionConfig, install
 from cadence.accel.attention.patterns import nearest, radial_distance, window_distance
-from cadence.accel.registry import Handle, register
+from cadence.accel.registry import Handle, param, register
 
 
 @dataclass(frozen=True)
@@ -22,12 +22,8 @@ class WindowConfig(SparseAttentionConfig):
     name = "sparse-window"
     summary = "3D local window (Sliding Tile Attention): each block attends its nearest blocks in frames x height x width"
 
-    time_scale: float = field(default=1.0, metadata={
-        "help": "how many tokens of spatial distance one latent frame counts as (> 0); larger = flatter window"})
-
-    def validate(self):
-        if not self.time_scale > 0:
-            raise ValueError(f"{self.name}: time_scale={self.time_scale} must be > 0")
+    time_scale: float = param(1.0, "how many tokens of spatial distance one latent frame counts as; larger = flatter "
+                                   "window", low=0, low_open=True)
 
     def pattern(self, geometry, density, query, key, scale):
         distance = window_distance(geometry.centers, self.time_scale)

@@ -32,33 +32,25 @@ from typing import Any, Callable
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-from cadence.accel.registry import Handle, TechniqueConfig
+from cadence.accel.registry import Handle, TechniqueConfig, param
 from cadence.context import StepContext, attach_context, detach_context
 from cadence.models import adapter_for
 
 
 @dataclass(frozen=True)
 class StepPolicyConfig(TechniqueConfig):
-    """Parameters every step-reuse policy shares. Subclasses add their own and check them
-    in ``validate``."""
+    """Parameters every step-reuse policy shares. Subclasses add their own."""
 
     level = "step"
 
-    warmup: int = field(default=1, metadata={"help": "first steps always computed (the layout forms early)"})
-    budget: float = field(default=0.0, metadata={
-        "help": "budget mode: at most this fraction of the block work, in (0, 1]; 0 = threshold mode"})
-    cfg_reuse: bool = field(default=False, metadata={
-        "help": "on reused steps, skip the unconditional forward and reuse the cond-uncond difference"})
+    warmup: int = param(1, "first steps always computed (the layout forms early)", low=0)
+    budget: float = param(0.0, "budget mode: at most this fraction of the block work, in (0, 1]; 0 = threshold mode")
+    cfg_reuse: bool = param(False, "on reused steps, skip the unconditional forward and reuse the cond-uncond "
+                                   "difference")
 
-    def __post_init__(self):
-        if self.warmup < 0:
-            raise ValueError(f"{self.name}: warmup={self.warmup} must be >= 0")
-        if not (self.budget == 0 or 0 < self.budget <= 1) or math.isnan(self.budget):
-            raise ValueError(f"{self.name}: budget={self.budget} must be in (0, 1], or 0 for threshold mode")
-        self.validate()
-
-    def validate(self) -> None:
-        pass
+    def validate(self):
+        self.require(self.budget == 0 or 0 < self.budget <= 1,  # NaN fails both
+                     f"budget={self.budget} must be in (0, 1], or 0 for threshold mode")
 
 
 @dataclass
@@ -192,7 +184,7 @@ class StepReuse:
         self.blocks = blocks
         self.span = (head, len(blocks) - tail)  # [first, end)
         self.context = attach_context(model)
-        self.context._on_new_generation.append(self.reset)
+        self.context.add_generation_listener(self.reset)
         self.branches: dict[str, _Branch] = {}
         self.block_runs = 0
         self.block_slots = 0
@@ -202,7 +194,7 @@ class StepReuse:
             HookRegistry.check_if_exists_or_initialize(block).register_hook(_BlockHook(self, index, metadata), hook_name)
         self.cfg = _CfgReuse(self) if config.cfg_reuse else None
         if self.cfg:
-            self.context._interceptors.append(self.cfg)
+            self.context.add_interceptor(self.cfg)
 
     # -- per generation / per branch ---------------------------------------------------
     def reset(self) -> None:
@@ -274,9 +266,9 @@ class StepReuse:
     def remove(self) -> None:
         for block in self.blocks:
             HookRegistry.check_if_exists_or_initialize(block).remove_hook(self.hook_name, recurse=False)
-        self.context._on_new_generation.remove(self.reset)
+        self.context.remove_generation_listener(self.reset)
         if self.cfg:
-            self.context._interceptors.remove(self.cfg)
+            self.context.remove_interceptor(self.cfg)
         detach_context(self.model)
         self.branches.clear()
 

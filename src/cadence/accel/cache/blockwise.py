@@ -41,16 +41,19 @@ is "step" and a recipe holds it or one of them.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from cadence.accel.cache._base import (
-    StepPolicyConfig, num_steps_for_budget, pack_block_output, unpack_block_output,
+    StepPolicyConfig,
+    num_steps_for_budget,
+    pack_block_output,
+    unpack_block_output,
 )
-from cadence.accel.cache.calibration import relative_l1
-from cadence.accel.registry import Handle, register
+from cadence.accel.cache.traces import relative_l1
+from cadence.accel.registry import Handle, param, register
 from cadence.context import attach_context, detach_context
 from cadence.models import adapter_for
 
@@ -65,19 +68,13 @@ class BlockDeltaConfig(StepPolicyConfig):
 
     # 0.1: on ref-image at 20 steps block inputs move 3-10% per step mid-run, so 0.05 reuses nothing;
     # 0.1 runs 58% of the block work (3 held-out prompts)
-    threshold: float = field(default=0.1, metadata={
-        "help": "reuse a block while the relative L1 change of its input since it ran stays below this (0 = never)"})
-    max_age: int = field(default=4, metadata={"help": "a block runs at least every N steps"})
+    threshold: float = param(0.1, "reuse a block while the relative L1 change of its input since it ran stays below "
+                                  "this (0 = never)", low=0)
+    max_age: int = param(4, "a block runs at least every N steps", low=1)
 
     def validate(self):
-        if not (self.threshold >= 0 and math.isfinite(self.threshold)):  # also refuses NaN
-            raise ValueError(
-                f"block-delta: threshold={self.threshold} must be a finite number >= 0 (0 = run every block)")
-        if self.max_age < 1:
-            raise ValueError(f"block-delta: max_age={self.max_age} must be >= 1")
-        if self.cfg_reuse:
-            raise ValueError("block-delta: cfg_reuse=true is not supported (it skips whole forwards; this cache "
-                             "decides per block); use a step policy such as fixed-interval for it")
+        self.require(not self.cfg_reuse, "cfg_reuse=true is not supported (it skips whole forwards; this cache "
+                                         "decides per block); use a step policy such as fixed-interval for it")
 
 
 INDICATOR_TOKENS = 4096  # the indicator reads at most about this many tokens, evenly strided
@@ -121,7 +118,7 @@ class BlockDelta:
         self.model, self.config, self.blocks, self.metadata = model, config, adapter.blocks, adapter.metadata
         self.hook_name = f"cadence.{TECHNIQUE}"
         self.context = attach_context(model)
-        self.context._on_new_generation.append(self.reset)
+        self.context.add_generation_listener(self.reset)
         self.branches: dict[str, _Branch] = {}
         self.forwards = 0
         self.block_runs = [0] * len(self.blocks)
@@ -208,7 +205,7 @@ class BlockDelta:
     def remove(self) -> None:
         for block in self.blocks:
             HookRegistry.check_if_exists_or_initialize(block).remove_hook(self.hook_name, recurse=False)
-        self.context._on_new_generation.remove(self.reset)
+        self.context.remove_generation_listener(self.reset)
         detach_context(self.model)
         self.branches.clear()
 

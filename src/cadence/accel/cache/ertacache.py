@@ -12,7 +12,7 @@ additive error of the cached output and rectifies it, against the "feature shift
 
 What is cadence's interpretation (the equations, the fitting, where they apply):
 - (a) the profile is the relative L1 change of the block-stack residual into each step,
-  averaged over calibration runs and CFG branches (``calibration.Trace.residual_l1``).
+  averaged over calibration runs and CFG branches (``traces.Trace.residual_l1``).
   The distance is its sum since the last computed step and a step computes when it
   reaches ``threshold`` (or after ``max_age`` reuses): a function of step indices only,
   hence a static schedule. A run with another number of steps resamples the cumulative
@@ -37,19 +37,25 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import safetensors.torch
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-from cadence.accel.cache import calibration
+from cadence.accel import calibration
+from cadence.accel.cache import traces as recording
 from cadence.accel.cache._base import (
-    Policy, StepPolicyConfig, StepReuse, _sample, _with_sample, pack_block_output, unpack_block_output,
+    Policy,
+    StepPolicyConfig,
+    StepReuse,
+    _sample,
+    _with_sample,
+    pack_block_output,
+    unpack_block_output,
 )
-from cadence.accel.registry import Handle, register
+from cadence.accel.registry import Calibration, Handle, param, register
 from cadence.context import attach_context, detach_context
 from cadence.models import adapter_for, find_transformer
 
@@ -65,20 +71,14 @@ class ERTACacheConfig(StepPolicyConfig):
 
     # 0.3: on the profiles of ref-video and ref-image at 20 steps (0.4-0.6 into step 1, ~0.085 mid-run, ~0.25
     # at the end; one prompt) it computes 8 of 20 steps: 0, 1, 3, then every 3rd-4th, every 2nd at the end
-    threshold: float = field(default=0.3, metadata={
-        "help": "compute when the profiled residual change since the last computed step reaches this (0 = every step)"})
-    max_age: int = field(default=4, metadata={"help": "at most this many steps since the last computed one"})
-    rectify: bool = field(default=True, metadata={"help": "rectify the reused residual: a * r + b per channel"})
-    adjust_timesteps: bool = field(default=True, metadata={
-        "help": "rescale a reused step's output (its integration interval) by the calibrated coefficient"})
-    calibration: str = field(default="", metadata={
-        "help": "calibration file; '' = calibration/ertacache.json beside the model (cadence calibrate)"})
-
-    def validate(self):
-        if not (self.threshold >= 0 and math.isfinite(self.threshold)):  # also refuses NaN
-            raise ValueError(f"ertacache: threshold={self.threshold} must be a finite number >= 0 (0 = every step)")
-        if self.max_age < 1:
-            raise ValueError(f"ertacache: max_age={self.max_age} must be >= 1")
+    threshold: float = param(0.3, "compute when the profiled residual change since the last computed step reaches "
+                                  "this (0 = every step)", low=0)
+    max_age: int = param(4, "at most this many steps since the last computed one", low=1)
+    rectify: bool = param(True, "rectify the reused residual: a * r + b per channel")
+    adjust_timesteps: bool = param(True, "rescale a reused step's output (its integration interval) by the "
+                                         "calibrated coefficient")
+    calibration: str = param("", "calibration file; '' = calibration/ertacache.json beside the model (cadence "
+                                 "calibrate)")
 
 
 # -- calibration ---------------------------------------------------------------------------
@@ -101,7 +101,7 @@ def fit_affine(x: torch.Tensor, y: torch.Tensor, ridge: float) -> tuple[torch.Te
     return a.float(), b.float()
 
 
-def fit_rectification(traces: list[calibration.Trace], max_age: int, ridge: float) -> dict[str, torch.Tensor]:
+def fit_rectification(traces: list[recording.Trace], max_age: int, ridge: float) -> dict[str, torch.Tensor]:
     """-> ``{"<branch>.gain": (steps, max_age, C), "<branch>.bias": ...}``; entry [t, k-1]
     maps the residual of step t-k to that of step t (identity where t < k)."""
     tables = {}
@@ -175,10 +175,10 @@ class _ScaleProbe:
         for index, (block, metadata) in enumerate(zip(self.blocks, adapter.metadata)):
             registry = HookRegistry.check_if_exists_or_initialize(block)
             registry.register_hook(_ReplayHook(self, index, metadata), self.HOOK)
-        self.context._interceptors.append(self)
+        self.context.add_interceptor(self)
 
     def remove(self) -> None:
-        self.context._interceptors.remove(self)
+        self.context.remove_interceptor(self)
         for block in self.blocks:
             HookRegistry.check_if_exists_or_initialize(block).remove_hook(self.HOOK, recurse=False)
         detach_context(self.model)
@@ -249,8 +249,8 @@ def calibrate(pipe, runs, path=None, *, max_age: int = 4, ridge: float = 0.1, pr
     if progress is not None and hasattr(progress, "total"):
         progress.total = 2 * len(runs)
         progress.refresh()
-    traces = calibration.record(pipe, runs, keep_residuals=True, progress=progress)
-    distance = calibration.per_step_mean(traces, "residual_l1")
+    traces = recording.record(pipe, runs, keep_residuals=True, progress=progress)
+    distance = recording.per_step_mean(traces, "residual_l1")
     steps = len(distance) + 1
     tables = {name: table[:steps] for name, table in fit_rectification(traces, max_age, ridge).items()}
     probe = _ScaleProbe(model, tables, max_age, steps)
@@ -404,16 +404,16 @@ def apply(model: torch.nn.Module, config: ERTACacheConfig) -> Handle:
     reuse = StepReuse(model, policy, f"cadence.{TECHNIQUE}")
     scale = _OutputScale(reuse, policy) if config.adjust_timesteps else None
     if scale:
-        reuse.context._interceptors.insert(0, scale)  # first: CFG reuse then sees the scaled cond output
+        reuse.context.add_interceptor(scale, first=True)  # first: CFG reuse then sees the scaled cond output
 
     def remove():
         if scale:
-            reuse.context._interceptors.remove(scale)
+            reuse.context.remove_interceptor(scale)
         reuse.remove()
 
     return Handle(config, remove, reuse.stats)
 
 
-register(ERTACacheConfig, apply)
+register(ERTACacheConfig, apply, Calibration(TECHNIQUE, calibrate, describe_calibration))
 
 __all__ = ["ERTACacheConfig", "apply", "calibrate", "describe_calibration", "fit_affine", "resample"]

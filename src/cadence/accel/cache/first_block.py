@@ -10,13 +10,13 @@ forward that a reused step still pays.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from cadence.accel.cache._base import Policy, StepPolicyConfig, install
-from cadence.accel.cache.calibration import relative_l1
-from cadence.accel.registry import Handle, register
+from cadence.accel.cache.traces import relative_l1
+from cadence.accel.registry import Handle, param, register
 
 
 @dataclass(frozen=True)
@@ -24,20 +24,11 @@ class FirstBlocksConfig(StepPolicyConfig):
     name = "first-blocks"
     summary = "FirstBlockCache/DBCache: run the first Fn blocks, reuse the rest when their residual barely changed"
 
-    threshold: float = field(default=0.08, metadata={
-        "help": "relative L1 change of the head residual that triggers a compute (0 = always compute)"})
-    first_blocks: int = field(default=1, metadata={"help": "Fn: blocks always run, whose residual is the indicator"})
-    last_blocks: int = field(default=0, metadata={"help": "Bn: last blocks always run"})
-    max_skip: int = field(default=0, metadata={"help": "compute after this many reused steps in a row (0 = no limit)"})
-
-    def validate(self):
-        if not self.threshold >= 0:
-            raise ValueError(f"first-blocks: threshold={self.threshold} must be >= 0")
-        if self.first_blocks < 1:
-            raise ValueError(f"first-blocks: first_blocks={self.first_blocks} must be >= 1 (the indicator needs them)")
-        if self.last_blocks < 0 or self.max_skip < 0:
-            raise ValueError(
-                f"first-blocks: last_blocks={self.last_blocks} and max_skip={self.max_skip} must be >= 0")
+    threshold: float = param(0.08, "relative L1 change of the head residual that triggers a compute (0 = always "
+                                   "compute)", low=0)
+    first_blocks: int = param(1, "Fn: blocks always run, whose residual is the indicator", low=1)
+    last_blocks: int = param(0, "Bn: last blocks always run", low=0)
+    max_skip: int = param(0, "compute after this many reused steps in a row (0 = no limit)", low=0)
 
 
 @dataclass

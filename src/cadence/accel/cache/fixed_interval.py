@@ -8,12 +8,12 @@ the allowed computed steps evenly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from cadence.accel.cache._base import Policy, StepPolicyConfig, install
-from cadence.accel.registry import Handle, register
+from cadence.accel.registry import Handle, param, register
 
 
 @dataclass(frozen=True)
@@ -21,14 +21,8 @@ class FixedIntervalConfig(StepPolicyConfig):
     name = "fixed-interval"
     summary = "FORA-style reuse: recompute the transformer blocks every N-th step, reuse their residual between"
 
-    interval: int = field(default=2, metadata={"help": "compute every N-th step (1 = every step, no reuse)"})
-    cooldown: int = field(default=0, metadata={"help": "last steps always computed (fine detail forms late)"})
-
-    def validate(self):
-        if self.interval < 1:
-            raise ValueError(f"fixed-interval: interval={self.interval} must be >= 1")
-        if self.cooldown < 0:
-            raise ValueError(f"fixed-interval: cooldown={self.cooldown} must be >= 0")
+    interval: int = param(2, "compute every N-th step (1 = every step, no reuse)", low=1)
+    cooldown: int = param(0, "last steps always computed (fine detail forms late)", low=0)
 
     def computes(self, step_index: int, num_steps: int | None) -> bool:
         if step_index < self.warmup:

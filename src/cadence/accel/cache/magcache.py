@@ -18,15 +18,15 @@ from 24.1 dB (the curve alone paces almost evenly) to 35.1 dB (benchmarks/RESULT
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from cadence.accel.cache import calibration
+from cadence.accel import calibration
+from cadence.accel.cache import traces as recording
 from cadence.accel.cache._base import Policy, StepPolicyConfig, install
-from cadence.accel.cache.teacache import runs_summary
-from cadence.accel.registry import Handle, register
+from cadence.accel.registry import Calibration, Handle, param, register
 from cadence.models import find_transformer
 
 TECHNIQUE = "magcache"
@@ -42,21 +42,12 @@ class MagCacheConfig(StepPolicyConfig):
     # there but 29.4 dB on ref-image. The paper's 0.06 computes 0.9 of the work here: these
     # models' magnitude ratios (0.87-0.95 a step) are further from 1 than Wan 2.1's.
     # (benchmarks/RESULTS.md, default thresholds)
-    threshold: float = field(default=0.2, metadata={
-        "help": "compute when the accumulated magnitude error reaches this (0 = every step)"})
-    max_skip: int = field(default=3, metadata={"help": "at most this many consecutive reused steps"})
-    retention_ratio: float = field(default=0.2, metadata={
-        "help": "this first fraction of the steps always computed (the layout forms early), in [0, 1)"})
-    calibration: str = field(default="", metadata={
-        "help": "calibration file; '' = calibration/magcache.json beside the model (cadence calibrate)"})
-
-    def validate(self):
-        if not self.threshold >= 0:  # also refuses NaN
-            raise ValueError(f"magcache: threshold={self.threshold} must be >= 0")
-        if self.max_skip < 1:
-            raise ValueError(f"magcache: max_skip={self.max_skip} must be >= 1")
-        if not 0 <= self.retention_ratio < 1:
-            raise ValueError(f"magcache: retention_ratio={self.retention_ratio} must be in [0, 1)")
+    threshold: float = param(0.2, "compute when the accumulated magnitude error reaches this (0 = every step)", low=0)
+    max_skip: int = param(3, "at most this many consecutive reused steps", low=1)
+    retention_ratio: float = param(0.2, "this first fraction of the steps always computed (the layout forms early)",
+                                   low=0, high=1, high_open=True)
+    calibration: str = param("", "calibration file; '' = calibration/magcache.json beside the model (cadence "
+                                 "calibrate)")
 
 
 class MagCache(Policy):
@@ -70,7 +61,7 @@ class MagCache(Policy):
         key = (branch, num_steps)
         if key not in self._curves:
             ratios = self.ratios.get(branch) or self.ratios["cond"]
-            self._curves[key] = calibration.interpolate(ratios, num_steps) if num_steps else list(ratios)
+            self._curves[key] = recording.interpolate(ratios, num_steps) if num_steps else list(ratios)
         return self._curves[key]
 
     def retained(self, num_steps: int | None) -> int:
@@ -101,13 +92,13 @@ class MagCache(Policy):
         return since > self.config.max_skip or probe.context.step_index < self.retained(probe.context.num_steps)
 
 
-def fit(traces: list[calibration.Trace]) -> dict:
+def fit(traces: list[recording.Trace]) -> dict:
     """The mean magnitude-ratio curve of each CFG branch."""
     ratios = {}
     for branch in ("cond", "uncond"):
         recorded = [t for t in traces if t.branch == branch and t.magnitude_ratio]
         if recorded:
-            ratios[branch] = calibration.per_step_mean(recorded, "magnitude_ratio")
+            ratios[branch] = recording.per_step_mean(recorded, "magnitude_ratio")
     if "cond" not in ratios:
         raise ValueError("magcache: no step transitions recorded; calibrate with at least 2 steps")
     return {"ratios": ratios, "steps": len(ratios["cond"]) + 1}
@@ -117,8 +108,8 @@ def calibrate(pipe, runs, path=None, progress=None) -> Path:
     """Record ``pipe(**run)`` for each run with every forward computed, average the
     magnitude-ratio curve per branch and save it (default: beside the model). -> the file."""
     runs = list(runs)
-    traces = calibration.record(pipe, runs, progress=progress)
-    return calibration.save(find_transformer(pipe), TECHNIQUE, {**runs_summary(runs), **fit(traces)}, path)
+    traces = recording.record(pipe, runs, progress=progress)
+    return calibration.save(find_transformer(pipe), TECHNIQUE, {**calibration.runs_summary(runs), **fit(traces)}, path)
 
 
 def describe_calibration(data: dict) -> str:
@@ -133,6 +124,7 @@ def apply(model: torch.nn.Module, config: MagCacheConfig) -> Handle:
     return install(model, MagCache(config, data["ratios"]))
 
 
-register(MagCacheConfig, apply)
+CALIBRATION = Calibration(TECHNIQUE, calibrate, describe_calibration)
+register(MagCacheConfig, apply, CALIBRATION)
 
 __all__ = ["MagCacheConfig", "apply", "calibrate"]

@@ -74,7 +74,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -90,8 +90,10 @@ from diffusers.hooks import (
 from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS, _ATTENTION_CLASSES, _FEEDFORWARD_CLASSES
 from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
 
-from cadence.accel.cache import calibration
-from cadence.accel.registry import Handle, TechniqueConfig, register
+from cadence.accel import calibration
+from cadence.accel.cache import magcache
+from cadence.accel.cache.traces import interpolate
+from cadence.accel.registry import Handle, TechniqueConfig, param, register
 
 COUNT_HOOK = "cadence.peer-count"
 METER_HOOK = "cadence.peer-meter"
@@ -167,19 +169,9 @@ class PeerConfig(TechniqueConfig):
 
     level = "step"
 
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> None:
-        pass
-
     def diffusers_config(self, model: torch.nn.Module, peer: "_Peer") -> Any:
         """The diffusers config this peer runs; may set what ``peer`` checks per forward."""
         raise NotImplementedError
-
-    def _require(self, ok: bool, message: str) -> None:
-        if not ok:
-            raise ValueError(f"{self.name}: {message}")
 
 
 @dataclass(frozen=True)
@@ -188,12 +180,11 @@ class FirstBlockCachePeer(PeerConfig):
     summary = ("diffusers' FirstBlockCache (peer): run the first block; reuse the others' residual while the "
                "first block's residual changes by less than threshold")
 
-    threshold: float = field(default=0.05, metadata={
-        "help": "relative mean change of the first block's residual below which the other blocks are skipped "
-                "(0 = always compute)"})
+    threshold: float = param(0.05, "relative mean change of the first block's residual below which the other blocks are skipped "
+                "(0 = always compute)")
 
     def validate(self):
-        self._require(self.threshold >= 0 and math.isfinite(self.threshold),
+        self.require(self.threshold >= 0 and math.isfinite(self.threshold),
                       f"threshold={self.threshold} must be a finite number >= 0")
 
     def diffusers_config(self, model, peer):
@@ -206,20 +197,18 @@ class MagCachePeer(PeerConfig):
     summary = ("diffusers' MagCache (peer): skip the block stack while the accumulated error of the calibrated "
                "residual-magnitude ratios stays under threshold")
 
-    threshold: float = field(default=0.06, metadata={"help": "accumulated error budget before a compute"})
-    max_skip_steps: int = field(default=3, metadata={"help": "most consecutive skipped steps (0 = never skip)"})
-    retention_ratio: float = field(default=0.2, metadata={"help": "fraction of the first steps always computed"})
-    steps: int = field(default=0, metadata={
-        "help": "denoising steps of the run (0 = the calibration's); the ratios are resampled to it"})
-    calibration: str = field(default="", metadata={
-        "help": "cadence magcache calibration file (empty: the one beside the model)"})
+    threshold: float = param(0.06, "accumulated error budget before a compute")
+    max_skip_steps: int = param(3, "most consecutive skipped steps (0 = never skip)")
+    retention_ratio: float = param(0.2, "fraction of the first steps always computed")
+    steps: int = param(0, "denoising steps of the run (0 = the calibration's); the ratios are resampled to it")
+    calibration: str = param("", "cadence magcache calibration file (empty: the one beside the model)")
 
     def validate(self):
-        self._require(self.threshold >= 0 and math.isfinite(self.threshold),
+        self.require(self.threshold >= 0 and math.isfinite(self.threshold),
                       f"threshold={self.threshold} must be a finite number >= 0")
-        self._require(self.max_skip_steps >= 0, f"max_skip_steps={self.max_skip_steps} must be >= 0")
-        self._require(0 <= self.retention_ratio <= 1, f"retention_ratio={self.retention_ratio} must be in [0, 1]")
-        self._require(self.steps == 0 or self.steps >= 2,
+        self.require(self.max_skip_steps >= 0, f"max_skip_steps={self.max_skip_steps} must be >= 0")
+        self.require(0 <= self.retention_ratio <= 1, f"retention_ratio={self.retention_ratio} must be in [0, 1]")
+        self.require(self.steps == 0 or self.steps >= 2,
                       f"steps={self.steps} must be >= 2, or 0 for the calibration's")
 
     def mag_ratios(self, model) -> tuple[list[float], int]:
@@ -228,7 +217,7 @@ class MagCachePeer(PeerConfig):
         data = calibration.load(model, "magcache", self.calibration)
         curve = data["ratios"]["cond"]  # the change into steps 1..N-1
         steps = self.steps or data["steps"]
-        return [1.0] + calibration.interpolate(curve, steps), steps
+        return [1.0] + interpolate(curve, steps), steps
 
     def diffusers_config(self, model, peer):
         ratios, steps = self.mag_ratios(model)
@@ -244,28 +233,25 @@ class TaylorSeerPeer(PeerConfig):
     summary = ("diffusers' TaylorSeerCache (peer): compute every cache_interval-th step, forecast the attention "
                "(and optionally feed-forward) outputs between by a Taylor series")
 
-    cache_interval: int = field(default=5, metadata={"help": "compute every N-th step after the warm-up (1 = always)"})
-    max_order: int = field(default=1, metadata={"help": "Taylor order of the forecast (0 = plain reuse)"})
-    disable_cache_before_step: int = field(default=3, metadata={"help": "first steps always computed (>= 1)"})
-    disable_cache_after_step: int = field(default=-1, metadata={
-        "help": "steps from this one on always computed (-1 = none)"})
-    taylor_factors_dtype: str = field(default="bfloat16", metadata={
-        "help": f"dtype of the stored Taylor factors: {', '.join(TAYLOR_DTYPES)}"})
-    modules: str = field(default="attention", metadata={
-        "help": "what is forecast: attention (diffusers' default) or attention+ffn (the paper's layout)"})
+    cache_interval: int = param(5, "compute every N-th step after the warm-up (1 = always)")
+    max_order: int = param(1, "Taylor order of the forecast (0 = plain reuse)")
+    disable_cache_before_step: int = param(3, "first steps always computed (>= 1)")
+    disable_cache_after_step: int = param(-1, "steps from this one on always computed (-1 = none)")
+    taylor_factors_dtype: str = param("bfloat16", f"dtype of the stored Taylor factors: {', '.join(TAYLOR_DTYPES)}")
+    modules: str = param("attention", "what is forecast: attention (diffusers' default) or attention+ffn (the paper's layout)")
 
     def validate(self):
-        self._require(self.cache_interval >= 1, f"cache_interval={self.cache_interval} must be >= 1")
-        self._require(0 <= self.max_order <= 4, f"max_order={self.max_order} must be in 0..4")
+        self.require(self.cache_interval >= 1, f"cache_interval={self.cache_interval} must be >= 1")
+        self.require(0 <= self.max_order <= 4, f"max_order={self.max_order} must be in 0..4")
         # Step 0 would forecast from nothing: diffusers raises "Cannot predict without prior initialization".
-        self._require(self.disable_cache_before_step >= 1,
+        self.require(self.disable_cache_before_step >= 1,
                       f"disable_cache_before_step={self.disable_cache_before_step} must be >= 1 (a forecast needs a "
                       "computed step)")
-        self._require(self.disable_cache_after_step >= -1,
+        self.require(self.disable_cache_after_step >= -1,
                       f"disable_cache_after_step={self.disable_cache_after_step} must be >= 0, or -1 for none")
-        self._require(self.taylor_factors_dtype in TAYLOR_DTYPES,
+        self.require(self.taylor_factors_dtype in TAYLOR_DTYPES,
                       f"taylor_factors_dtype={self.taylor_factors_dtype!r} must be one of {', '.join(TAYLOR_DTYPES)}")
-        self._require(self.modules in ("attention", "attention+ffn"),
+        self.require(self.modules in ("attention", "attention+ffn"),
                       f"modules={self.modules!r} must be 'attention' or 'attention+ffn'")
 
     def identifiers(self, model) -> tuple[list[str], list[str]]:
@@ -307,29 +293,23 @@ class FasterCachePeer(PeerConfig):
     summary = ("diffusers' FasterCache (peer): compute self-attention every N-th step inside a timestep range, "
                "extrapolate it from the last two in between")
 
-    spatial_skip_range: int = field(default=2, metadata={
-        "help": "compute self-attention every N-th step inside the range (1 = always)"})
-    timestep_skip_high: int = field(default=681, metadata={
-        "help": "attention is skipped at timesteps in (-1, this); must stay below the first step's 1000"})
-    attention_weight: float = field(default=0.3, metadata={
-        "help": "w in output = o_t + w (o_t - o_t-1) on skipped calls"})
-    uncond_skip_range: int = field(default=1, metadata={
-        "help": "CFG-Cache: compute the uncond branch every N-th step (1 = off; diffusers' guide uses 5, which "
-                "needs [uncond, cond] batched in one forward)"})
-    uncond_timestep_skip_high: int = field(default=781, metadata={
-        "help": "CFG-Cache skips the uncond branch at timesteps in (-1, this)"})
-    per_branch: bool = field(default=False, metadata={
-        "help": "one attention cache per CFG branch (default false: diffusers' shared one, as shipped; see peers.py)"})
+    spatial_skip_range: int = param(2, "compute self-attention every N-th step inside the range (1 = always)")
+    timestep_skip_high: int = param(681, "attention is skipped at timesteps in (-1, this); must stay below the first step's 1000")
+    attention_weight: float = param(0.3, "w in output = o_t + w (o_t - o_t-1) on skipped calls")
+    uncond_skip_range: int = param(1, "CFG-Cache: compute the uncond branch every N-th step (1 = off; diffusers' guide uses 5, which "
+                "needs [uncond, cond] batched in one forward)")
+    uncond_timestep_skip_high: int = param(781, "CFG-Cache skips the uncond branch at timesteps in (-1, this)")
+    per_branch: bool = param(False, "one attention cache per CFG branch (default false: diffusers' shared one, as shipped; see peers.py)")
 
     def validate(self):
-        self._require(self.spatial_skip_range >= 1, f"spatial_skip_range={self.spatial_skip_range} must be >= 1")
-        self._require(-1 < self.timestep_skip_high <= FIRST_TIMESTEP,
+        self.require(self.spatial_skip_range >= 1, f"spatial_skip_range={self.spatial_skip_range} must be >= 1")
+        self.require(-1 < self.timestep_skip_high <= FIRST_TIMESTEP,
                       f"timestep_skip_high={self.timestep_skip_high} must be in (-1, {FIRST_TIMESTEP}]: diffusers' "
                       "FasterCache fails (TypeError) when the first step falls inside the skip range")
-        self._require(math.isfinite(self.attention_weight) and self.attention_weight >= 0,
+        self.require(math.isfinite(self.attention_weight) and self.attention_weight >= 0,
                       f"attention_weight={self.attention_weight} must be a finite number >= 0")
-        self._require(self.uncond_skip_range >= 1, f"uncond_skip_range={self.uncond_skip_range} must be >= 1")
-        self._require(-1 < self.uncond_timestep_skip_high <= FIRST_TIMESTEP,
+        self.require(self.uncond_skip_range >= 1, f"uncond_skip_range={self.uncond_skip_range} must be >= 1")
+        self.require(-1 < self.uncond_timestep_skip_high <= FIRST_TIMESTEP,
                       f"uncond_timestep_skip_high={self.uncond_timestep_skip_high} must be in (-1, {FIRST_TIMESTEP}]")
 
     def diffusers_config(self, model, peer):
@@ -371,23 +351,20 @@ class PyramidAttentionBroadcastPeer(PeerConfig):
     summary = ("diffusers' PyramidAttentionBroadcast (peer): inside a timestep range, compute each attention every "
                "N-th step and broadcast its last output in between")
 
-    spatial_skip_range: int = field(default=2, metadata={
-        "help": "self-attention computed every N-th step in the range (1 = always, 0 = not hooked)"})
-    temporal_skip_range: int = field(default=0, metadata={
-        "help": "temporal attention, likewise (0 = not hooked; Wan and FLUX have none)"})
-    cross_skip_range: int = field(default=0, metadata={"help": "cross-attention, likewise (0 = not hooked)"})
-    timestep_skip_low: int = field(default=100, metadata={"help": "attention may be skipped at timesteps > this"})
-    timestep_skip_high: int = field(default=800, metadata={"help": "... and < this"})
-    per_branch: bool = field(default=False, metadata={
-        "help": "one attention cache per CFG branch (default false: diffusers' shared one, as shipped; see peers.py)"})
+    spatial_skip_range: int = param(2, "self-attention computed every N-th step in the range (1 = always, 0 = not hooked)")
+    temporal_skip_range: int = param(0, "temporal attention, likewise (0 = not hooked; Wan and FLUX have none)")
+    cross_skip_range: int = param(0, "cross-attention, likewise (0 = not hooked)")
+    timestep_skip_low: int = param(100, "attention may be skipped at timesteps > this")
+    timestep_skip_high: int = param(800, "... and < this")
+    per_branch: bool = param(False, "one attention cache per CFG branch (default false: diffusers' shared one, as shipped; see peers.py)")
 
     def validate(self):
         ranges = {"spatial_skip_range": self.spatial_skip_range, "temporal_skip_range": self.temporal_skip_range,
                   "cross_skip_range": self.cross_skip_range}
         for key, value in ranges.items():
-            self._require(value >= 0, f"{key}={value} must be >= 1, or 0 to leave that attention alone")
-        self._require(any(ranges.values()), "at least one of spatial/temporal/cross_skip_range must be >= 1")
-        self._require(self.timestep_skip_low < self.timestep_skip_high,
+            self.require(value >= 0, f"{key}={value} must be >= 1, or 0 to leave that attention alone")
+        self.require(any(ranges.values()), "at least one of spatial/temporal/cross_skip_range must be >= 1")
+        self.require(self.timestep_skip_low < self.timestep_skip_high,
                       f"timestep_skip_low={self.timestep_skip_low} must be below "
                       f"timestep_skip_high={self.timestep_skip_high}")
 
@@ -553,7 +530,8 @@ def apply(model: torch.nn.Module, config: PeerConfig) -> Handle:
 PEERS: tuple[type[PeerConfig], ...] = (
     FirstBlockCachePeer, MagCachePeer, TaylorSeerPeer, FasterCachePeer, PyramidAttentionBroadcastPeer)
 for _config in PEERS:
-    register(_config, apply)
+    # diffusers' MagCache reads the magnitude curve cadence's MagCache calibrates.
+    register(_config, apply, magcache.CALIBRATION if _config is MagCachePeer else None)
 
 __all__ = ["PEERS", "PeerConfig", "FirstBlockCachePeer", "MagCachePeer", "TaylorSeerPeer", "FasterCachePeer",
            "PyramidAttentionBroadcastPeer", "apply", "work_modules"]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cadence.accel.cache._base import Policy, StepPolicyConfig, install
-from cadence.accel.registry import Handle, register
+from cadence.accel.registry import Handle, param, register
 
 
 @dataclass(frozen=True)
@@ -25,14 +25,8 @@ class TaylorSeerConfig(StepPolicyConfig):
     name = "taylorseer"
     summary = "TaylorSeer: compute every N-th step, forecast the residual between by a Taylor expansion"
 
-    interval: int = field(default=3, metadata={"help": "compute every N-th step"})
-    order: int = field(default=1, metadata={"help": "Taylor order of the forecast, 0 (plain reuse) to 2"})
-
-    def validate(self):
-        if self.interval < 1:
-            raise ValueError(f"taylorseer: interval={self.interval} must be >= 1")
-        if self.order not in (0, 1, 2):
-            raise ValueError(f"taylorseer: order={self.order} must be 0, 1 or 2")
+    interval: int = param(3, "compute every N-th step", low=1)
+    order: int = param(1, "Taylor order of the forecast, 0 (plain reuse) to 2", choices=(0, 1, 2))
 
 
 def divided_differences(points: list[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:

@@ -17,15 +17,16 @@ both guard against a degree-4 fit that goes wrong where it has no data that matt
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cadence.accel.cache import calibration
+from cadence.accel import calibration
+from cadence.accel.cache import traces as recording
 from cadence.accel.cache._base import Policy, StepPolicyConfig, install
-from cadence.accel.registry import Handle, register
+from cadence.accel.registry import Calibration, Handle, param, register
 from cadence.models import find_transformer
 
 DEGREE = 4  # as the paper's published coefficients
@@ -41,14 +42,10 @@ class TeaCacheConfig(StepPolicyConfig):
     # 0.06: on ref-video (20 steps, 8 held-out prompts) 0.70 of the work at 36.8 dB PSNR, the
     # last threshold before the frontier drops to fixed-interval's level (0.07: 0.62 at 30.3 dB;
     # fixed-interval(interval=2): 0.55 at 29.8 dB). ref-image: 0.60 at 35.7 dB. benchmarks/RESULTS.md
-    threshold: float = field(default=0.06, metadata={
-        "help": "compute when the accumulated rescaled input change reaches this (0 = every step)"})
-    calibration: str = field(default="", metadata={
-        "help": "calibration file; '' = calibration/teacache.json beside the model (cadence calibrate)"})
-
-    def validate(self):
-        if not self.threshold >= 0:  # also refuses NaN
-            raise ValueError(f"teacache: threshold={self.threshold} must be >= 0")
+    threshold: float = param(0.06, "compute when the accumulated rescaled input change reaches this (0 = every step)",
+                             low=0)
+    calibration: str = param("", "calibration file; '' = calibration/teacache.json beside the model (cadence "
+                                 "calibrate)")
 
 
 @dataclass
@@ -93,7 +90,7 @@ class TeaCache(Policy):
         modulated = self._observe(state, probe)
         if previous is None or previous.shape != modulated.shape:
             return math.inf
-        state.accumulated += self.rescale(calibration.relative_l1(modulated, previous))
+        state.accumulated += self.rescale(recording.relative_l1(modulated, previous))
         return state.accumulated
 
     def threshold(self):
@@ -109,7 +106,7 @@ class TeaCache(Policy):
         state.accumulated = 0.0
 
 
-def fit(traces: list[calibration.Trace]) -> dict:
+def fit(traces: list[recording.Trace]) -> dict:
     """``np.polyfit(modulated_l1, output_l1, 4)`` over the step transitions of every trace
     but the one into the last step. That step always computes, so its pair never informs a
     decision, and there the output jumps (rel-L1 0.78 on ref-video, 0.83 on ref-image,
@@ -137,24 +134,12 @@ def fit(traces: list[calibration.Trace]) -> dict:
     }
 
 
-def runs_summary(runs: list[dict]) -> dict:
-    """What a calibration was recorded on: the prompts, the step count, the guidance scale."""
-
-    def setting(*names):
-        values = sorted({next((run[n] for n in names if run.get(n) is not None), None) for run in runs} - {None})
-        return values[0] if len(values) == 1 else values
-
-    prompts = [run["prompt"] for run in runs if isinstance(run.get("prompt"), str)]
-    steps, guidance_scale = setting("num_inference_steps", "steps"), setting("guidance_scale")
-    return {"prompts": prompts, "steps": steps, "guidance_scale": guidance_scale}
-
-
 def calibrate(pipe, runs, path=None, progress=None) -> Path:
     """Record ``pipe(**run)`` for each run with every forward computed, fit the rescaling
     polynomial and save it (default: beside the model). -> the file written."""
     runs = list(runs)
-    traces = calibration.record(pipe, runs, progress=progress)
-    return calibration.save(find_transformer(pipe), TECHNIQUE, {**fit(traces), **runs_summary(runs)}, path)
+    traces = recording.record(pipe, runs, progress=progress)
+    return calibration.save(find_transformer(pipe), TECHNIQUE, {**fit(traces), **calibration.runs_summary(runs)}, path)
 
 
 def describe_calibration(data: dict) -> str:
@@ -169,6 +154,6 @@ def apply(model: torch.nn.Module, config: TeaCacheConfig) -> Handle:
     return install(model, TeaCache(config, Rescaler(data["coefficients"], data["input_range"][1])))
 
 
-register(TeaCacheConfig, apply)
+register(TeaCacheConfig, apply, Calibration(TECHNIQUE, calibrate, describe_calibration))
 
 __all__ = ["TeaCacheConfig", "apply", "calibrate"]

@@ -8,18 +8,18 @@ freed) and put back by ``remove()``: the model comes back bit-identical.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from tqdm.auto import tqdm
 
-from cadence.accel.quant import formats
-from cadence.accel.quant.linear import KERNELS, MODES, W8A8, QuantLinear, fast_path_available, group_of
-from cadence.accel.cache.calibration import model_identity
-from cadence.accel.registry import Handle, TechniqueConfig
+from cadence.accel.calibration import model_identity
+from cadence.accel.quant import calibration, formats
+from cadence.accel.quant.linear import KERNELS, W8A8, QuantLinear, fast_path_available, group_of
+from cadence.accel.registry import Handle, TechniqueConfig, param
 from cadence.context import attach_context, detach_context
-from cadence.models import adapter_for
+from cadence.models import quantizable_linears
 
 TIMESTEP_PATHS = ("full", "quantize")
 ACTIVATIONS = ("dynamic", "static")
@@ -32,28 +32,17 @@ class QuantConfig(TechniqueConfig):
 
     level = "bit"
 
-    timestep_path: str = field(default="full", metadata={
-        "help": "full: the AdaLN modulation linears (fed by the timestep embedding) stay in full precision, as "
-                "TFMQ-DM advises; quantize: they are quantized too"})
-    calibration: str = field(default="", metadata={
-        "help": "activation calibration file (default: calibration/activations.json beside the model)"})
-    checkpoint: str = field(default="", metadata={
-        "help": "load quantized weights saved by `cadence quantize` instead of quantizing"})
-    offload: bool = field(default=True, metadata={
-        "help": "move the float weights to the CPU while quantized (frees their GPU memory; remove() restores)"})
-    kernel: str = field(default="auto", metadata={"help": f"one of {', '.join(KERNELS)}"})
-    check_finite: bool = field(default=True, metadata={
-        "help": "raise on NaN/Inf entering a quantized layer (one device sync per transformer forward)"})
-
-    def __post_init__(self):
-        if self.timestep_path not in TIMESTEP_PATHS:
-            raise ValueError(f"{self.name}: timestep_path={self.timestep_path!r}; valid: {', '.join(TIMESTEP_PATHS)}")
-        if self.kernel not in KERNELS:
-            raise ValueError(f"{self.name}: kernel={self.kernel!r}; valid: {', '.join(KERNELS)}")
-        self.validate()
-
-    def validate(self) -> None:
-        pass
+    timestep_path: str = param("full", "full: the AdaLN modulation linears (fed by the timestep embedding) stay in "
+                                       "full precision, as TFMQ-DM advises; quantize: they are quantized too",
+                               choices=TIMESTEP_PATHS)
+    calibration: str = param("", "activation calibration file (default: calibration/activations.json beside the model)")
+    checkpoint: str = param("", "load quantized weights saved by `cadence quantize` instead of quantizing")
+    offload: bool = param(True, "move the float weights to the CPU while quantized (frees their GPU memory; remove() "
+                                "restores)")
+    kernel: str = param("auto", "native: the fast kernel; reference: its plain PyTorch emulation; auto: native where "
+                                "it runs", choices=KERNELS)
+    check_finite: bool = param(True, "raise on NaN/Inf entering a quantized layer (one device sync per transformer "
+                                     "forward)")
 
     mode: ClassVar[str]  # the QuantLinear mode of every layer (mixed: chosen per layer)
 
@@ -62,34 +51,9 @@ class QuantConfig(TechniqueConfig):
         return getattr(self, "smooth", 0.0) > 0 or getattr(self, "activations", "dynamic") == "static"
 
 
-def check_common(config, *, smooth=True, activations=True, group=False, rank=False) -> None:
-    name = config.name
-    if smooth and not 0.0 <= config.smooth <= 1.0:
-        raise ValueError(f"{name}: smooth={config.smooth} (SmoothQuant's migration strength alpha) must be in [0, 1]")
-    if activations and config.activations not in ACTIVATIONS:
-        raise ValueError(f"{name}: activations={config.activations!r}; valid: {', '.join(ACTIVATIONS)}")
-    if group and config.group not in GROUPS:
-        raise ValueError(f"{name}: group={config.group}; valid: {', '.join(map(str, GROUPS))}")
-    if rank and not 0 <= config.rank <= 256:
-        raise ValueError(f"{name}: rank={config.rank} must be an integer in [0, 256]")
-
-
-def quantizable_linears(model: torch.nn.Module, timestep_path: str = "full") -> dict[str, torch.nn.Linear]:
-    """The linears of the transformer blocks, by name in the model. With ``timestep_path=
-    'full'`` the AdaLN modulation linears (``norm*.linear``, fed by the timestep embedding)
-    are left out: TFMQ-DM finds the timestep features the most quantization-sensitive part
-    of a diffusion model, and they are a one-row matmul per sample, so nothing is gained."""
-    adapter = adapter_for(model)
-    block_ids = {id(block) for block in adapter.blocks}
-    prefixes = [name + "." for name, module in model.named_modules() if id(module) in block_ids]
-    found = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or not any(name.startswith(p) for p in prefixes):
-            continue
-        if timestep_path == "full" and any(part.startswith("norm") for part in name.split(".")[:-1]):
-            continue
-        found[name] = module
-    return found
+def smooth_param(default: float, needs: str) -> float:
+    """SmoothQuant's migration strength alpha (0: off), shared by the W8A8 and FP4 configs."""
+    return param(default, f"SmoothQuant migration strength alpha (0: off; > 0 {needs})", low=0, high=1)
 
 
 def unsupported(linear: torch.nn.Linear, mode: str, group: int) -> str:
@@ -144,7 +108,7 @@ class Quantization:
             for index, module in enumerate(self._quantized().values()):
                 module.monitor = self.flags[index:index + 1]
             self.context = attach_context(model)
-            self.context._interceptors.append(self)
+            self.context.add_interceptor(self)
 
     def _quantized(self) -> dict[str, QuantLinear]:
         return {name: self.model.get_submodule(name) for name in self.modes}
@@ -204,7 +168,7 @@ class Quantization:
         if getattr(self.model, "_cadence_quantization", None) is self:
             del self.model._cadence_quantization
         if self.context is not None:
-            self.context._interceptors.remove(self)
+            self.context.remove_interceptor(self)
             detach_context(self.model)
             self.context = None
 
@@ -229,8 +193,6 @@ class Quantization:
 def uniform_plan(model: torch.nn.Module, config: QuantConfig, mode: str) -> dict[str, dict]:
     """Every quantizable linear in ``mode``, with the calibrated smoothing and static scale
     where the config asks for them."""
-    from cadence.accel.quant import calibration
-
     linears = quantizable_linears(model, config.timestep_path)
     stats = calibration.load_activations(model, config.calibration) if config.needs_calibration else None
     plan = {}

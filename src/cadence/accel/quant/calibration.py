@@ -19,12 +19,13 @@ from typing import Any, Iterable
 
 import torch
 
-from cadence.accel.cache import calibration as files
-from cadence.accel.quant._base import quantizable_linears
+from cadence.accel import calibration as files
+from cadence.accel.registry import Calibration
 from cadence.context import attach_context, detach_context
-from cadence.models import find_transformer
+from cadence.models import find_transformer, quantizable_linears
 
 TECHNIQUE = "activations"
+
 
 
 def record_activations(pipe, runs: Iterable[dict[str, Any]], progress=None) -> dict[str, dict]:
@@ -104,3 +105,7 @@ def smoothing_factors(channel_absmax: torch.Tensor, weight: torch.Tensor, alpha:
     """SmoothQuant: s_j = max|X_j|^alpha / max|W_:,j|^(1 - alpha), per input channel j."""
     weight_absmax = weight.abs().amax(dim=0).float().clamp_min(1e-5)
     return (channel_absmax.clamp_min(1e-5) ** alpha / weight_absmax ** (1 - alpha)).clamp_min(1e-5)
+
+
+# The FP8, INT8 and FP4 techniques read the same measurement (SmoothQuant factors, static scales).
+ACTIVATION_RANGES = Calibration(TECHNIQUE, calibrate, describe_calibration)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from cadence.accel.cache.calibration import model_identity
+from cadence.accel.calibration import model_identity
 from cadence.accel.quant.linear import QuantLinear
 
 FORMAT = "cadence-quantized-linears/1"

@@ -11,25 +11,19 @@ quantized. ``smooth`` migrates activation outliers into the weight first, as SVD
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from cadence.accel.quant.calibration import calibrate, describe_calibration  # noqa: F401 (cadence calibrate)
-from cadence.accel.quant._base import QuantConfig, check_common, install
-from cadence.accel.registry import Handle, register
-
-_RANK_HELP = "SVDQuant low-rank branch kept in full precision (0: off; 32 in the paper)"
-_SMOOTH_HELP = "outlier migration strength alpha in [0, 1] (> 0 needs the activation calibration)"
+from cadence.accel.quant._base import QuantConfig, install, smooth_param
+from cadence.accel.quant.calibration import ACTIVATION_RANGES
+from cadence.accel.registry import Handle, param, register
 
 
 @dataclass(frozen=True)
 class _FP4Config(QuantConfig):
-    rank: int = field(default=0, metadata={"help": _RANK_HELP})
-    smooth: float = field(default=0.0, metadata={"help": _SMOOTH_HELP})
-
-    def validate(self):
-        check_common(self, activations=False, rank=True)
+    rank: int = param(0, "SVDQuant low-rank branch kept in full precision (0: off; 32 in the paper)", low=0, high=256)
+    smooth: float = smooth_param(0.0, "needs the activation calibration")
 
 
 @dataclass(frozen=True)
@@ -50,7 +44,7 @@ def apply(model: torch.nn.Module, config: QuantConfig) -> Handle:
     return install(model, config)
 
 
-register(NVFP4Config, apply)
-register(MXFP4Config, apply)
+register(NVFP4Config, apply, ACTIVATION_RANGES)
+register(MXFP4Config, apply, ACTIVATION_RANGES)
 
 __all__ = ["MXFP4Config", "NVFP4Config", "apply"]

@@ -18,18 +18,18 @@ budget.
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
-from cadence.accel.cache import calibration as files
-from cadence.accel.quant._base import QuantConfig, install, quantizable_linears, unsupported
+from cadence.accel import calibration as files
+from cadence.accel.quant._base import GROUPS, QuantConfig, install, unsupported
 from cadence.accel.quant.linear import MODES, QuantLinear, group_of
-from cadence.accel.registry import Handle, register
+from cadence.accel.registry import Calibration, Handle, param, register
 from cadence.context import attach_context, detach_context
-from cadence.models import find_transformer
+from cadence.models import find_transformer, quantizable_linears
 
 TECHNIQUE = "sensitivity"
 FULL = "bf16"  # the layer keeps its float weight; accounted at 2 bytes a weight
@@ -195,25 +195,20 @@ class MixedConfig(QuantConfig):
     summary = "a precision per linear from measured sensitivity, under a memory or an error budget (MixDQ)"
     mode = "mixed"
 
-    memory: float = field(default=0.3, metadata={
-        "help": "weight memory of the quantizable linears, as a fraction of bf16 (0: use error instead)"})
-    error: float = field(default=0.0, metadata={
-        "help": "summed relative squared error of the guided prediction allowed (used when memory=0)"})
-    formats: str = field(default=",".join(DEFAULT_FORMATS), metadata={
-        "help": f"comma-separated choices among {', '.join(CHOICES)}"})
-    group: int = field(default=128, metadata={"help": "input channels per scale of the group-wise formats"})
-    sensitivity: str = field(default="", metadata={
-        "help": "sensitivity file (default: calibration/sensitivity.json beside the model)"})
+    memory: float = param(0.3, "weight memory of the quantizable linears, as a fraction of bf16 (0: use error instead)")
+    error: float = param(0.0, "summed relative squared error of the guided prediction allowed (used when memory=0)")
+    formats: str = param(",".join(DEFAULT_FORMATS), f"comma-separated choices among {', '.join(CHOICES)}")
+    group: int = param(128, "input channels per scale of the group-wise formats", choices=GROUPS)
+    sensitivity: str = param("", "sensitivity file (default: calibration/sensitivity.json beside the model)")
 
     def validate(self):
         unknown = [f for f in self.format_list if f not in CHOICES]
-        if unknown or not self.format_list:
-            raise ValueError(f"{self.name}: formats={self.formats!r} has {unknown or 'no formats'}; valid: {', '.join(CHOICES)}")
-        if (self.memory > 0) == (self.error > 0) or self.memory < 0 or self.error < 0:
-            raise ValueError(f"{self.name}: give one budget: memory in (0, 1] (a fraction of the bf16 weight "
-                             f"memory) or error > 0 with memory=0; got memory={self.memory}, error={self.error}")
-        if self.memory > 1:
-            raise ValueError(f"{self.name}: memory={self.memory} must be in (0, 1]")
+        self.require(self.format_list and not unknown,
+                     f"formats={self.formats!r} has {unknown or 'no formats'}; valid: {', '.join(CHOICES)}")
+        self.require((self.memory > 0) != (self.error > 0) and self.memory >= 0 and self.error >= 0,
+                     "give one budget: memory in (0, 1] (a fraction of the bf16 weight memory) or error > 0 with "
+                     f"memory=0; got memory={self.memory}, error={self.error}")
+        self.require(self.memory <= 1, f"memory={self.memory} must be in (0, 1]")
 
     @property
     def format_list(self) -> tuple[str, ...]:
@@ -246,6 +241,6 @@ def apply(model: torch.nn.Module, config: MixedConfig) -> Handle:
     return install(model, config, None if config.checkpoint else plan(model, config))
 
 
-register(MixedConfig, apply)
+register(MixedConfig, apply, Calibration(TECHNIQUE, calibrate, describe_calibration))
 
 __all__ = ["MixedConfig", "allocate", "apply", "layer_bytes", "measure_sensitivity"]

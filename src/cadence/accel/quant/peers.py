@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from cadence.accel.cache.calibration import model_identity
-from cadence.accel.quant._base import QuantConfig, quantizable_linears, refuse_second
+from cadence.accel.calibration import model_identity
+from cadence.accel.quant._base import QuantConfig, refuse_second
 from cadence.accel.registry import Handle, register
+from cadence.models import quantizable_linears
 
 
 def _torchao_config(name: str):

@@ -9,16 +9,16 @@ tensor from the calibration (``static``), the maximum over every calibrated time
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from cadence.accel.quant.calibration import calibrate, describe_calibration  # noqa: F401 (cadence calibrate)
-from cadence.accel.quant._base import ACTIVATIONS, QuantConfig, check_common, install
-from cadence.accel.registry import Handle, register
+from cadence.accel.quant._base import ACTIVATIONS, QuantConfig, install, smooth_param
+from cadence.accel.quant.calibration import ACTIVATION_RANGES
+from cadence.accel.registry import Handle, param, register
 
-_ACTIVATIONS_HELP = f"one of {', '.join(ACTIVATIONS)}: a scale per token, or one per tensor from the calibration"
-_SMOOTH_HELP = "SmoothQuant migration strength alpha in [0, 1] (0: off; > 0 needs the activation calibration)"
+_ACTIVATIONS_HELP = "dynamic: a scale per token; static: one per tensor, from the activation calibration"
+_SMOOTH_NEEDS = "needs the activation calibration"
 
 
 @dataclass(frozen=True)
@@ -27,11 +27,8 @@ class FP8Config(QuantConfig):
     summary = "FP8 e4m3 weights (per channel) and activations (per token), torch._scaled_mm"
     mode = "fp8"
 
-    activations: str = field(default="dynamic", metadata={"help": _ACTIVATIONS_HELP})
-    smooth: float = field(default=0.0, metadata={"help": _SMOOTH_HELP})
-
-    def validate(self):
-        check_common(self)
+    activations: str = param("dynamic", _ACTIVATIONS_HELP, choices=ACTIVATIONS)
+    smooth: float = smooth_param(0.0, _SMOOTH_NEEDS)
 
 
 @dataclass(frozen=True)
@@ -41,14 +38,14 @@ class Int8Config(FP8Config):
     mode = "int8"
 
     # 0.5: SmoothQuant's default, balanced difficulty between weights and activations.
-    smooth: float = field(default=0.5, metadata={"help": _SMOOTH_HELP})
+    smooth: float = smooth_param(0.5, _SMOOTH_NEEDS)
 
 
 def apply(model: torch.nn.Module, config: QuantConfig) -> Handle:
     return install(model, config)
 
 
-register(FP8Config, apply)
-register(Int8Config, apply)
+register(FP8Config, apply, ACTIVATION_RANGES)
+register(Int8Config, apply, ACTIVATION_RANGES)
 
 __all__ = ["FP8Config", "Int8Config", "apply"]

@@ -7,12 +7,12 @@ group of ``group`` input channels, two codes a byte: 4.25 bits a weight at group
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from cadence.accel.quant._base import GROUPS, QuantConfig, check_common, install
-from cadence.accel.registry import Handle, register
+from cadence.accel.quant._base import GROUPS, QuantConfig, install
+from cadence.accel.registry import Handle, param, register
 
 
 @dataclass(frozen=True)
@@ -21,9 +21,6 @@ class WeightInt8Config(QuantConfig):
     summary = "INT8 weights (per channel), activations untouched: half the weight memory"
     mode = "weight-int8"
 
-    def validate(self):
-        check_common(self, smooth=False, activations=False)
-
 
 @dataclass(frozen=True)
 class WeightInt4Config(QuantConfig):
@@ -31,10 +28,7 @@ class WeightInt4Config(QuantConfig):
     summary = "INT4 weights, asymmetric per group: about a quarter of the weight memory"
     mode = "weight-int4"
 
-    group: int = field(default=128, metadata={"help": f"input channels per scale, one of {', '.join(map(str, GROUPS))}"})
-
-    def validate(self):
-        check_common(self, smooth=False, activations=False, group=True)
+    group: int = param(128, "input channels per scale", choices=GROUPS)
 
 
 def apply(model: torch.nn.Module, config: QuantConfig) -> Handle:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from cadence.accel.quant._attention_triton import (  # noqa: E402
+from cadence.accel.attention._sage_triton import (  # noqa: E402
     KernelConfig,
     _launch,
     dequantize,

@@ -1,76 +1,19 @@
-"""Offline calibration for the caching policies that need it (TeaCache's polynomial,
-MagCache's magnitude curve, ERTACache's profile): record, on a few prompts with every
-forward computed, how the first block's modulated input, the block-stack residual and
-the model output change from step to step; save what a policy fits from that beside the
-model, tagged with the model's identity so that it is never used on another model.
-
-Calibration files live in ``<transformer dir>/calibration/<technique>.json`` (for the
-reference models: inside the package), or wherever ``calibration=PATH`` points.
+"""What the calibrated step policies fit from (TeaCache's polynomial, MagCache's magnitude
+curve, ERTACache's profile): recorded on a few prompts with every forward computed, how
+the first block's modulated input, the block-stack residual and the model output change
+from step to step, per CFG branch. The fitted result is saved through
+:mod:`cadence.accel.calibration`, the store every calibrated technique shares.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
 from cadence.accel.cache._base import Policy, StepPolicyConfig, StepReuse
 from cadence.models import find_transformer
-
-
-def model_identity(model: torch.nn.Module) -> dict:
-    """Class, config digest and a weight fingerprint (robust to dtype and device). A model
-    quantized by cadence answers for its float weights, so calibrations still match it."""
-    quantization = getattr(model, "_cadence_quantization", None)
-    if quantization is not None:
-        return quantization.identity
-    config = {k: v for k, v in dict(getattr(model, "config", {})).items() if not k.startswith("_")}
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    with torch.no_grad():
-        probe = sum(float(p.detach().flatten()[:64].float().abs().sum()) for p in model.parameters())
-    return {"class": type(model).__name__, "config": digest, "weights": f"{probe:.4g}"}
-
-
-def default_path(model: torch.nn.Module, technique: str) -> Path | None:
-    source = getattr(getattr(model, "config", None), "_name_or_path", None)
-    return Path(source) / "calibration" / f"{technique}.json" if source else None
-
-
-def save(model: torch.nn.Module, technique: str, data: dict, path: Path | None = None) -> Path:
-    path = Path(path) if path else default_path(model, technique)
-    if path is None:
-        raise ValueError(
-            f"{technique}: the model was not loaded from a directory, so there is no place beside it for the "
-            "calibration; give a path"
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"technique": technique, "model": model_identity(model), **data}, indent=1) + "\n")
-    return path
-
-
-def load(model: torch.nn.Module, technique: str, path: str = "") -> dict:
-    """The calibration of ``technique`` for ``model``; refuses one made for another model."""
-    where = Path(path) if path else default_path(model, technique)
-    if where is None or not where.is_file():
-        raise ValueError(
-            f"{technique}: no calibration for this {type(model).__name__} "
-            f"({'looked in ' + str(where) if where else 'it was not loaded from a directory'}); run "
-            f"`cadence calibrate --model MODEL --technique {technique}`, or pass calibration=PATH"
-        )
-    data = json.loads(where.read_text())
-    if data.get("technique") != technique:
-        raise ValueError(f"{technique}: {where} is a calibration for {data.get('technique')!r}, not {technique!r}")
-    identity = model_identity(model)
-    if data.get("model") != identity:
-        raise ValueError(
-            f"{technique}: calibration {where} was made for another model ({data.get('model')}); this model is "
-            f"{identity}. Recalibrate with `cadence calibrate --technique {technique}`"
-        )
-    return data
 
 
 @dataclass(frozen=True)
@@ -162,7 +105,7 @@ def record(pipe, runs: Iterable[dict[str, Any]], keep_residuals: bool = False, p
     recorder = _Recorder(keep_residuals)
     reuse = StepReuse(model, recorder, "cadence.calibration-record")
     tap = _OutputTap(recorder)
-    reuse.context._interceptors.append(tap)
+    reuse.context.add_interceptor(tap)
     try:
         with torch.no_grad():
             for run in runs:
@@ -171,7 +114,7 @@ def record(pipe, runs: Iterable[dict[str, Any]], keep_residuals: bool = False, p
                 if progress is not None:
                     progress.update()
     finally:
-        reuse.context._interceptors.remove(tap)
+        reuse.context.remove_interceptor(tap)
         reuse.remove()
     return recorder.traces
 
