@@ -7,7 +7,10 @@ from pathlib import Path
 
 import click
 
-DEMO_RECIPE = "fixed-interval(interval=2)"  # 1.82x ideal at 20 steps, 34 dB on ref-video: benchmarks/RESULTS.md
+# The simplest policy, needing no calibration, so the demo runs on any checkout; its speed and
+# fidelity on ref-video: benchmarks/RESULTS.md, "Caching policies and diffusers' hooks on the
+# reference models".
+DEMO_RECIPE = "fixed-interval(interval=2)"
 
 
 def _quiet():

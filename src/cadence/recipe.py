@@ -18,7 +18,7 @@ from typing import Any, Iterable
 
 import tomli_w
 
-from cadence.accel.registry import Handle, TechniqueConfig, get_technique, load_builtin
+from cadence.accel.registry import LEVELS, Handle, TechniqueConfig, get_technique, load_builtin
 from cadence.context import get_context
 from cadence.models import find_transformer
 
@@ -142,10 +142,11 @@ HINTS = {
     "bit": "; for a precision per layer use mixed",
     "token": "; a sparse pattern runs its own kernel: sparse and low-precision attention do not combine",
 }
-# Whatever order a recipe is written in, its techniques are applied in this one: compile
-# first, so that its hook is the innermost forward of every block and the hooks of the
-# others stay outside the graph; then the module swaps (quantization), then hooks.
-APPLY_ORDER = ("graph", "bit", "token", "step")
+# Whatever order a recipe is written in, its techniques are applied in the order of the
+# registry's LEVELS: compile first, so that its hook is the innermost forward of every block
+# and the hooks of the others stay outside the graph; then the module swaps (quantization),
+# then hooks.
+APPLY_ORDER = LEVELS
 
 
 def _check_compatible(techniques: tuple[TechniqueConfig, ...]) -> None:

@@ -128,8 +128,8 @@ def train(name: str, embeddings: Path, out: Path, settings: TrainSettings, devic
     compiled = settings.compile and device.startswith("cuda")
     if compiled:
         # The eager step is dominated by fp32 norm/modulation elementwise kernels, which this
-        # fuses. With it and the foreach EMA below, ref-video trains at 18.2 instead of 9.2
-        # steps/s on an H100 (benchmarks/RESULTS.md).
+        # fuses; with the foreach EMA below it about doubles the training steps per second
+        # (benchmarks/RESULTS.md, "Training the reference models").
         transformer.compile_repeated_blocks()
     ema = model.build().to(device).eval().requires_grad_(False)
     ema.load_state_dict(transformer.state_dict())

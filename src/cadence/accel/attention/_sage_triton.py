@@ -94,23 +94,9 @@ def default_config(head_dim: int, device: torch.device, qk_format: str = "int8",
         return KernelConfig(block_m=32, block_n=16, num_warps=4, num_stages=1, exp="libdevice")
     major, _ = torch.cuda.get_device_capability(device)
     if major >= 9:
-        # H100 SXM, triton 3.6, torch 2.11, B=1 H=12 S=32760 D=128, kernel alone (quantized
-        # inputs), median of 25-30 CUDA-event runs, three runs on 2026-11-23
-        # (benchmarks/quant_attention.py --sweep; the same config moves up to ~4% between
-        # runs). int8 QK / fp8 PV:
-        #   64 x 128, 4 warps, 3 stages           8.50, 8.57, 8.64 ms (fp8 QK 8.53, 8.61)
-        #   same with magic_int8                   8.73, 8.98, 8.96, 8.81: the constant accumulator
-        #                                          costs more than the int -> float conversions
-        #   same, 2 / 4 stages                     9.57 / 12.7 (4 stages: one program per SM)
-        #   same, next Q K^T issued before softmax (pipeline) 9.09, with two_level=False 13.8;
-        #   exp2 in f16x2 9.66; maxnreg 168 9.34; P V accumulated in the MMA
-        #   (two_level=False) 8.54-8.72, rel. L2 0.0393 vs 0.0390
-        #   128 x 128, 8 warps, 3 / 4 stages      9.82 / 9.55;  128 x 256, 8 warps, 2: 9.31
-        #   128 x 64, 8 warps 11.2-11.5;  64 x 64, 4 warps 9.9-10.3;  64 x 256, 4 warps 11.6-13.1
-        #   tl.range(warp_specialize=True): no gain with 8 warps, fails to compile with 4.
-        # bf16 PV: 128 x 64, 8 warps, 2 stages, maxnreg 128: 11.27 (fp8 QK 11.31); 3 stages,
-        # no cap 11.8-12.2; 64 x 128, 4 warps 14.6-15.3; 64 x 64, 4 warps 13.9-15.2.
-        # D = 64: not measured, the same tiles.
+        # The fastest tiles of `benchmarks/quant_attention.py --sweep` on an H100 at Wan2.1-1.3B
+        # size (D = 128; D = 64 not measured, the same tiles); the sweep, and why magic_int8
+        # and the other variants lost: benchmarks/RESULTS.md, "Kernel tile sweeps".
         if pv_format == "fp8":
             return KernelConfig(64, 128, 4, 3, magic_int8=False, exp="ftz")
         return KernelConfig(128, 64, 8, 2, magic_int8=False, exp="ftz", maxnreg=128)

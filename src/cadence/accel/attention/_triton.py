@@ -49,13 +49,9 @@ def default_config(head_dim: int, block_size: int, device: torch.device) -> Kern
         return KernelConfig(block_m=min(block_size, 32), block_n=min(block_size, 16), tma=False)
     major, _ = torch.cuda.get_device_capability(device)
     if major >= 9:
-        # H100, triton 3.6, bf16, S = 32760, 128-token blocks at density 0.1 (the --sweep of
-        # benchmarks/attention_kernels.py). D = 128: 128 x 128 tiles, 8 warps, 2 stages 1.51 ms
-        # (3 stages 1.52, TMA 1.55); 128 x 64 1.62-1.83; BLOCK_M = 64 1.54-1.61; 16 warps 2.3.
-        # D = 64: 128 x 64, 8 warps, 3 stages, TMA 0.92 ms; 4 warps 0.95; 128 x 128 1.13-1.20.
-        # Not kept: exp2 packed two per MUFU op in f16 / bf16 (1.56-1.61 ms: the exp is not the
-        # bottleneck) and tl.range(warp_specialize=True) (no gain with 8 warps, fails to
-        # compile with 4 in triton 3.6).
+        # The fastest tiles of `benchmarks/attention_kernels.py --sweep` on an H100 at Wan2.1-1.3B
+        # size; the sweep, and what was tried and not kept (packed exp2, warp specialisation):
+        # benchmarks/RESULTS.md, "Kernel tile sweeps".
         config = KernelConfig(128, 128, 8, 2, tma=False) if head_dim > 64 else KernelConfig(128, 64, 8, 3, tma=True)
     else:  # Ampere and older: no TMA; an FA2-style guess, not measured.
         config = KernelConfig(128, 64, 8 if head_dim > 64 else 4, 2 if head_dim > 64 else 3, tma=False)

@@ -25,8 +25,8 @@ DENSE_BACKENDS = {
     "math": SDPBackend.MATH,
     "flex": "flex",
     # SageAttention-style low precision (cadence.accel.attention._sage_triton): K smoothed,
-    # Q and K in INT8 (or FP8) per block, P and V in FP8. 1.29x over cuDNN bf16 at Wan2.1-1.3B
-    # size on an H100 (benchmarks/RESULTS.md, "Low-precision attention").
+    # Q and K in INT8 (or FP8) per block, P and V in FP8. Its speed over cuDNN bf16 at the
+    # Wan2.1-1.3B size: benchmarks/RESULTS.md, "Low-precision attention".
     "sage": ("int8", "fp8"),
     "sage-fp8": ("fp8", "fp8"),
 }

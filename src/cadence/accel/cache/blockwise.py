@@ -66,8 +66,8 @@ class BlockDeltaConfig(StepPolicyConfig):
     summary = ("block-wise temporal delta cache: each block reuses its last (output - input) while its own input "
                "has barely changed since it ran")
 
-    # 0.1: on ref-image at 20 steps block inputs move 3-10% per step mid-run, so 0.05 reuses nothing;
-    # 0.1 runs 58% of the block work (3 held-out prompts)
+    # 0.1: mid-run, block inputs of the reference models move by a few per cent a step, so a
+    # smaller threshold reuses nothing (benchmarks/RESULTS.md, "Default thresholds")
     threshold: float = param(0.1, "reuse a block while the relative L1 change of its input since it ran stays below "
                                   "this (0 = never)", low=0)
     max_age: int = param(4, "a block runs at least every N steps", low=1)
@@ -82,8 +82,9 @@ INDICATOR_TOKENS = 4096  # the indicator reads at most about this many tokens, e
 
 def indicator_sample(hidden: torch.Tensor) -> torch.Tensor:
     """The tokens the indicator compares: all of them up to INDICATOR_TOKENS, else every
-    k-th. At the Wan2.1-1.3B size (32,760 tokens) keeping each block's whole input cost 6
-    GiB and the full comparison 13 % of the ideal speedup (benchmarks/RESULTS.md)."""
+    k-th. At the Wan2.1-1.3B size (32,760 tokens) keeping each block's whole input cost
+    gigabytes and the full comparison a visible share of the ideal speedup
+    (benchmarks/RESULTS.md, "Caching policies at real size")."""
     stride = max(1, hidden.shape[1] // INDICATOR_TOKENS)
     return hidden.detach() if stride == 1 else hidden.detach()[:, ::stride].clone()
 

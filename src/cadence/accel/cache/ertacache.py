@@ -69,8 +69,8 @@ class ERTACacheConfig(StepPolicyConfig):
     summary = ("ERTACache: static reuse schedule from an offline residual profile; reused residuals rectified by a "
                "calibrated per-channel affine map, reused outputs rescaled (the step's interval)")
 
-    # 0.3: on the profiles of ref-video and ref-image at 20 steps (0.4-0.6 into step 1, ~0.085 mid-run, ~0.25
-    # at the end; one prompt) it computes 8 of 20 steps: 0, 1, 3, then every 3rd-4th, every 2nd at the end
+    # 0.3: on the reference models' profiles (large into step 1, small mid-run, larger at the end) it
+    # computes the first steps, then every 3rd-4th, every 2nd at the end (benchmarks/RESULTS.md, "Default thresholds")
     threshold: float = param(0.3, "compute when the profiled residual change since the last computed step reaches "
                                   "this (0 = every step)", low=0)
     max_age: int = param(4, "at most this many steps since the last computed one", low=1)

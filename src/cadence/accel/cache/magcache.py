@@ -11,8 +11,8 @@ indices and the config, so it needs no state and serves budget mode too.
 
 The first ``retention_ratio`` of the steps always compute (the layout forms there). In
 budget mode the distance is infinite on them, so that the pacer spends its slots there
-first, but on no more than half the budget: on ref-video at 20 steps that lifts budget 0.5
-from 24.1 dB (the curve alone paces almost evenly) to 35.1 dB (benchmarks/RESULTS.md).
+first, but on no more than half the budget: the curve alone paces almost evenly, and on
+ref-video that cost budget mode about 11 dB (benchmarks/RESULTS.md, "Default thresholds").
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ class MagCacheConfig(StepPolicyConfig):
     summary = ("MagCache: reuse the block residual until the error accumulated along a calibrated magnitude-ratio "
                "curve reaches a threshold")
 
-    # 0.2: on ref-video (20 steps) 0.55 of the work at 35.8 dB; 0.25 gives 0.50 at 35.1 dB
-    # there but 29.4 dB on ref-image. The paper's 0.06 computes 0.9 of the work here: these
-    # models' magnitude ratios (0.87-0.95 a step) are further from 1 than Wan 2.1's.
-    # (benchmarks/RESULTS.md, default thresholds)
+    # 0.2: the largest threshold that keeps both reference models near 35 dB at 20 steps (0.25
+    # gains little work on ref-video and loses ref-image). The paper's 0.06 computes nearly every
+    # step here: these models' magnitude ratios are further from 1 than Wan 2.1's.
+    # Figures: benchmarks/RESULTS.md, "Default thresholds".
     threshold: float = param(0.2, "compute when the accumulated magnitude error reaches this (0 = every step)", low=0)
     max_skip: int = param(3, "at most this many consecutive reused steps", low=1)
     retention_ratio: float = param(0.2, "this first fraction of the steps always computed (the layout forms early)",

@@ -39,9 +39,8 @@ class TeaCacheConfig(StepPolicyConfig):
     summary = ("TeaCache: reuse the block residual until the accumulated, calibrated change of the timestep-modulated "
                "input reaches a threshold")
 
-    # 0.06: on ref-video (20 steps, 8 held-out prompts) 0.70 of the work at 36.8 dB PSNR, the
-    # last threshold before the frontier drops to fixed-interval's level (0.07: 0.62 at 30.3 dB;
-    # fixed-interval(interval=2): 0.55 at 29.8 dB). ref-image: 0.60 at 35.7 dB. benchmarks/RESULTS.md
+    # 0.06: the last threshold before ref-video's frontier drops to fixed-interval's level;
+    # figures: benchmarks/RESULTS.md, "Default thresholds".
     threshold: float = param(0.06, "compute when the accumulated rescaled input change reaches this (0 = every step)",
                              low=0)
     calibration: str = param("", "calibration file; '' = calibration/teacache.json beside the model (cadence "
@@ -109,10 +108,9 @@ class TeaCache(Policy):
 def fit(traces: list[recording.Trace]) -> dict:
     """``np.polyfit(modulated_l1, output_l1, 4)`` over the step transitions of every trace
     but the one into the last step. That step always computes, so its pair never informs a
-    decision, and there the output jumps (rel-L1 0.78 on ref-video, 0.83 on ref-image,
-    against 0.02-0.18 elsewhere at similar input changes): kept, that one outlier doubled
-    the RMS fit residual (0.17 vs 0.08 on ref-video) and moved the computed steps to
-    worse places (ref-video, 20 steps: 24.2 dB at 0.54 of the work vs 26.8 dB at 0.52)."""
+    decision, and there the output jumps several times further than anywhere else at similar
+    input changes: kept, that one outlier doubled the RMS fit residual and moved the
+    computed steps to worse places (benchmarks/RESULTS.md, "Default thresholds")."""
     x, y = [], []
     for trace in traces:
         length = min(len(trace.modulated_l1), len(trace.output_l1)) - 1
