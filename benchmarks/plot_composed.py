@@ -10,6 +10,7 @@ share of forwards it computes on ref-video): an upper bound, hollow.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path
@@ -59,6 +60,9 @@ def _label(recipe: str) -> str:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=RESULTS / "speed-fidelity.png")
+    args = parser.parse_args()
     measured, quality = speeds(), fidelity()
     figure, axis = plt.subplots(figsize=(8, 5.5))
     for recipe, (psnr, fraction) in sorted(quality.items()):
@@ -98,9 +102,8 @@ def main() -> None:
                    "+C compile, +S SageAttention, +F8 FP8 linears", fontsize=9)
     axis.grid(alpha=0.3)
     figure.tight_layout()
-    out = RESULTS / "speed-fidelity.png"
-    figure.savefig(out, dpi=130)
-    print(f"wrote {out}")
+    figure.savefig(args.out, dpi=130)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

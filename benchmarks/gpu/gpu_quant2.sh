@@ -1,5 +1,0 @@
-# Per-linear timings, then the Wan2.1-1.3B-size bit-reduction set (10 steps with CFG).
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD/src:$PWD/benchmarks
-timeout 100 python3 benchmarks/quant_linears.py --out $OUT/quant_linears.json 2>&1 | grep -v Warn | tail -6
-timeout 440 python3 benchmarks/wan_realsize.py --set quant --steps 10 --out $OUT/wan_quant.json 2>&1 | grep -v "Warn\|quantize " | tail -16
