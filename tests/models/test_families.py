@@ -27,7 +27,7 @@ import cadence
 from cadence.accel.cache.first_block import FirstBlocksConfig
 from cadence.accel.cache.fixed_interval import FixedIntervalConfig
 from cadence.accel.registry import load_builtin
-from cadence.models import FAMILIES, MODULATED_INPUT, adapter_for
+from cadence.models import adapter_for, families, find_family
 
 TEXT_DIM = 16
 TEXT_TOKENS = 5
@@ -215,8 +215,8 @@ STEP_TECHNIQUES = sorted(name for name, t in load_builtin().items() if t.config.
 
 
 def test_every_adapted_family_has_a_tiny_config():
-    assert set(BUILDERS) == set(FAMILIES)
-    assert {family for family, _ in FAMILIES.values()} == set(MODULATED_INPUT)
+    assert set(BUILDERS) == {class_name for family in families() for class_name in family.classes}
+    assert all(family.modulated_input is not None for family in families())
 
 
 def _calibrate(technique):
@@ -254,7 +254,7 @@ def test_step_technique_reuses_and_remove_restores(technique, class_name, tmp_pa
         # say which model they refuse.
         if not technique.startswith("diffusers-"):
             raise
-        assert class_name in str(error) or FAMILIES[class_name][0] in str(error), error
+        assert class_name in str(error) or find_family(class_name).name in str(error), error
         return
     with acceleration:
         accelerated = tiny_model.denoise()
@@ -394,7 +394,7 @@ def test_model_without_adapter_is_refused_with_the_supported_list():
 
     with pytest.raises(ValueError, match="UnknownTransformer") as error:
         adapter_for(UnknownTransformer())
-    for class_name in FAMILIES:
+    for class_name in (class_name for family in families() for class_name in family.classes):
         assert class_name in str(error.value)
     with pytest.raises(ValueError, match="supported: "):
         cadence.accelerate(UnknownTransformer(), "fixed-interval")

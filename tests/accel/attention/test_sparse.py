@@ -196,10 +196,9 @@ def test_composes_with_step_reuse():
 
 
 def test_every_family_has_a_default_pattern_that_parses():
-    from cadence.accel.attention import DEFAULT_PATTERN
-    from cadence.models import FAMILIES
+    from cadence.models import families
     from cadence.recipe import Recipe
 
-    assert set(DEFAULT_PATTERN) == {family for family, _ in FAMILIES.values()}
-    for recipe in DEFAULT_PATTERN.values():
-        assert Recipe.parse(recipe).techniques[0].level == "token"
+    assert families()
+    for family in families():
+        assert Recipe.parse(family.sparse_pattern).techniques[0].level == "token", family.name

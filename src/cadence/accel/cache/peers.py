@@ -94,16 +94,10 @@ from cadence.accel import calibration
 from cadence.accel.cache import magcache
 from cadence.accel.cache.traces import interpolate
 from cadence.accel.registry import Handle, TechniqueConfig, param, register
+from cadence.models import find_family
 
 COUNT_HOOK = "cadence.peer-count"
 METER_HOOK = "cadence.peer-meter"
-
-# Families whose transformer is passed ``timestep / 1000`` (and multiplies it back).
-TIMESTEP_SCALE = {"FluxTransformer2DModel": 1000.0}
-
-# FasterCache's CFG-Cache splits the output into frequency bands frame by frame; the
-# layout of the transformer's output, for the families whose output diffusers can split.
-TENSOR_FORMAT = {"WanTransformer3DModel": "BCFHW", "CogVideoXTransformer3DModel": "BFCHW"}
 
 TAYLOR_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 SEPARATE_CFG_BRANCHES = ("cond", "uncond")
@@ -315,7 +309,9 @@ class FasterCachePeer(PeerConfig):
     def diffusers_config(self, model, peer):
         cfg_cache = self.uncond_skip_range > 1
         family = type(model).__name__
-        if cfg_cache and family not in TENSOR_FORMAT:
+        known = find_family(family)  # tensor_format: the output layout CFG-Cache splits frame by frame
+        tensor_format = known.tensor_format if known else None
+        if cfg_cache and tensor_format is None:
             raise ValueError(
                 f"{self.name}: uncond_skip_range={self.uncond_skip_range} (CFG-Cache) splits the transformer output "
                 f"into per-frame frequency bands; diffusers 0.42 knows the layouts BCFHW, BFCHW and BCHW, and "
@@ -337,7 +333,7 @@ class FasterCachePeer(PeerConfig):
             attention_weight_callback=lambda _module: weight,
             unconditional_batch_skip_range=self.uncond_skip_range,
             unconditional_batch_timestep_skip_range=(-1, self.uncond_timestep_skip_high),
-            tensor_format=TENSOR_FORMAT.get(family, "BCFHW"),
+            tensor_format=tensor_format or "BCFHW",
             # "Distilled" only tells FasterCache that no forward holds an [uncond, cond] batch.
             is_guidance_distilled=not cfg_cache,
             current_timestep_callback=peer.current_timestep,
@@ -471,7 +467,8 @@ class _Peer:
         timestep = kwargs.get("timestep")
         if timestep is None:
             return None
-        return float(torch.as_tensor(timestep).max()) * TIMESTEP_SCALE.get(type(self.model).__name__, 1.0)
+        family = find_family(type(self.model).__name__)  # timestep_scale: back to diffusers' 0-1000
+        return float(torch.as_tensor(timestep).max()) * (family.timestep_scale if family else 1.0)
 
     def before_forward(self, context: CacheContext | None, kwargs) -> None:
         name = self.config.name
