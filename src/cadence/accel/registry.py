@@ -29,12 +29,14 @@ LEVELS = ("graph", "bit", "token", "step")
 
 
 def param(default: Any, help: str, *, choices: tuple | None = None, low: float | None = None,
-          high: float | None = None, low_open: bool = False, high_open: bool = False) -> Any:
+          high: float | None = None, low_open: bool = False, high_open: bool = False, why: str = "") -> Any:
     """A config field with its help text and the values it takes: one of ``choices``, or a
     number between ``low`` and ``high`` (closed bounds unless ``*_open``; NaN and infinity
-    are refused). Every config checks these on construction (``TechniqueConfig.__post_init__``)."""
+    are refused). Every config checks these on construction (``TechniqueConfig.__post_init__``);
+    ``why`` ends the refusal's message where the bound is not obvious."""
     return dataclasses.field(default=default, metadata={
-        "help": help, "choices": choices, "low": low, "high": high, "low_open": low_open, "high_open": high_open})
+        "help": help, "choices": choices, "low": low, "high": high, "low_open": low_open, "high_open": high_open,
+        "why": why})
 
 
 class TechniqueConfig:
@@ -128,9 +130,10 @@ def _help(f: dataclasses.Field) -> str:
 def _check_field(technique: str, f: dataclasses.Field, value: Any) -> None:
     meta = f.metadata
     choices = meta.get("choices")
+    why = f": {meta['why']}" if meta.get("why") else ""
     if choices is not None:
         if value not in choices:
-            raise ValueError(f"{technique}: {f.name}={value!r}; valid: {', '.join(map(str, choices))}")
+            raise ValueError(f"{technique}: {f.name}={value!r}; valid: {', '.join(map(str, choices))}{why}")
         return
     low, high = meta.get("low"), meta.get("high")
     if low is None and high is None:
@@ -138,7 +141,7 @@ def _check_field(technique: str, f: dataclasses.Field, value: Any) -> None:
     above = low is None or (value > low if meta["low_open"] else value >= low)
     below = high is None or (value < high if meta["high_open"] else value <= high)
     if not (above and below and math.isfinite(value)):  # NaN fails every comparison
-        raise ValueError(f"{technique}: {f.name}={value!r} must be {_valid_values(meta)}")
+        raise ValueError(f"{technique}: {f.name}={value!r} must be {_valid_values(meta)}{why}")
 
 
 def _coerce(technique: str, key: str, value: Any, kind: Any) -> Any:

@@ -174,12 +174,8 @@ class FirstBlockCachePeer(PeerConfig):
     summary = ("diffusers' FirstBlockCache (peer): run the first block; reuse the others' residual while the "
                "first block's residual changes by less than threshold")
 
-    threshold: float = param(0.05, "relative mean change of the first block's residual below which the other blocks are skipped "
-                "(0 = always compute)")
-
-    def validate(self):
-        self.require(self.threshold >= 0 and math.isfinite(self.threshold),
-                      f"threshold={self.threshold} must be a finite number >= 0")
+    threshold: float = param(0.05, "relative mean change of the first block's residual below which the other blocks "
+                                   "are skipped (0 = always compute)", low=0)
 
     def diffusers_config(self, model, peer):
         return FirstBlockCacheConfig(threshold=self.threshold)
@@ -191,19 +187,14 @@ class MagCachePeer(PeerConfig):
     summary = ("diffusers' MagCache (peer): skip the block stack while the accumulated error of the calibrated "
                "residual-magnitude ratios stays under threshold")
 
-    threshold: float = param(0.06, "accumulated error budget before a compute")
-    max_skip_steps: int = param(3, "most consecutive skipped steps (0 = never skip)")
-    retention_ratio: float = param(0.2, "fraction of the first steps always computed")
+    threshold: float = param(0.06, "accumulated error budget before a compute", low=0)
+    max_skip_steps: int = param(3, "most consecutive skipped steps (0 = never skip)", low=0)
+    retention_ratio: float = param(0.2, "fraction of the first steps always computed", low=0, high=1)
     steps: int = param(0, "denoising steps of the run (0 = the calibration's); the ratios are resampled to it")
     calibration: str = param("", "cadence magcache calibration file (empty: the one beside the model)")
 
     def validate(self):
-        self.require(self.threshold >= 0 and math.isfinite(self.threshold),
-                      f"threshold={self.threshold} must be a finite number >= 0")
-        self.require(self.max_skip_steps >= 0, f"max_skip_steps={self.max_skip_steps} must be >= 0")
-        self.require(0 <= self.retention_ratio <= 1, f"retention_ratio={self.retention_ratio} must be in [0, 1]")
-        self.require(self.steps == 0 or self.steps >= 2,
-                      f"steps={self.steps} must be >= 2, or 0 for the calibration's")
+        self.require(self.steps == 0 or self.steps >= 2, f"steps={self.steps} must be >= 2, or 0 for the calibration's")
 
     def mag_ratios(self, model) -> tuple[list[float], int]:
         """-> (diffusers' mag_ratios: one per step, the first 1.0; number of steps). The
@@ -227,26 +218,14 @@ class TaylorSeerPeer(PeerConfig):
     summary = ("diffusers' TaylorSeerCache (peer): compute every cache_interval-th step, forecast the attention "
                "(and optionally feed-forward) outputs between by a Taylor series")
 
-    cache_interval: int = param(5, "compute every N-th step after the warm-up (1 = always)")
-    max_order: int = param(1, "Taylor order of the forecast (0 = plain reuse)")
-    disable_cache_before_step: int = param(3, "first steps always computed (>= 1)")
-    disable_cache_after_step: int = param(-1, "steps from this one on always computed (-1 = none)")
-    taylor_factors_dtype: str = param("bfloat16", f"dtype of the stored Taylor factors: {', '.join(TAYLOR_DTYPES)}")
-    modules: str = param("attention", "what is forecast: attention (diffusers' default) or attention+ffn (the paper's layout)")
-
-    def validate(self):
-        self.require(self.cache_interval >= 1, f"cache_interval={self.cache_interval} must be >= 1")
-        self.require(0 <= self.max_order <= 4, f"max_order={self.max_order} must be in 0..4")
-        # Step 0 would forecast from nothing: diffusers raises "Cannot predict without prior initialization".
-        self.require(self.disable_cache_before_step >= 1,
-                      f"disable_cache_before_step={self.disable_cache_before_step} must be >= 1 (a forecast needs a "
-                      "computed step)")
-        self.require(self.disable_cache_after_step >= -1,
-                      f"disable_cache_after_step={self.disable_cache_after_step} must be >= 0, or -1 for none")
-        self.require(self.taylor_factors_dtype in TAYLOR_DTYPES,
-                      f"taylor_factors_dtype={self.taylor_factors_dtype!r} must be one of {', '.join(TAYLOR_DTYPES)}")
-        self.require(self.modules in ("attention", "attention+ffn"),
-                      f"modules={self.modules!r} must be 'attention' or 'attention+ffn'")
+    cache_interval: int = param(5, "compute every N-th step after the warm-up (1 = always)", low=1)
+    max_order: int = param(1, "Taylor order of the forecast (0 = plain reuse)", low=0, high=4)
+    disable_cache_before_step: int = param(3, "first steps always computed", low=1, why=(
+        "a forecast needs a computed step (diffusers raises 'Cannot predict without prior initialization')"))
+    disable_cache_after_step: int = param(-1, "steps from this one on always computed (-1 = none)", low=-1)
+    taylor_factors_dtype: str = param("bfloat16", "dtype of the stored Taylor factors", choices=tuple(TAYLOR_DTYPES))
+    modules: str = param("attention", "what is forecast: attention (diffusers' default) or attention+ffn (the "
+                                      "paper's layout)", choices=("attention", "attention+ffn"))
 
     def identifiers(self, model) -> tuple[list[str], list[str]]:
         """-> (cache_identifiers, skip_predict_identifiers) for this model. Attention: every
@@ -287,24 +266,18 @@ class FasterCachePeer(PeerConfig):
     summary = ("diffusers' FasterCache (peer): compute self-attention every N-th step inside a timestep range, "
                "extrapolate it from the last two in between")
 
-    spatial_skip_range: int = param(2, "compute self-attention every N-th step inside the range (1 = always)")
-    timestep_skip_high: int = param(681, "attention is skipped at timesteps in (-1, this); must stay below the first step's 1000")
-    attention_weight: float = param(0.3, "w in output = o_t + w (o_t - o_t-1) on skipped calls")
-    uncond_skip_range: int = param(1, "CFG-Cache: compute the uncond branch every N-th step (1 = off; diffusers' guide uses 5, which "
-                "needs [uncond, cond] batched in one forward)")
-    uncond_timestep_skip_high: int = param(781, "CFG-Cache skips the uncond branch at timesteps in (-1, this)")
-    per_branch: bool = param(False, "one attention cache per CFG branch (default false: diffusers' shared one, as shipped; see peers.py)")
-
-    def validate(self):
-        self.require(self.spatial_skip_range >= 1, f"spatial_skip_range={self.spatial_skip_range} must be >= 1")
-        self.require(-1 < self.timestep_skip_high <= FIRST_TIMESTEP,
-                      f"timestep_skip_high={self.timestep_skip_high} must be in (-1, {FIRST_TIMESTEP}]: diffusers' "
-                      "FasterCache fails (TypeError) when the first step falls inside the skip range")
-        self.require(math.isfinite(self.attention_weight) and self.attention_weight >= 0,
-                      f"attention_weight={self.attention_weight} must be a finite number >= 0")
-        self.require(self.uncond_skip_range >= 1, f"uncond_skip_range={self.uncond_skip_range} must be >= 1")
-        self.require(-1 < self.uncond_timestep_skip_high <= FIRST_TIMESTEP,
-                      f"uncond_timestep_skip_high={self.uncond_timestep_skip_high} must be in (-1, {FIRST_TIMESTEP}]")
+    spatial_skip_range: int = param(2, "compute self-attention every N-th step inside the range (1 = always)", low=1)
+    timestep_skip_high: int = param(681, "attention is skipped at timesteps in (-1, this); must stay below the first "
+                                         "step's 1000", low=-1, high=FIRST_TIMESTEP, low_open=True,
+                                    why="diffusers' FasterCache fails (TypeError) when the first step falls inside "
+                                        "the skip range")
+    attention_weight: float = param(0.3, "w in output = o_t + w (o_t - o_t-1) on skipped calls", low=0)
+    uncond_skip_range: int = param(1, "CFG-Cache: compute the uncond branch every N-th step (1 = off; diffusers' guide "
+                                      "uses 5, which needs [uncond, cond] batched in one forward)", low=1)
+    uncond_timestep_skip_high: int = param(781, "CFG-Cache skips the uncond branch at timesteps in (-1, this)",
+                                           low=-1, high=FIRST_TIMESTEP, low_open=True)
+    per_branch: bool = param(False, "one attention cache per CFG branch (default false: diffusers' shared one, as "
+                                    "shipped; see peers.py)")
 
     def diffusers_config(self, model, peer):
         cfg_cache = self.uncond_skip_range > 1
@@ -347,19 +320,18 @@ class PyramidAttentionBroadcastPeer(PeerConfig):
     summary = ("diffusers' PyramidAttentionBroadcast (peer): inside a timestep range, compute each attention every "
                "N-th step and broadcast its last output in between")
 
-    spatial_skip_range: int = param(2, "self-attention computed every N-th step in the range (1 = always, 0 = not hooked)")
-    temporal_skip_range: int = param(0, "temporal attention, likewise (0 = not hooked; Wan and FLUX have none)")
-    cross_skip_range: int = param(0, "cross-attention, likewise (0 = not hooked)")
+    spatial_skip_range: int = param(2, "self-attention computed every N-th step in the range (1 = always, 0 = not "
+                                       "hooked)", low=0)
+    temporal_skip_range: int = param(0, "temporal attention, likewise (0 = not hooked; Wan and FLUX have none)", low=0)
+    cross_skip_range: int = param(0, "cross-attention, likewise (0 = not hooked)", low=0)
     timestep_skip_low: int = param(100, "attention may be skipped at timesteps > this")
     timestep_skip_high: int = param(800, "... and < this")
-    per_branch: bool = param(False, "one attention cache per CFG branch (default false: diffusers' shared one, as shipped; see peers.py)")
+    per_branch: bool = param(False, "one attention cache per CFG branch (default false: diffusers' shared one, as "
+                                    "shipped; see peers.py)")
 
     def validate(self):
-        ranges = {"spatial_skip_range": self.spatial_skip_range, "temporal_skip_range": self.temporal_skip_range,
-                  "cross_skip_range": self.cross_skip_range}
-        for key, value in ranges.items():
-            self.require(value >= 0, f"{key}={value} must be >= 1, or 0 to leave that attention alone")
-        self.require(any(ranges.values()), "at least one of spatial/temporal/cross_skip_range must be >= 1")
+        self.require(self.spatial_skip_range or self.temporal_skip_range or self.cross_skip_range,
+                     "at least one of spatial/temporal/cross_skip_range must be >= 1")
         self.require(self.timestep_skip_low < self.timestep_skip_high,
                       f"timestep_skip_low={self.timestep_skip_low} must be below "
                       f"timestep_skip_high={self.timestep_skip_high}")
