@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from cadence.accel.quant.calibration import smoothing_factors
-from cadence.accel.quant.linear import MODES, QuantLinear
+from cadence.accel.quant.formats import FORMATS
+from cadence.accel.quant.linear import QuantLinear
 
 # Relative output error ||y_q - y|| / ||y|| on Gaussian inputs and weights, per mode: what
 # each format's rounding gives at K = 256 with margin (measured on this test's input: fp8
@@ -28,9 +29,9 @@ def _error(y, reference):
     return float((y - reference).norm() / reference.norm())
 
 
-@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("mode", sorted(FORMATS))
 def test_each_mode_is_within_its_error_bound(mode):
-    assert set(BOUND) == set(MODES)
+    assert set(BOUND) == set(FORMATS)
     linear = _linear(seed=1)
     x = _randn(3, 40, 256, seed=2)  # (B, tokens, in): leading dims are kept
     with torch.no_grad():
@@ -126,8 +127,8 @@ def test_triton_activation_quantizer_matches_the_reference():
 
     x = _randn(19, 200, seed=16)  # 200: not a power of two, the last chunk is masked
     inv_smooth = 1.0 / (1.0 + _randn(200, seed=17).abs())
-    for fmt, qmax in (("fp8", formats.FP8_MAX), ("int8", formats.INT8_MAX)):
-        q, scale, amax = quantize_rows(x, fmt, inv_smooth)
+    for fmt, dtype, qmax in (("fp8", formats.FP8, formats.FP8_MAX), ("int8", torch.int8, formats.INT8_MAX)):
+        q, scale, amax = quantize_rows(x, dtype, qmax, inv_smooth)
         smoothed = x * inv_smooth
         torch.testing.assert_close(amax, smoothed.abs().amax(dim=-1))
         torch.testing.assert_close(scale, formats.absmax_scale(smoothed, qmax))
@@ -140,7 +141,7 @@ def test_triton_activation_quantizer_matches_the_reference():
             # (124.7 -> 64, where the GPU's cvt gives 128): compare where it does not.
             assert (q.float() != expected).float().mean() < 0.05
         static = torch.tensor([0.05])
-        q, scale, _ = quantize_rows(x, fmt, None, static)
+        q, scale, _ = quantize_rows(x, dtype, qmax, None, static)
         assert torch.equal(scale, static.expand(19, 1))
         mismatched = (q.float() - quantize(x, static).float()).abs() > (1.0 if fmt == "int8" else 0.0)
         assert mismatched.float().mean() < (1e-9 if fmt == "int8" else 0.05)
@@ -162,14 +163,15 @@ def test_nan_in_the_input_is_flagged():
 
 def test_triton_quantizer_flags_a_nan_row_without_another_kernel():
     pytest.importorskip("triton")
+    from cadence.accel.quant import formats
     from cadence.accel.quant._kernels import quantize_rows
 
     flags = torch.ones(3, dtype=torch.uint8)
     x = _randn(37, 96, seed=20)
-    quantize_rows(x, "fp8", flag=flags[1:2])
+    quantize_rows(x, formats.FP8, formats.FP8_MAX, flag=flags[1:2])
     assert flags.tolist() == [1, 1, 1]
     x[30, 4] = float("inf")
-    quantize_rows(x, "int8", flag=flags[1:2])
+    quantize_rows(x, torch.int8, formats.INT8_MAX, flag=flags[1:2])
     assert flags.tolist() == [1, 0, 1]
 
 
@@ -185,11 +187,10 @@ def test_triton_int8_epilogue_matches_the_reference():
 
 
 def test_fp8_on_a_gpu_without_fp8_units_says_so(monkeypatch):
-    from cadence.accel.quant.linear import fast_path_available
-
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
-    available, why = fast_path_available("fp8", torch.device("cuda"))
+    cuda = torch.device("cuda")
+    available, why = FORMATS["fp8"].fast_path(cuda)
     assert not available and why == "fp8: NVIDIA A100 has no FP8 tensor cores (needs sm89+); the reference path runs"
-    assert fast_path_available("int8", torch.device("cuda")) == (True, "")
-    assert fast_path_available("weight-int4", torch.device("cuda")) == (False, "")
+    assert FORMATS["int8"].fast_path(cuda) == (True, "")
+    assert FORMATS["weight-int4"].fast_path(cuda) == (False, "")

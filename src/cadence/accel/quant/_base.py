@@ -15,8 +15,9 @@ import torch
 from tqdm.auto import tqdm
 
 from cadence.accel.calibration import model_identity
-from cadence.accel.quant import calibration, formats
-from cadence.accel.quant.linear import KERNELS, W8A8, QuantLinear, fast_path_available, group_of
+from cadence.accel.quant import calibration
+from cadence.accel.quant.formats import get_format, nbytes
+from cadence.accel.quant.linear import KERNELS, QuantLinear
 from cadence.accel.registry import Handle, TechniqueConfig, param
 from cadence.context import attach_context, detach_context
 from cadence.models import quantizable_linears
@@ -58,7 +59,7 @@ def smooth_param(default: float, needs: str) -> float:
 
 def unsupported(linear: torch.nn.Linear, mode: str, group: int) -> str:
     """Why ``linear`` cannot take ``mode`` (empty if it can)."""
-    step = group_of(mode, group)
+    step = get_format(mode).group_size(group)
     if linear.in_features % step:
         return f"{mode} quantizes groups of {step} input channels; {linear.in_features} is not a multiple"
     return ""
@@ -88,7 +89,7 @@ class Quantization:
         self.originals: dict[str, tuple[torch.nn.Linear, torch.device]] = {}
         self.skipped: dict[str, str] = {}
         self.modes: dict[str, str] = {}
-        self.float_bytes = sum(formats.nbytes(dict(m.named_parameters())) for m in
+        self.float_bytes = sum(nbytes(dict(m.named_parameters())) for m in
                                quantizable_linears(model, config.timestep_path).values())
         self.context = None
         self.flags = None
@@ -124,8 +125,8 @@ class Quantization:
             if reason:
                 self.skipped[name] = reason
                 continue
-            available, why = fast_path_available(mode, linear.weight.device)
-            if mode in W8A8 and not available and self.config.kernel == "auto" and why not in self._warned:
+            available, why = get_format(mode).fast_path(linear.weight.device)  # why: only formats with a kernel
+            if not available and why and self.config.kernel == "auto" and why not in self._warned:
                 self._warned.add(why)
                 warnings.warn(f"{why} (same numerics, no speedup)", stacklevel=4)
             with torch.no_grad():
@@ -175,7 +176,7 @@ class Quantization:
     def stats(self) -> dict:
         quantized = self._quantized() if self.originals else {}
         bytes_now = sum(m.weight_bytes for m in quantized.values())
-        float_kept = sum(formats.nbytes(dict(m.named_parameters())) for m in
+        float_kept = sum(nbytes(dict(m.named_parameters())) for m in
                          quantizable_linears(self.model, self.config.timestep_path).values())
         counts: dict[str, int] = {}
         for mode in self.modes.values():
@@ -208,7 +209,7 @@ def uniform_plan(model: torch.nn.Module, config: QuantConfig, mode: str) -> dict
             if getattr(config, "smooth", 0.0) > 0:
                 smooth = calibration.smoothing_factors(channel_absmax, linear.weight.detach(), config.smooth)
                 options["smooth"] = smooth
-            if getattr(config, "activations", "") == "static" and mode in W8A8:
+            if getattr(config, "activations", "") == "static" and get_format(mode).w8a8:
                 options["static_absmax"] = float((channel_absmax / (smooth if smooth is not None else 1.0)).max())
         plan[name] = options
     return plan

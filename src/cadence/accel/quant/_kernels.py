@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cadence.accel.quant.formats import FP8, FP8_MAX, INT8_MAX, TINY
+from cadence.accel.quant.formats._base import TINY
 
 
 @triton.jit
@@ -48,24 +48,25 @@ def _quantize_rows(x_ptr, inv_smooth_ptr, out_ptr, scale_ptr, amax_ptr, static_s
     tl.store(out_ptr + row[:, None] * stride_out + offsets[None, :], q.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def quantize_rows(x: torch.Tensor, fmt: str, inv_smooth: torch.Tensor | None = None,
+def quantize_rows(x: torch.Tensor, dtype: torch.dtype, qmax: float, inv_smooth: torch.Tensor | None = None,
                   static_scale: torch.Tensor | None = None, flag: torch.Tensor | None = None):
-    """x (M, K) -> (q (M, K) fp8 or int8, scale (M, 1) fp32, row absmax (M,) fp32). ``flag``
-    (a one-element uint8 view) is set to 0 when a row holds NaN or Inf."""
+    """x (M, K) -> (q (M, K) in ``dtype`` (FP8 e4m3 or INT8; integers round to nearest),
+    scale (M, 1) fp32, row absmax (M,) fp32), symmetric in [-qmax, qmax]. ``flag`` (a
+    one-element uint8 view) is set to 0 when a row holds NaN or Inf."""
     rows, cols = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
-    out = torch.empty((rows, cols), device=x.device, dtype=FP8 if fmt == "fp8" else torch.int8)
+    out = torch.empty((rows, cols), device=x.device, dtype=dtype)
     scale = torch.empty((rows, 1), device=x.device, dtype=torch.float32)
     amax = torch.empty((rows,), device=x.device, dtype=torch.float32)
-    qmax = FP8_MAX if fmt == "fp8" else INT8_MAX
+    to_int = not dtype.is_floating_point
     block = triton.next_power_of_2(cols)
     per_program = max(1, 4096 // block)  # short rows: several a program, so each moves >= 8 KB
     _quantize_rows[(triton.cdiv(rows, per_program),)](
         x, inv_smooth if inv_smooth is not None else x, out, scale, amax,
         static_scale if static_scale is not None else scale, flag if flag is not None else amax, rows, cols,
         x.stride(0), out.stride(0), QMAX=qmax, BLOCK=block, ROWS=per_program, SMOOTH=inv_smooth is not None,
-        STATIC=static_scale is not None, TO_INT=fmt == "int8", FLOOR=TINY, FLAG=flag is not None,
+        STATIC=static_scale is not None, TO_INT=to_int, FLOOR=TINY, FLAG=flag is not None,
         num_warps=min(16, max(4, block * per_program // 512)),
     )
     if static_scale is not None:

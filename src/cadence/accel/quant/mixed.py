@@ -26,7 +26,8 @@ import torch
 
 from cadence.accel import calibration as files
 from cadence.accel.quant._base import GROUPS, QuantConfig, install, unsupported
-from cadence.accel.quant.linear import MODES, QuantLinear, group_of
+from cadence.accel.quant.formats import FORMATS, get_format
+from cadence.accel.quant.linear import QuantLinear
 from cadence.accel.registry import Calibration, Handle, param, register
 from cadence.context import attach_context, detach_context
 from cadence.models import find_transformer, quantizable_linears
@@ -34,24 +35,20 @@ from cadence.models import find_transformer, quantizable_linears
 TECHNIQUE = "sensitivity"
 FULL = "bf16"  # the layer keeps its float weight; accounted at 2 bytes a weight
 DEFAULT_FORMATS = ("bf16", "weight-int8", "weight-int4", "weight-int2")
-CHOICES = (FULL,) + tuple(MODES)
 CALIBRATION_RUNS = 1  # prompts; x STEPS_SAMPLED steps x 2 branches forwards per layer and format
 STEPS_SAMPLED = 4
 
 
 def layer_bytes(linear: torch.nn.Linear, fmt: str, group: int = 128) -> int:
     """Bytes of ``linear``'s weight in ``fmt`` (float: bf16), as QuantLinear stores it."""
-    out_features, in_features = linear.out_features, linear.in_features
-    weights = out_features * in_features
     if fmt == FULL:
-        return 2 * weights
-    bits = MODES[fmt]
-    if fmt in ("nvfp4", "mxfp4"):
-        blocks = weights // group_of(fmt, group)
-        return weights // 2 + blocks + (4 if fmt == "nvfp4" else 0)
-    if bits == 8:
-        return weights + 4 * out_features  # codes + fp32 scale per channel
-    return weights * bits // 8 + 4 * (weights // group)  # codes + fp16 scale and offset per group
+        return 2 * linear.out_features * linear.in_features
+    return get_format(fmt).stored_bytes(linear.out_features, linear.in_features, group)
+
+
+def choices() -> tuple[str, ...]:
+    """The formats a layer can take: full precision and every registered format."""
+    return (FULL,) + tuple(FORMATS)
 
 
 # -- sensitivity ------------------------------------------------------------------------
@@ -197,14 +194,15 @@ class MixedConfig(QuantConfig):
 
     memory: float = param(0.3, "weight memory of the quantizable linears, as a fraction of bf16 (0: use error instead)")
     error: float = param(0.0, "summed relative squared error of the guided prediction allowed (used when memory=0)")
-    formats: str = param(",".join(DEFAULT_FORMATS), f"comma-separated choices among {', '.join(CHOICES)}")
+    formats: str = param(",".join(DEFAULT_FORMATS), f"comma-separated choices among {', '.join(choices())}")
     group: int = param(128, "input channels per scale of the group-wise formats", choices=GROUPS)
     sensitivity: str = param("", "sensitivity file (default: calibration/sensitivity.json beside the model)")
 
     def validate(self):
-        unknown = [f for f in self.format_list if f not in CHOICES]
+        valid = choices()
+        unknown = [f for f in self.format_list if f not in valid]
         self.require(self.format_list and not unknown,
-                     f"formats={self.formats!r} has {unknown or 'no formats'}; valid: {', '.join(CHOICES)}")
+                     f"formats={self.formats!r} has {unknown or 'no formats'}; valid: {', '.join(valid)}")
         self.require((self.memory > 0) != (self.error > 0) and self.memory >= 0 and self.error >= 0,
                      "give one budget: memory in (0, 1] (a fraction of the bf16 weight memory) or error > 0 with "
                      f"memory=0; got memory={self.memory}, error={self.error}")
