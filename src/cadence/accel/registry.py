@@ -138,6 +138,8 @@ def _check_field(technique: str, f: dataclasses.Field, value: Any) -> None:
     low, high = meta.get("low"), meta.get("high")
     if low is None and high is None:
         return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{technique}: {f.name}={value!r} must be a number {_valid_values(meta)}")
     above = low is None or (value > low if meta["low_open"] else value >= low)
     below = high is None or (value < high if meta["high_open"] else value <= high)
     if not (above and below and math.isfinite(value)):  # NaN fails every comparison
@@ -172,11 +174,7 @@ def _coerce(technique: str, key: str, value: Any, kind: Any) -> Any:
 
 
 def _format(value: Any) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, str):
-        return repr(value)
-    return repr(value)
+    return str(value).lower() if isinstance(value, bool) else repr(value)
 
 
 class Handle:
