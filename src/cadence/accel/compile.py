@@ -13,9 +13,11 @@ How it composes with the other levels:
   no graph and the per-step decisions never trigger a recompile. For that the compile hook
   must be the first hook on the blocks: ``accelerate`` applies ``compile`` before every
   other technique of its recipe, and ``apply`` refuses blocks that already carry hooks.
-- attention techniques: their hook (a ``TorchFunctionMode`` around the attention module)
-  is excluded from the graph (``torch.compiler.disable``): the attention module runs eagerly
-  between two compiled regions, with cadence's own kernels.
+- attention techniques: their stand-in processor and its ``TorchFunctionMode`` are traced,
+  so the whole block, attention module included (projections, QK norms, RoPE), is one graph;
+  the attention call itself is the opaque custom op ``cadence::attention``, which runs
+  cadence's kernels and the technique's per-call state eagerly (``accel/attention/_base.py``).
+  Dense and sparse layers and steps, static and dynamic patterns, share that one graph.
 - quantization: a ``QuantLinear`` traced by dynamo quantizes its activations with plain
   torch ops, which inductor fuses into the op that produces them, and runs the low-bit GEMM
   through ``torch._scaled_mm``.

@@ -202,3 +202,23 @@ def test_every_family_has_a_default_pattern_that_parses():
     assert families()
     for family in families():
         assert Recipe.parse(family.sparse_pattern).techniques[0].level == "token", family.name
+
+
+def test_remove_gives_back_each_attention_module_its_own_processor():
+    pipe = tiny_pipe("image")
+    modules = [block.attn for block in (*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks)]
+    processors = [module.processor for module in modules]
+    with cadence.accelerate(pipe, WindowConfig(block=16)):
+        assert all(module.processor is not processor for module, processor in zip(modules, processors))
+    assert all(module.processor is processor for module, processor in zip(modules, processors))
+    assert all("processor" not in module._modules for module in modules)
+
+
+def test_a_processor_with_weights_is_refused_and_left_in_place():
+    pipe = tiny_pipe("video")
+    processor = torch.nn.Linear(1, 1)
+    pipe.transformer.blocks[1].attn1.set_processor(processor)
+    with pytest.raises(ValueError, match="Linear is a module"):
+        cadence.accelerate(pipe, WindowConfig(block=16))
+    assert pipe.transformer.blocks[1].attn1.processor is processor
+    assert not any(type(block.attn1.processor).__name__.startswith("Routed") for block in pipe.transformer.blocks)

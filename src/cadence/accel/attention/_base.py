@@ -1,24 +1,35 @@
-"""What every attention technique shares: the hook that puts cadence between a model's
-attention processors and ``scaled_dot_product_attention``, the per-step and per-layer
-choice of dense or sparse, and the statistics.
+"""What every attention technique shares: the stand-in processor that puts cadence between
+a model's attention processors and ``scaled_dot_product_attention``, the per-step and
+per-layer choice of dense or sparse, and the statistics.
 
 diffusers' attention processors (Wan, FLUX, SD3, CogVideoX, HunyuanVideo, LTX) project,
 normalise and rotate Q and K, then call ``torch.nn.functional.scaled_dot_product_attention``
-(through diffusers' "native" attention backend). A hook on each self- or joint-attention
-module runs the module under a ``TorchFunctionMode`` that answers exactly that call, so
-the processor's own code runs unchanged and removing the hook restores the model exactly.
-Calls whose shape is not the model's joint sequence (cross-attention to text) stay dense.
+(directly, or through diffusers' "native" attention backend). Each self- or joint-attention
+module's processor is wrapped in a stand-in that runs it under a ``TorchFunctionMode``
+answering exactly that call with the custom op ``cadence::attention``; the processor's own
+code runs unchanged, and ``remove()`` puts the original processor back, restoring the model
+exactly. Calls whose shape is not the model's joint sequence (cross-attention to text) stay
+dense.
+
+One path, eager and compiled. Under ``torch.compile`` dynamo traces the mode and the
+processor, so a compiled block is one graph with the projections, QK norms and RoPE in it,
+and the op is opaque inside it: its inputs are the tensors, the call's plain arguments, the
+application's handle (an int, the same for every layer) and the layer index as a 0-d CPU
+tensor (a graph input, not a guard), so every block, layer and step runs the same graph.
+The op looks the application up by its handle and runs ``AttentionControl.attend``
+eagerly: the per-call Python state (step context, counters, mask caches, dynamic patterns'
+masks built from Q and K) never enters the graph.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from diffusers.hooks import HookRegistry, ModelHook
 from torch.overrides import TorchFunctionMode
 
 from cadence.accel.attention import kernels
@@ -28,7 +39,6 @@ from cadence.accel.registry import Handle, TechniqueConfig, param
 from cadence.context import StepContext, attach_context, detach_context
 from cadence.models import TokenLayout, adapter_for
 
-HOOK = "cadence.attention"
 SCHEDULES = ("constant", "linear")
 
 
@@ -99,31 +109,79 @@ class SparseAttentionConfig(AttentionConfig):
     choices: ClassVar[tuple[str, ...]] = ()
 
 
-class _Intercept(TorchFunctionMode):
-    """Answers the scaled_dot_product_attention call of one attention module."""
+# The applications alive now, by handle. The compiled graph holds only the handle (a small
+# int, reused after remove(), so a new application passes the old graph's guards); the
+# state of each call (step context, counters, mask caches) stays in the control, outside.
+_CONTROLS: dict[int, "AttentionControl"] = {}
 
-    def __init__(self, control: "AttentionControl", layer: int):
+
+@torch.library.custom_op("cadence::attention", mutates_args=())
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
+              dropout_p: float, is_causal: bool, scale: float | None, enable_gqa: bool,
+              handle: int, layer: torch.Tensor) -> torch.Tensor:
+    """One attention call of a model under a cadence attention technique, opaque to
+    ``torch.compile``. query, key, value: (B, H, tokens, D); layer: a 0-d int64 CPU tensor,
+    so that every layer runs the same graph (an int would be guarded per layer)."""
+    output = _CONTROLS[handle].attend(int(layer), query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                      enable_gqa=enable_gqa)
+    return output.contiguous()
+
+
+@attention.register_fake
+def _(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, handle, layer):
+    # Contiguous, whatever layout the kernel wrote: inductor lays the op's output out as
+    # contiguous whatever strides this gives (torch 2.13), and SDPA returns the query's.
+    return query.new_empty((*query.shape[:-1], value.shape[-1]))  # (B, H, tokens, D of value)
+
+
+class _Intercept(TorchFunctionMode):
+    """Answers the scaled_dot_product_attention call of one attention module with
+    ``cadence::attention``; every other call runs as it is."""
+
+    def __init__(self, handle: int, layer: torch.Tensor):
         super().__init__()
-        self.control, self.layer = control, layer
+        self.handle, self.layer = handle, layer
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
-            return self.control.attend(self.layer, *args, **kwargs)
+            return self.attend(*args, **kwargs)
+        if getattr(func, "__module__", None) == "torch._tensor" and getattr(torch.Tensor, func.__name__, None) is func:
+            # Tensor methods written in Python (unflatten, split, ...) call super(), which dynamo
+            # cannot trace from inside a mode; called as methods they trace as graph ops.
+            return getattr(args[0], func.__name__)(*args[1:], **kwargs)
         return func(*args, **kwargs)
 
+    def attend(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+               enable_gqa=False):
+        return attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, self.handle,
+                         self.layer)
 
-class _AttentionHook(ModelHook):
-    def __init__(self, control: "AttentionControl", layer: int):
-        super().__init__()
-        self.control, self.layer = control, layer
 
-    # Outside any compiled graph: dynamo cannot trace a TorchFunctionMode entered inside it
-    # (it breaks the graph at every op), and the control's per-call state would guard it.
-    @torch.compiler.disable
-    def new_forward(self, module, *args, **kwargs):
-        with _Intercept(self.control, self.layer):
-            return self.fn_ref.original_forward(*args, **kwargs)
+class _Routed:
+    """Stands in for one self- or joint-attention module's processor: runs the processor
+    under ``_Intercept``. A processor, unlike a hook that replaces the module's ``forward``,
+    is not guarded by identity in a compiled block, so every block shares one graph."""
+
+    def __init__(self, processor, handle: int, layer: int):
+        self.processor, self.handle, self.layer = processor, handle, torch.tensor(layer)
+
+    def __call__(self, attn, *args, **kwargs):
+        with _Intercept(self.handle, self.layer):
+            return self.processor(attn, *args, **kwargs)
+
+    def __getattr__(self, name):  # the processor's own settings (_attention_backend, ...)
+        if name == "processor":
+            raise AttributeError(name)
+        return getattr(self.processor, name)
+
+
+@functools.cache
+def _routed_class(processor_class: type) -> type:
+    """diffusers drops the keyword arguments its processor's ``__call__`` does not name
+    (``inspect.signature``), so the stand-in shows the processor's signature."""
+    call = functools.wraps(processor_class.__call__)(_Routed.__call__)
+    return type(f"Routed{processor_class.__name__}", (_Routed,), {"__call__": call})
 
 
 def _check_native(module: torch.nn.Module) -> None:
@@ -150,8 +208,12 @@ class AttentionControl:
             raise ValueError(f"{type(model).__name__} has no self-attention modules cadence knows")
         for module in modules:
             _check_native(module)
-            registry = HookRegistry.check_if_exists_or_initialize(module)
-            if registry.get_hook(HOOK) is not None:
+            if isinstance(module.processor, torch.nn.Module):
+                raise ValueError(
+                    f"{config.name}: {type(module.processor).__name__} is a module (trained weights, such as an "
+                    "IP-Adapter's); cadence's attention techniques take diffusers' plain attention processors"
+                )
+            if isinstance(module.processor, _Routed):
                 raise ValueError(
                     f"{config.name}: the model already has an attention technique; remove it first "
                     "(one token-level technique per model)"
@@ -162,8 +224,11 @@ class AttentionControl:
         self.static_masks: dict[tuple, BlockSparse] = {}
         self.context = attach_context(model)
         self.context.add_interceptor(self)
-        for layer, module in enumerate(modules):
-            HookRegistry.check_if_exists_or_initialize(module).register_hook(_AttentionHook(self, layer), HOOK)
+        self.handle = min(set(range(len(_CONTROLS) + 1)) - set(_CONTROLS))
+        _CONTROLS[self.handle] = self
+        self.processors = [module.processor for module in modules]
+        for layer, (module, processor) in enumerate(zip(modules, self.processors)):
+            module.processor = _routed_class(type(processor))(processor, self.handle, layer)
         self.sparse_calls = self.dense_calls = 0
         self.density_sum = self.work_sum = 0.0
         self.choice_counts = dict.fromkeys(getattr(config, "choices", ()), 0)
@@ -257,10 +322,11 @@ class AttentionControl:
         return stats
 
     def remove(self) -> None:
-        for module in self.modules:
-            HookRegistry.check_if_exists_or_initialize(module).remove_hook(HOOK, recurse=False)
+        for module, processor in zip(self.modules, self.processors):
+            module.processor = processor
         self.context.remove_interceptor(self)
         detach_context(self.model)
+        _CONTROLS.pop(self.handle, None)
 
 
 def _key_padding(attn_mask, batch: int, tokens: int) -> torch.Tensor | None:
