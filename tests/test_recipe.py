@@ -69,7 +69,7 @@ def test_only_changed_parameters_are_printed():
     assert str(FixedIntervalConfig(interval=3)) == "fixed-interval(interval=3)"
 
 
-@pytest.mark.parametrize("text", ["baseline", "", "   ", "none"])
+@pytest.mark.parametrize("text", ["baseline", "none", " baseline "])
 def test_baseline_spellings_are_the_empty_recipe(text):
     recipe = Recipe.parse(text)
     assert recipe == Recipe()
@@ -140,6 +140,22 @@ def test_out_of_range_is_refused_in_python_too():
 def test_malformed_terms_name_the_term_and_the_expected_form(text, bad, valid):
     with pytest.raises(ValueError, match=re.escape(bad) + r".*" + re.escape(valid)):
         Recipe.parse(text)
+
+
+@pytest.mark.parametrize("text", ["", "   "])
+def test_an_empty_string_is_refused_not_taken_for_the_baseline(text):
+    _refused(text, f"recipe {text!r} is empty", "'baseline'")
+
+
+@pytest.mark.parametrize("text, where", [
+    ("fixed-interval(interval=2))", "stray ')' at character 27"),
+    ("fixed-interval(interval=2) + magcache)", "stray ')' at character 38"),
+    ("fixed-interval(interval=2", "'(' is never closed"),
+    ("sparse-window(backend='flex)", "the quote ' is never closed"),
+])
+def test_unbalanced_brackets_are_named_not_reported_as_a_bad_value(text, where):
+    message = _refused(text, repr(text), where, "name(key=value, ...)")
+    assert "must be of type" not in message
 
 
 def test_missing_toml_file_is_named(tmp_path):
@@ -300,3 +316,63 @@ def test_fixed_interval_describes_its_own_parameters_then_the_shared_ones():
     described = [(param, kind) for param, kind, _, _ in FixedIntervalConfig.describe()]
     assert described == [("interval", "int"), ("cooldown", "int"), ("warmup", "int"), ("budget", "float"),
                          ("cfg_reuse", "bool")]
+
+
+def test_spelled_out_names_every_parameter_defaults_included():
+    recipe = Recipe.parse("fixed-interval + sparse-window(density=0.5)")
+    assert str(recipe) == "fixed-interval + sparse-window(density=0.5)"
+    spelled = recipe.spelled_out()
+    assert spelled.startswith("fixed-interval(interval=2, cooldown=0, warmup=1, budget=0.0")
+    for config in recipe.techniques:
+        for name in config.params():
+            assert f"{name}=" in spelled
+    assert Recipe.parse(spelled) == recipe  # and it parses back to the same recipe
+    assert Recipe().spelled_out() == "baseline"
+
+
+@pytest.mark.parametrize("recipe", [42, 2.5, object()], ids=["int", "float", "object"])
+def test_accelerate_refuses_what_is_not_a_recipe_naming_what_is(make_model, recipe):
+    with pytest.raises(TypeError, match=rf"a recipe is a Recipe, a recipe string .*; got {type(recipe).__name__}"):
+        cadence.accelerate(make_model["wan"](), recipe)
+
+
+@pytest.mark.parametrize("first, second, message", [
+    ("fixed-interval", "first-blocks", "the model already has a step-reuse policy, fixed-interval, from an "
+                                       "earlier accelerate()"),
+    ("sparse-window", "sparse-topk", "the model already has an attention technique, sparse-window"),
+    ("weight-int8", "fp8", "the model is already quantized by weight-int8"),
+    ("compile(backend='eager')", "diffusers-pab", "compile cannot hold diffusers-pab"),
+])
+def test_a_second_accelerate_at_a_level_the_first_holds_is_refused_like_the_recipe(make_model, first, second, message):
+    model = make_model["wan"]()
+    expected = _forwards(model)
+    with cadence.accelerate(model, first):
+        with pytest.raises(ValueError) as error:
+            cadence.accelerate(model, second)
+        assert message in str(error.value) and "one recipe" in str(error.value)
+        with pytest.raises(ValueError, match="one |cannot hold"):
+            Recipe.parse(f"{first} + {second}")  # the recipe refuses the same pair
+    assert all(torch.equal(a, b) for a, b in zip(_forwards(model), expected, strict=True))
+    with cadence.accelerate(model, second):  # once the first is removed, the second applies
+        pass
+
+
+def test_accelerations_at_different_levels_compose_across_calls(make_model):
+    model = make_model["wan"]()
+    with cadence.accelerate(model, "fixed-interval"), cadence.accelerate(model, "weight-int8"):
+        assert [t.name for t in cadence.recipe.active_techniques(model)] == ["fixed-interval", "weight-int8"]
+    assert cadence.recipe.active_techniques(model) == [] and not hasattr(model, cadence.recipe.ACTIVE)
+
+
+@pytest.mark.parametrize("block, noted", [(128, True), (16, False)])
+def test_a_sparse_pattern_with_too_few_tokens_for_its_blocks_says_so(block, noted):
+    from conftest import tiny_pipe, tiny_sample
+
+    pipe = tiny_pipe("video")  # 4 frames x 8 x 8, patch 2: 64 tokens
+    with cadence.accelerate(pipe, f"sparse-window(density=0.25, block={block})") as acceleration:
+        tiny_sample(pipe, "video", steps=5)
+        notes = acceleration.notes()
+    if noted:
+        assert len(notes) == 1 and "density=0.25 was asked" in notes[0] and "128-token blocks" in notes[0]
+    else:
+        assert notes == [] and acceleration.stats()["density"] < 1

@@ -22,6 +22,7 @@ def _quiet():
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
 
 
 def _fail(error: Exception):
@@ -66,6 +67,76 @@ def _device(ctx, param, value: str | None) -> str:
     return value
 
 
+# What --out takes: write_video writes a GIF, an MP4 through ffmpeg, or an (animated) PNG.
+OUT_SUFFIXES = (".gif", ".mp4", ".png")
+
+
+def _check_out(out: Path) -> None:
+    """--out of generate: a format cadence writes, known before any work starts."""
+    import importlib.util
+
+    if out.suffix.lower() not in OUT_SUFFIXES:
+        found = f"not {out.suffix!r}" if out.suffix else "and it has no extension"
+        raise ValueError(f"--out {str(out)!r}: cadence writes {', '.join(OUT_SUFFIXES)} files, {found}")
+    if out.suffix.lower() == ".mp4" and importlib.util.find_spec("imageio_ffmpeg") is None:
+        raise ValueError(f"--out {str(out)!r}: writing MP4 needs ffmpeg (pip install 'imageio[ffmpeg]'); "
+                         "or write a .gif")
+
+
+def _check_model(model: str) -> None:
+    """--model: a reference model's name or a diffusers checkpoint directory, before loading."""
+    from cadence.reference.models import REFERENCE_MODELS
+
+    if model not in REFERENCE_MODELS and not Path(model).is_dir():
+        raise ValueError(f"unknown model {model!r}; valid: {', '.join(map(repr, REFERENCE_MODELS))}, "
+                         "or a local diffusers checkpoint directory")
+
+
+def _check_size(model: str, height, width, frames) -> None:
+    """--height/--width/--frames: what can be refused before the model loads."""
+    from cadence import generation
+    from cadence.reference.models import REFERENCE_MODELS
+
+    for option, value in (("--height", height), ("--width", width), ("--frames", frames)):
+        if value is not None and value <= 0:
+            raise ValueError(f"{option} {value} must be a positive integer")
+    if frames is not None and model in REFERENCE_MODELS and REFERENCE_MODELS[model].task == "image":
+        raise ValueError(f"--frames {frames}: {model} makes images; it takes no frame count")
+    generation.check_size_values(height, width, frames)
+
+
+def _check_count(option: str, value: int, limit: int) -> None:
+    if value <= 0:
+        raise ValueError(f"{option} {value} must be a positive integer")
+    if value > limit:
+        raise ValueError(f"{option} {value} is over the limit of {limit}")
+
+
+def _size_options(command):
+    """--height, --width, --frames: default the checkpoint's own size."""
+    for name, what in (("frames", "frame count (video models)"), ("width", "width in pixels"),
+                       ("height", "height in pixels")):
+        command = click.option(f"--{name}", type=int, default=None,
+                               help=f"{what}; default: the checkpoint's own")(command)
+    return command
+
+
+def _write_atomically(out: Path, output) -> Path:
+    """Write the clip under a temporary name and rename it: an interrupted write leaves no
+    half-written file under the name asked for."""
+    from cadence.bench.report import write_video
+
+    partial = out.with_name(f".{out.stem}.partial{out.suffix}")
+    try:
+        written = write_video(partial, output if output.dim() == 4 else output[None])
+        final = out.with_suffix(written.suffix)  # an MP4 that ffmpeg failed to write falls back to a GIF
+        os.replace(written, final)
+    finally:
+        partial.unlink(missing_ok=True)
+        partial.with_suffix(".gif").unlink(missing_ok=True)
+    return final
+
+
 @click.group()
 @click.version_option(package_name="cadence")
 def main():
@@ -80,31 +151,45 @@ def main():
 @click.option("--steps", default=20, show_default=True, type=int)
 @click.option("--guidance-scale", default=4.0, show_default=True, type=float)
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--out", default="cadence-out.gif", show_default=True, type=click.Path(dir_okay=False, path_type=Path))
+@_size_options
+@click.option("--out", default="cadence-out.gif", show_default=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="a .gif, .mp4 or .png file")
 @click.option("--device", default=None, callback=_device, help="cpu or cuda (default: cuda when available)")
-def generate(model, prompt, recipe, steps, guidance_scale, seed, out, device):
+def generate(model, prompt, recipe, steps, guidance_scale, seed, height, width, frames, out, device):
     """Generate one video (or image) from a prompt, optionally accelerated."""
     _quiet()
     import cadence
-    from cadence.bench.report import write_video
+    from cadence import generation
     from cadence.bench.runner import check_writable
     from cadence.reference.pipelines import check_generation_args
 
     try:
+        _check_out(out)
         (parsed,) = _recipes((recipe,))
         check_generation_args(prompt, None, steps, guidance_scale)
+        generation.check_seed(seed)
+        _check_size(model, height, width, frames)
+        _check_model(model)
         check_writable(out.parent if str(out.parent) else Path("."))
         pipe = cadence.load(model, device=device)
-    except (ValueError, FileNotFoundError) as error:
+        size = generation.resolve_size(pipe, height, width, frames)
+        generation.check_steps(steps, generation.step_limit(pipe))
+        with cadence.accelerate(pipe, parsed) as acceleration:
+            output = generation.generate(pipe, prompt, steps=steps, seed=seed, guidance_scale=guidance_scale, size=size)
+            stats, notes = acceleration.stats(), acceleration.notes()
+    except (ValueError, FileNotFoundError, FloatingPointError) as error:
         _fail(error)
-    with cadence.accelerate(pipe, parsed) as acceleration:
-        output = pipe(prompt=prompt, steps=steps, guidance_scale=guidance_scale, seed=seed)[0][0]
-        stats = acceleration.stats()
-    write_video(out, output if output.dim() == 4 else output[None])
-    click.echo(f"wrote {out} ({parsed}; {stats or 'no acceleration'})")
+    try:
+        written = _write_atomically(out, output)
+    except OSError as error:
+        _fail(ValueError(f"cannot write {out}: {error.strerror or error}"))
+    for note in notes:
+        click.echo(f"note: {note}")
+    click.echo(f"wrote {written} ({size}; {parsed}; {stats or 'no acceleration'})")
 
 
-def _bench(model, recipes, prompts, limit, seeds, steps, guidance_scale, out, device, videos=False):
+def _bench(model, recipes, prompts, limit, seeds, steps, guidance_scale, out, device, videos=False,
+           height=None, width=None, frames=None):
     _quiet()
     from cadence.bench.runner import BenchSettings, default_prompts, format_table, run_bench
     from cadence.reference.pipelines import check_sampling_args
@@ -113,34 +198,44 @@ def _bench(model, recipes, prompts, limit, seeds, steps, guidance_scale, out, de
         if steps <= 0:
             raise ValueError(f"--steps {steps} must be a positive integer")
         check_sampling_args(steps, guidance_scale)
+        _check_size(model, height, width, frames)
+        _check_model(model)
         settings = BenchSettings(
             model=model, recipes=_recipes(recipes), prompts=default_prompts(model, prompts, limit),
             seeds=list(range(seeds)), out=out, steps=steps, guidance_scale=guidance_scale,
-            device=device, videos=videos,
+            device=device, videos=videos, height=height, width=width, frames=frames,
         )
         _, summary = run_bench(settings)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, FloatingPointError) as error:
         _fail(error)
     click.echo(format_table(summary))
     click.echo(f"\nwrote {out}/results.jsonl, report.md, pareto.png, samples.png")
 
 
 @main.command()
-@click.option("--model", type=_model_choice(), default="ref-video", show_default=True)
+@click.option("--model", default="ref-video", show_default=True,
+              help="ref-video, ref-image, or a local diffusers checkpoint dir (with --prompts FILE)")
 @click.option("--recipe", "recipes", multiple=True, required=True, help="repeatable; a recipe string or a .toml file")
-@click.option("--prompts", default="heldout", show_default=True, help="'heldout' or a file with one prompt per line")
+@click.option("--prompts", default="heldout", show_default=True,
+              help="'heldout' (the reference models' held-out captions) or a file with one prompt per line")
 @click.option("--limit", type=int, default=8, show_default=True, help="use the first N prompts")
 @click.option("--seeds", type=int, default=2, show_default=True, help="seeds 0..S-1 per prompt")
 @click.option("--steps", type=int, default=20, show_default=True)
 @click.option("--guidance-scale", type=float, default=4.0, show_default=True)
+@_size_options
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="bench-out", show_default=True)
 @click.option("--device", default=None, callback=_device, help="cpu or cuda (default: cuda when available)")
-def bench(model, recipes, prompts, limit, seeds, steps, guidance_scale, out, device):
+def bench(model, recipes, prompts, limit, seeds, steps, guidance_scale, height, width, frames, out, device):
     """Measure recipes against the unaccelerated baseline: time, memory, PSNR, SSIM."""
-    for option, value in (("--seeds", seeds), ("--limit", limit)):
-        if value <= 0:
-            _fail(ValueError(f"{option} {value} must be a positive integer"))
-    _bench(model, recipes, prompts, limit, seeds, steps, guidance_scale, out, device)
+    from cadence.generation import MAX_PROMPTS, MAX_SEEDS
+
+    try:
+        _check_count("--seeds", seeds, MAX_SEEDS)
+        _check_count("--limit", limit, MAX_PROMPTS)
+    except ValueError as error:
+        _fail(error)
+    _bench(model, recipes, prompts, limit, seeds, steps, guidance_scale, out, device,
+           height=height, width=width, frames=frames)
 
 
 @main.command()
@@ -197,26 +292,6 @@ def train(model, seconds, batch_size, embeddings, out, device, precision, compil
     click.echo(f"{model}: {result['steps']} steps, final loss {result['final_loss']:.4f}, held-out {result['heldout_loss']:.4f}")
 
 
-def _is_video(pipe) -> bool:
-    from cadence.reference.pipelines import RefImagePipeline, RefVideoPipeline
-
-    name = type(pipe).__name__
-    return isinstance(pipe, RefVideoPipeline) or (not isinstance(pipe, RefImagePipeline) and
-                                                  ("Video" in name or name.startswith("Wan")))
-
-
-def _calibration_runs(pipe, prompts: list[str], steps: int, guidance_scale: float, device: str) -> list[dict]:
-    """One run per caption, seeds 0.., in the arguments the pipeline takes."""
-    import torch
-
-    from cadence.reference.pipelines import RefImagePipeline, RefVideoPipeline
-
-    if isinstance(pipe, (RefVideoPipeline, RefImagePipeline)):
-        return [dict(prompt=p, steps=steps, guidance_scale=guidance_scale, seed=s) for s, p in enumerate(prompts)]
-    return [dict(prompt=p, num_inference_steps=steps, guidance_scale=guidance_scale,
-                 generator=torch.Generator(device).manual_seed(s)) for s, p in enumerate(prompts)]
-
-
 @main.command()
 @click.option("--model", "model", default="ref-video", show_default=True,
               help="ref-video, ref-image, or a local diffusers checkpoint dir")
@@ -225,21 +300,22 @@ def _calibration_runs(pipe, prompts: list[str], steps: int, guidance_scale: floa
               help="how many training captions (seeds 0..N-1); never the held-out ones")
 @click.option("--steps", type=int, default=20, show_default=True)
 @click.option("--guidance-scale", type=float, default=4.0, show_default=True)
+@_size_options
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="default: calibration/<technique>.json beside the model's transformer (packaged for ref-*)")
 @click.option("--device", default=None, callback=_device, help="cpu or cuda (default: cuda when available)")
-def calibrate(model, technique, count, steps, guidance_scale, out, device):
+def calibrate(model, technique, count, steps, guidance_scale, height, width, frames, out, device):
     """Fit a technique's calibration (TeaCache's polynomial, MagCache's magnitude curve)
-    by generating training captions with every step computed."""
+    by generating training captions with every step computed, at the size it will run at."""
     _quiet()
     import json
 
     from tqdm import tqdm
 
     import cadence
+    from cadence import generation
     from cadence.bench.runner import check_writable
     from cadence.reference import data
-    from cadence.reference.models import REFERENCE_MODELS
     from cadence.reference.pipelines import check_sampling_args
 
     try:
@@ -248,30 +324,30 @@ def calibrate(model, technique, count, steps, guidance_scale, out, device):
         known = calibrations()
         if technique not in known:
             raise ValueError(f"--technique {technique!r} has no calibration; valid: {', '.join(known)}")
-        if count <= 0:
-            raise ValueError(f"--prompts {count} must be a positive integer")
+        _check_count("--prompts", count, generation.MAX_PROMPTS)
         if steps < 2:
             raise ValueError(f"--steps {steps} must be an integer >= 2 (calibration measures step-to-step changes)")
         check_sampling_args(steps, guidance_scale)
-        if model not in REFERENCE_MODELS and not Path(model).is_dir():
-            raise ValueError(f"unknown model {model!r}; valid: {', '.join(REFERENCE_MODELS)}, "
-                             "or a local diffusers checkpoint directory")
+        _check_size(model, height, width, frames)
+        _check_model(model)
         if out is not None:
             check_writable(out.parent if str(out.parent) else Path("."))
         pipe = cadence.load(model, device=device)
+        size = generation.resolve_size(pipe, height, width, frames)
+        generation.check_steps(steps, generation.step_limit(pipe))
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         _fail(error)
     pipe.set_progress_bar_config(disable=True)
-    video = REFERENCE_MODELS[model].task == "video" if model in REFERENCE_MODELS else _is_video(pipe)
-    captions = data.train_captions(count, video=video)
-    runs = _calibration_runs(pipe, captions, steps, guidance_scale, device)
+    captions = data.train_captions(count, video=generation.is_video(pipe))
+    runs = [generation.call_arguments(pipe, caption, steps=steps, seed=seed, guidance_scale=guidance_scale, size=size,
+                                      decode=False) for seed, caption in enumerate(captions)]
     calibration = known[technique]
     with tqdm(total=len(runs), desc=f"calibrate {technique}", unit="gen") as progress:
         try:
             path = calibration.run(pipe, runs, out, progress=progress)
-        except ValueError as error:
+        except (ValueError, FloatingPointError) as error:
             _fail(error)
-    click.echo(f"{technique} ({calibration.store}) on {model}: {count} training captions x {steps} steps, "
+    click.echo(f"{technique} ({calibration.store}) on {model}: {count} training captions x {steps} steps at {size}, "
                f"guidance {guidance_scale}")
     click.echo(calibration.describe(json.loads(Path(path).read_text())))
     click.echo(f"wrote {path}")

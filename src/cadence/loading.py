@@ -1,4 +1,10 @@
-"""``cadence.load``: a reference model by name, or a local diffusers checkpoint directory."""
+"""``cadence.load``: a reference model by name, or a local diffusers checkpoint directory.
+
+Before any weight is read, the directory is checked: safetensors only (pickle-based formats
+can run code when loaded), every config readable JSON, every safetensors file whole. After
+loading, every floating-point weight is checked finite: a NaN weight otherwise loads
+silently and turns every output NaN. Each refusal is one ``ValueError`` naming the file.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ def load(name_or_path: str, device: str | torch.device | None = None, dtype: tor
     """``load("ref-video")``, ``load("ref-image")`` or ``load("/path/to/diffusers/checkpoint")``."""
     if name_or_path in REFERENCE_MODELS:
         pipe = load_reference(name_or_path, text_encoder=text_encoder)
+        check_finite_weights(pipe, reference_model(name_or_path).checkpoint)
     else:
         path = Path(name_or_path)
         if not path.is_dir():
@@ -26,6 +33,7 @@ def load(name_or_path: str, device: str | torch.device | None = None, dtype: tor
                 "or a local diffusers checkpoint directory (with model_index.json)"
             )
         pipe = load_pipeline_dir(path)
+        check_finite_weights(pipe, path)
     if device is not None or dtype is not None:
         pipe.to(device=device, dtype=dtype)
     return pipe
@@ -40,6 +48,39 @@ def check_safetensors_only(path: Path) -> None:
         )
 
 
+# safetensors' header errors, in words: what is wrong with the file.
+_DAMAGE = {
+    "incomplete metadata": "truncated: its header describes more data than the file holds",
+    "header too large": "its header is damaged (or it is not a safetensors file)",
+    "header too small": "too short to be a safetensors file (empty or truncated)",
+    "invalid": "its header is not valid safetensors metadata",
+}
+
+
+def check_files(path: Path) -> None:
+    """Every config a readable JSON file, every safetensors file whole (its header read and
+    checked against the file's length: no tensor is loaded)."""
+    from safetensors import safe_open
+
+    for config in sorted(path.rglob("*.json")):
+        try:
+            json.loads(config.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{config}: not valid JSON ({error}); the checkpoint is damaged") from None
+    for weights in sorted(path.rglob("*.safetensors")):
+        with open(weights, "rb") as f:
+            start = f.read(64)
+        if start.startswith(b"version https://git-lfs"):
+            raise ValueError(f"{weights}: a Git LFS pointer, not the weights; fetch them (git lfs pull)")
+        try:
+            with safe_open(str(weights), "pt"):
+                pass
+        except Exception as error:  # safetensors raises its own SafetensorError, or OSError
+            reason = str(error).removeprefix("Error while deserializing header: ")
+            words = next((text for key, text in _DAMAGE.items() if key in reason.lower()), reason)
+            raise ValueError(f"{weights}: not a readable safetensors file, {words}; re-save or re-download it") from None
+
+
 def load_pipeline_dir(path: Path):
     from diffusers import DiffusionPipeline
 
@@ -49,10 +90,16 @@ def load_pipeline_dir(path: Path):
     if not index.is_file():
         raise ValueError(f"{str(path)!r} is not a diffusers pipeline directory: it has no model_index.json")
     check_safetensors_only(path)
+    check_files(path)
     class_name = json.loads(index.read_text()).get("_class_name")
     ours = {"RefVideoPipeline": RefVideoPipeline, "RefImagePipeline": RefImagePipeline}
     pipeline_cls = ours.get(class_name, DiffusionPipeline)
-    return pipeline_cls.from_pretrained(str(path), use_safetensors=True)
+    try:
+        return pipeline_cls.from_pretrained(str(path), use_safetensors=True)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, ImportError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ValueError(f"{path}: diffusers cannot load it as a {class_name or 'pipeline'} "
+                         f"({type(error).__name__}: {first})") from None
 
 
 def load_reference(name: str, text_encoder: bool = True):
@@ -63,6 +110,7 @@ def load_reference(name: str, text_encoder: bool = True):
             f"{name} has no trained checkpoint at {weights}; train one with `cadence train --model {name}`"
         )
     check_safetensors_only(model.checkpoint)
+    check_files(model.checkpoint)
     transformer = model.transformer_cls.from_pretrained(str(weights), use_safetensors=True, torch_dtype=torch.float32)
     tokenizer = encoder = None
     if text_encoder:
@@ -70,3 +118,42 @@ def load_reference(name: str, text_encoder: bool = True):
 
         tokenizer, encoder = load_text_encoder()
     return model.pipeline_cls(transformer=transformer, scheduler=model.scheduler(), text_encoder=encoder, tokenizer=tokenizer)
+
+
+def _non_finite(tensor: torch.Tensor) -> int:
+    """How many of ``tensor``'s values are NaN or Inf. A float32 sum is one pass with no copy
+    and is finite whenever every value is; only a non-finite sum (or an overflowing one) is
+    looked at element by element."""
+    if not tensor.is_floating_point() or tensor.device.type == "meta" or tensor.numel() == 0:
+        return 0
+    if torch.isfinite(tensor.sum(dtype=torch.float32)):
+        return 0
+    return int((~torch.isfinite(tensor)).sum())
+
+
+def _file_holding(directory: Path, key: str) -> Path | None:
+    from safetensors import safe_open
+
+    for weights in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(weights), "pt") as f:
+            if key in f.keys():
+                return weights
+    return None
+
+
+def check_finite_weights(pipe, path: Path) -> None:
+    """Refuse a pipeline with a NaN or Inf weight, naming the file and the parameter."""
+    with torch.no_grad():
+        for component, module in pipe.components.items():
+            if not isinstance(module, torch.nn.Module):
+                continue
+            tensors = [*module.named_parameters(), *module.named_buffers()]
+            for name, tensor in tensors:
+                bad = _non_finite(tensor)
+                if bad:
+                    where = _file_holding(path / component, name) or path / component
+                    raise ValueError(
+                        f"{where}: weight {name!r} of the {component} holds {bad} NaN or Inf value(s) of "
+                        f"{tensor.numel()}; every output would be NaN: the checkpoint is damaged, re-save or "
+                        "re-download it"
+                    )

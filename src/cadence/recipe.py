@@ -4,17 +4,23 @@ A recipe is written three equivalent ways that round-trip:
 
 - Python: ``Recipe([FixedIntervalConfig(interval=3)])``
 - one CLI string: ``"fixed-interval(interval=3, warmup=2)"``; techniques joined by ``+``;
-  ``baseline`` (or an empty string) is the empty recipe
+  ``baseline`` (or ``none``) is the empty recipe. An empty string is refused: it is more often
+  a variable left unset than a wish for the baseline.
 - TOML: a file of ``[[technique]]`` tables, each with ``name`` and its parameters
+
+A model holds one technique per level, whether they come in one recipe or through several
+``accelerate`` calls: a second call that adds a technique at a level an earlier, still active
+call holds is refused, as the recipe would be.
 """
 
 from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import tomli_w
 
@@ -58,9 +64,19 @@ class Recipe:
             if not path.is_file():
                 raise ValueError(f"recipe file {str(path)!r} does not exist")
             return cls.from_toml(path.read_text())
-        if text.strip() in ("", BASELINE, "none"):
+        if not text.strip():
+            raise ValueError(f"recipe {text!r} is empty; write '{BASELINE}' for the unaccelerated model, or a "
+                             "technique such as 'fixed-interval(interval=2)' (`cadence recipes` lists them)")
+        if text.strip() in (BASELINE, "none"):
             return cls()
+        _check_brackets(text)
         return cls(_parse_term(term) for term in _split_top_level(text, "+"))
+
+    def spelled_out(self) -> str:
+        """Every parameter of every technique, defaults included: what defines the recipe,
+        for a report (``str`` leaves defaults out)."""
+        return " + ".join(f"{t.name}({', '.join(f'{k}={_format(v)}' for k, v in t.params().items())})"
+                          for t in self.techniques) or BASELINE
 
     def to_toml(self) -> str:
         return tomli_w.dumps({"technique": [{"name": t.name, **t.params()} for t in self.techniques]})
@@ -87,6 +103,33 @@ class Recipe:
                 raise ValueError(f"a [[technique]] table needs a name: {table}")
             configs.append(get_technique(table.pop("name")).config.from_params(table))
         return cls(configs)
+
+
+def _format(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else repr(value)
+
+
+_FORM = "expected name or name(key=value, ...), techniques joined by +"
+
+
+def _check_brackets(text: str) -> None:
+    """A stray ')' would otherwise reach a value ('2)' is not an int) and be reported as one."""
+    depth, quote = 0, ""
+    for position, char in enumerate(text, 1):
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"cannot parse recipe {text.strip()!r}: stray ')' at character {position}; {_FORM}")
+    if quote:
+        raise ValueError(f"cannot parse recipe {text.strip()!r}: the quote {quote} is never closed; {_FORM}")
+    if depth:
+        raise ValueError(f"cannot parse recipe {text.strip()!r}: '(' is never closed; {_FORM}")
 
 
 def _split_top_level(text: str, separator: str) -> list[str]:
@@ -176,19 +219,85 @@ def as_recipe(recipe: "Recipe | str | TechniqueConfig | Iterable[TechniqueConfig
         return Recipe.parse(recipe)
     if isinstance(recipe, TechniqueConfig):
         return Recipe([recipe])
-    return Recipe(recipe)
+    if isinstance(recipe, Iterable):
+        return Recipe(recipe)
+    raise TypeError(
+        f"a recipe is a Recipe, a recipe string such as 'fixed-interval(interval=2)', a technique config or a list "
+        f"of them; got {type(recipe).__name__}: {recipe!r}"
+    )
+
+
+# What a model already holding a technique of a level is said to be, in a refusal.
+HELD = {"step": "already has a step-reuse policy,", "token": "already has an attention technique,",
+        "bit": "is already quantized by", "graph": "is already compiled by"}
+# The model's attribute listing the accelerations applied to it and not yet removed.
+ACTIVE = "_cadence_accelerations"
+
+
+def active_techniques(model) -> list[TechniqueConfig]:
+    """The techniques earlier ``accelerate`` calls put on ``model`` and that are still there."""
+    return [handle.config for acceleration in getattr(model, ACTIVE, ())
+            for handle in acceleration.handles if not handle.removed]
+
+
+def _check_against_active(model, recipe: Recipe) -> None:
+    active = active_techniques(model)
+    for config in recipe.techniques:
+        held = next((existing for existing in active if existing.level == config.level), None)
+        if held is not None:
+            raise ValueError(
+                f"cannot apply {config}: the model {HELD.get(config.level, 'already holds')} {held}, from an earlier "
+                f"accelerate() that is still active; a model holds one {ONE_PER_LEVEL.get(config.level, 'technique')}, "
+                "as a recipe does: remove() that acceleration first, or put both in one recipe"
+            )
+    try:
+        _check_compatible(tuple(active) + recipe.techniques)
+    except ValueError as error:
+        raise ValueError(f"{error} (with {', '.join(map(str, active))} from an earlier accelerate() that is still "
+                         "active: put them in one recipe)") from None
 
 
 class Acceleration:
     """The handles of one ``accelerate`` call; ``remove()`` undoes them in reverse order."""
 
-    def __init__(self, recipe: Recipe, handles: list[Handle]):
+    def __init__(self, recipe: Recipe, handles: list[Handle], model=None):
         self.recipe = recipe
         self.handles = handles
+        self.model = model
+        if model is not None:
+            if not hasattr(model, ACTIVE):
+                setattr(model, ACTIVE, [])
+            getattr(model, ACTIVE).append(self)
 
     def remove(self) -> None:
         for handle in reversed(self.handles):
             handle.remove()
+        accelerations = getattr(self.model, ACTIVE, None)
+        if accelerations is not None and self in accelerations:
+            accelerations.remove(self)
+            if not accelerations:
+                delattr(self.model, ACTIVE)
+
+    def notes(self) -> list[str]:
+        """What did not happen as the recipe asked, in words; read after a generation. A sparse
+        pattern on an attention sequence shorter than two of its blocks has no block to leave
+        out, and runs at density 1."""
+        notes = []
+        for handle in self.handles:
+            asked, stats = getattr(handle.config, "density", None), handle.stats()
+            if asked is None or asked >= 1 or "sparse_calls" not in stats:
+                continue
+            block = getattr(handle.config, "block", None)
+            # `not <`: a sequence shorter than one block reports a density of NaN (no block at all)
+            if stats["sparse_calls"] and not stats.get("density", 1.0) < 0.999:
+                notes.append(
+                    f"{handle.config.name}: density={asked:g} was asked, but every sparse attention call kept all key "
+                    f"blocks: the attention sequence is too short for {block}-token blocks to leave any out, so it "
+                    "ran dense; use a smaller block= or a larger size")
+            elif not stats["sparse_calls"] and stats.get("dense_calls"):
+                notes.append(f"{handle.config.name}: every attention call ran dense (the dense steps and layers cover "
+                             "the whole run); density was never applied")
+        return notes
 
     def stats(self) -> dict:
         """Merged technique stats; ``compute_fraction`` multiplies across techniques."""
@@ -216,6 +325,7 @@ def accelerate(target, recipe) -> Acceleration:
     recipe = as_recipe(recipe)
     model = find_transformer(target)
     load_builtin()
+    _check_against_active(model, recipe)
     handles: list[Handle] = []
     try:
         for config in apply_order(recipe):
@@ -227,4 +337,4 @@ def accelerate(target, recipe) -> Acceleration:
     context = get_context(model)
     if context is not None and getattr(target, "scheduler", None) is not None:
         context.scheduler = target.scheduler
-    return Acceleration(recipe, handles)
+    return Acceleration(recipe, handles, model)

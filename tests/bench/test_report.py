@@ -97,7 +97,42 @@ def test_write_report_contents(tmp_path):
     assert "How to read" in text
     assert "2.67x" in text  # teacache ideal speedup
     table = [line for line in text.splitlines() if line.startswith("| `")]
-    assert len(table) == 3 and all(line.count(" | ") == 10 for line in table)
+    assert len(table) == 3 and all(line.count(" | ") == 11 for line in table)
+    assert "## Check these" not in text  # nothing above its ideal, no spread recorded
+
+
+def _timed_row(recipe, speedup, fraction, spread, recipe_params=None):
+    row = _row(recipe, 0, 4.0 / speedup, 30.0, 0.9, 100, fraction=fraction)
+    return {**row, "spread": spread, "recipe_params": recipe_params or recipe}
+
+
+def test_a_speedup_above_its_ideal_is_flagged():
+    """The case that went unwarned: 4.31x against an ideal of 2.50x."""
+    flagged, = summarize([_timed_row("fixed-interval", 4.31, 0.4, 0.02)])
+    assert len(flagged["flags"]) == 1 and "4.31x is above its ideal 2.50x" in flagged["flags"][0]
+    fine, = summarize([_timed_row("fixed-interval", 2.3, 0.4, 0.02)])
+    assert fine["flags"] == []
+    no_ideal, = summarize([_timed_row("compile", 1.3, None, 0.02)])
+    assert no_ideal["flags"] == []
+
+
+def test_a_high_spread_is_flagged_and_the_largest_reported():
+    rows = [_timed_row("fixed-interval", 1.9, 0.5, 0.03), _timed_row("fixed-interval", 1.8, 0.5, 0.25)]
+    summary, = summarize(rows)
+    assert summary["spread"] == pytest.approx(0.25)
+    assert len(summary["flags"]) == 1 and "timing spread 25% (over 10%)" in summary["flags"][0]
+    assert summarize(rows, spread_tolerance=0.3)[0]["flags"] == []
+
+
+def test_the_report_lists_the_flags_and_every_recipes_parameters(tmp_path):
+    spelled = "fixed-interval(interval=2, cooldown=0, warmup=1, budget=0.0, cfg_reuse=false)"
+    rows = [_timed_row("baseline", 1.0, 1.0, 0.3), _timed_row("fixed-interval", 4.31, 0.4, 0.02, spelled)]
+    text = write_report(tmp_path / "report.md", summarize(rows), META).read_text()
+    check = text[text.index("## Check these"):text.index("## Recipes")]
+    assert "`baseline`: timing spread 30%" in check and "`fixed-interval`: speedup 4.31x is above its ideal" in check
+    assert f"- `fixed-interval`: `{spelled}`" in text
+    table = [line for line in text.splitlines() if line.startswith("| `fixed-interval`")]
+    assert "2.50x (!)" in table[0] and "2%" in table[0]
 
 
 def test_plot_pareto_writes_png(tmp_path):

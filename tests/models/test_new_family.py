@@ -34,19 +34,27 @@ LATENT = (1, 4, 16, 16)  # (B, C, H, W): 8 x 8 = 64 tokens after 2 x 2 patches, 
 
 
 # -- a toy transformer: DiT (Peebles & Xie), adaLN-modulated blocks over image patches -----
+class ToyAttnProcessor:
+    """As a diffusers attention processor: the module holds the weights, the processor runs them."""
+
+    def __call__(self, attn, hidden_states):
+        batch, tokens, dim = hidden_states.shape
+        qkv = attn.to_qkv(hidden_states).reshape(batch, tokens, 3, attn.heads, dim // attn.heads)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4)  # (B, heads, tokens, head_dim) each
+        out = F.scaled_dot_product_attention(query, key, value)
+        return attn.to_out(out.transpose(1, 2).reshape(batch, tokens, dim))
+
+
 class ToyAttention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
         self.to_qkv = nn.Linear(dim, 3 * dim)
         self.to_out = nn.Linear(dim, dim)
+        self.processor = ToyAttnProcessor()
 
     def forward(self, hidden_states):
-        batch, tokens, dim = hidden_states.shape
-        qkv = self.to_qkv(hidden_states).reshape(batch, tokens, 3, self.heads, dim // self.heads)
-        query, key, value = qkv.permute(2, 0, 3, 1, 4)  # (B, heads, tokens, head_dim) each
-        out = F.scaled_dot_product_attention(query, key, value)
-        return self.to_out(out.transpose(1, 2).reshape(batch, tokens, dim))
+        return self.processor(self, hidden_states)
 
 
 class ToyBlock(nn.Module):

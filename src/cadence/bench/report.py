@@ -17,6 +17,16 @@ import torch
 
 _MIB = 1024**2
 
+# A round whose two bracketing baseline times differ by more than this (relative to their
+# mean) saw the machine's load change: the runner repeats it, and the report flags a recipe
+# timed only in such rounds. 10 %: the spread of back-to-back idle ref-video runs on a
+# 2-core CPU stays below it (benchmarks/RESULTS.md, "Timing on a busy CPU").
+SPREAD_TOLERANCE = 0.1
+# Ideal speedup is a bound on the transformer's share alone: a measured speedup above it by
+# more than this margin says the timing was disturbed (or the ideal's assumed shares do not
+# hold on this device), not that the recipe did better than possible.
+IDEAL_MARGIN = 0.05
+
 # ---------------------------------------------------------------------------------------
 # aggregation
 
@@ -50,14 +60,17 @@ def _max(values: list) -> float | None:
     return max(values) if values else None
 
 
-def summarize(rows: list[dict]) -> list[dict]:
+def summarize(rows: list[dict], spread_tolerance: float = SPREAD_TOLERANCE) -> list[dict]:
     """Aggregate per-sample rows into one dict per recipe, in first-seen order.
 
     Output keys: recipe, n, latency_s, step_latency_s (means), speedup (mean baseline
     latency over mean latency: a ratio of totals, so one noisy sample cannot dominate it as
     it would a mean of ratios), psnr_mean, psnr_min, ssim_mean, ssim_min, peak_mem_bytes
     (max), compute_fraction (mean), ideal_speedup (1 / mean compute fraction; None when no
-    row has one), n_identical (rows with PSNR inf).
+    row has one), n_identical (rows with PSNR inf), recipe_params (every parameter), spread
+    (the largest timing spread of its rows; None when rows carry none), rounds (the most
+    timing rounds a row took), flags (what a reader
+    must check: a speedup above its ideal, a spread above ``spread_tolerance``).
     """
     groups: dict[str, list[dict]] = {}  # dicts keep insertion order = first-seen order
     for row in rows:
@@ -86,9 +99,25 @@ def summarize(rows: list[dict]) -> list[dict]:
                 "compute_fraction": fraction,
                 "ideal_speedup": 1 / fraction if fraction else None,
                 "n_identical": sum(1 for v in psnrs if v == float("inf")),
+                "recipe_params": group[0].get("recipe_params", recipe),
+                "spread": _max(col("spread")),
+                "rounds": _max(col("rounds")),
             }
         )
+        summary[-1]["flags"] = _flags(summary[-1], spread_tolerance)
     return summary
+
+
+def _flags(s: dict, spread_tolerance: float) -> list[str]:
+    flags = []
+    speedup, ideal, spread = s["speedup"], s["ideal_speedup"], s["spread"]
+    if speedup is not None and ideal is not None and speedup > ideal * (1 + IDEAL_MARGIN):
+        flags.append(f"speedup {speedup:.2f}x is above its ideal {ideal:.2f}x: the timing was disturbed (a load "
+                     "change on the machine), or the ideal's assumed shares do not hold on this device; rerun it")
+    if spread is not None and spread > spread_tolerance:
+        flags.append(f"timing spread {spread:.0%} (over {spread_tolerance:.0%}): the baseline before and after its "
+                     "generations differed even in the quietest round; the machine is busy, rerun on a quieter one")
+    return flags
 
 
 # ---------------------------------------------------------------------------------------
@@ -145,7 +174,7 @@ _META_LABELS = {
 }
 
 _COLUMNS = [
-    "recipe", "n", "latency (s)", "per step (ms)", "speedup", "ideal",
+    "recipe", "n", "latency (s)", "per step (ms)", "speedup", "ideal", "spread",
     "PSNR mean (dB)", "PSNR min", "SSIM mean", "SSIM min", "peak mem (MiB)",
 ]
 
@@ -157,7 +186,8 @@ def _table_row(s: dict) -> list[str]:
         _fmt(s["latency_s"], ".2f"),
         _fmt_step_ms(s["step_latency_s"]),
         _fmt(s["speedup"], ".2f", "x"),
-        _fmt(s.get("ideal_speedup"), ".2f", "x"),
+        _fmt(s.get("ideal_speedup"), ".2f", "x") + (" (!)" if s.get("flags") else ""),
+        _fmt(s.get("spread"), ".0%"),
         _fmt_psnr(s["psnr_mean"]),
         _fmt_psnr(s["psnr_min"]),
         _fmt(s["ssim_mean"], ".4f"),
@@ -189,6 +219,11 @@ def write_report(path, summary: list[dict], meta: dict) -> Path:
     lines.append("|" + "|".join(["---"] + ["---:"] * (len(_COLUMNS) - 1)) + "|")
     for s in summary:
         lines.append("| " + " | ".join(_table_row(s)) + " |")
+    flagged = [(s["recipe"], flag) for s in summary for flag in s.get("flags", ())]
+    if flagged:
+        lines += ["", "## Check these", ""] + [f"- `{_cell(recipe)}`: {flag}" for recipe, flag in flagged]
+    lines += ["", "## Recipes", "", "Every parameter of each recipe, defaults included:", ""]
+    lines += [f"- `{_cell(s['recipe'])}`: `{_cell(s.get('recipe_params', s['recipe']))}`" for s in summary]
     lines += [
         "",
         "## How to read",
@@ -198,7 +233,10 @@ def write_report(path, summary: list[dict], meta: dict) -> Path:
         "quality in general; \"inf (identical)\" means bit-identical pixels, and the PSNR mean "
         "is taken over the non-identical samples only. The min columns are the worst single "
         "sample. Speedup is against the unaccelerated baseline timed in the same run, on the "
-        "same device. Ideal = 1 / fraction of transformer work actually computed: the speedup "
+        "same device, interleaved: each recipe runs between two baseline generations of its "
+        "prompt and seed and is timed against their mean; spread is how much those two differed "
+        "(a round with a high spread saw the machine's load change and is rerun; the quietest "
+        "round is kept, and (!) marks a recipe listed under \"Check these\"). Ideal = 1 / fraction of transformer work actually computed: the speedup "
         "if skipped work cost nothing and the rest (VAE, text encoder, scheduler) were free; "
         "attention's share of a forward is taken as at the real size (Wan2.1-1.3B, 480p: "
         "53 %), since a reference model's own share says little about a real one's; "

@@ -65,7 +65,8 @@ class Family:
       ``TransformerBlockRegistry``, so the block classes must be registered there.
     - ``token_layout``: reads the joint attention's layout from the transformer's forward
       arguments (sparse attention builds its masks from it).
-    - ``attention``: the block attributes that hold self- or joint attention. Cross-attention
+    - ``attention``: the block attributes that hold self- or joint attention, modules whose
+      ``processor`` (as in diffusers) calls ``scaled_dot_product_attention``. Cross-attention
       to text (Wan's and LTX's ``attn2``) is never listed: it stays dense.
     - ``recipe``, ``sparse_pattern``: the default fast recipe and the default sparse pattern
       (recipe strings; models/defaults.py says how they were chosen).

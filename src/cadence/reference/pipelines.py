@@ -4,7 +4,10 @@ the transformer the way diffusers' own Wan and Flux pipelines do — one
 the progress bar, ``maybe_free_model_hooks`` at the end — so diffusers' hooks and tools
 (``enable_cache``, ``save_pretrained``/``from_pretrained``) run on them unchanged.
 
-Both models work in pixel space (values in [-1, 1]); there is no VAE.
+Both models work in pixel space (values in [-1, 1]); there is no VAE. Requests that cannot
+fit (a step count over the scheduler's timesteps, an output larger than the machine's memory)
+are refused before anything is allocated, and a generation whose latents turn NaN or Inf stops
+at that step (``FloatingPointError``), as cadence.generation does for diffusers' pipelines.
 """
 
 from __future__ import annotations
@@ -15,6 +18,12 @@ import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.utils import BaseOutput
 
+from cadence.generation import (
+    check_finite_latents,
+    check_guidance_scale,
+    check_size_values,
+    check_steps,
+)
 from cadence.reference.text import encode_prompts
 
 
@@ -29,10 +38,8 @@ class RefImageOutput(BaseOutput):
 
 
 def check_sampling_args(steps: int, guidance_scale: float) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
-        raise ValueError(f"steps={steps!r} must be a positive integer")
-    if guidance_scale < 0:
-        raise ValueError(f"guidance_scale={guidance_scale} must be >= 0 (1.0 or less turns CFG off)")
+    check_steps(steps)
+    check_guidance_scale(guidance_scale)
 
 
 def check_generation_args(prompt, prompt_embeds, steps: int, guidance_scale: float) -> list[str] | None:
@@ -104,6 +111,7 @@ class _RefPipeline(DiffusionPipeline):
                         velocity_uncond = predict(latents, t, *uncond)
                     velocity = velocity_uncond + guidance_scale * (velocity - velocity_uncond)
                 latents = self.scheduler.step(velocity.float(), t, latents, return_dict=False)[0]
+                check_finite_latents(latents, i, len(timesteps), t)
                 progress_bar.update()
         self._current_timestep = None
         self.maybe_free_model_hooks()
@@ -131,6 +139,7 @@ class RefVideoPipeline(_RefPipeline):
     ):
         steps = num_inference_steps or steps
         prompts = check_generation_args(prompt, prompt_embeds, steps, guidance_scale)
+        check_size_values(height, width, frames)
         _, patch_h, patch_w = self.transformer.config.patch_size
         if frames < 1 or height % patch_h or width % patch_w or height <= 0 or width <= 0:
             raise ValueError(
@@ -196,6 +205,7 @@ class RefImagePipeline(_RefPipeline):
     ):
         steps = num_inference_steps or steps
         prompts = check_generation_args(prompt, prompt_embeds, steps, guidance_scale)
+        check_size_values(height, width)
         if height <= 0 or width <= 0 or height % 2 or width % 2:
             raise ValueError(f"height={height}, width={width} must be positive and even (2x2 packing)")
         if prompt_embeds is not None and pooled_prompt_embeds is None:

@@ -208,6 +208,12 @@ class AttentionControl:
             raise ValueError(f"{type(model).__name__} has no self-attention modules cadence knows")
         for module in modules:
             _check_native(module)
+            if getattr(module, "processor", None) is None:
+                raise ValueError(
+                    f"{config.name}: {type(module).__name__} has no attention processor; cadence's attention "
+                    "techniques route the call a diffusers processor (module.processor) makes, as every diffusers "
+                    "attention module has one"
+                )
             if isinstance(module.processor, torch.nn.Module):
                 raise ValueError(
                     f"{config.name}: {type(module.processor).__name__} is a module (trained weights, such as an "
