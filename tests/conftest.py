@@ -34,6 +34,16 @@ def tiny_flux() -> FluxTransformer2DModel:
     ).eval()
 
 
+def seeded_randn(*shape, seed: int = 0) -> torch.Tensor:
+    """Fresh random values, the same for a given seed."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
+    """||y - reference|| / ||reference||."""
+    return float((y - reference).norm() / reference.norm())
+
+
 def text(batch: int = 1, tokens: int = 5, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, tokens, TEXT_DIM, generator=torch.Generator().manual_seed(seed))
 

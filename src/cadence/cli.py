@@ -105,13 +105,6 @@ def _check_size(model: str, height, width, frames) -> None:
     generation.check_size_values(height, width, frames)
 
 
-def _check_count(option: str, value: int, limit: int) -> None:
-    if value <= 0:
-        raise ValueError(f"{option} {value} must be a positive integer")
-    if value > limit:
-        raise ValueError(f"{option} {value} is over the limit of {limit}")
-
-
 def _size_options(command):
     """--height, --width, --frames: default the checkpoint's own size."""
     for name, what in (("frames", "frame count (video models)"), ("width", "width in pixels"),
@@ -227,11 +220,11 @@ def _bench(model, recipes, prompts, limit, seeds, steps, guidance_scale, out, de
 @click.option("--device", default=None, callback=_device, help="cpu or cuda (default: cuda when available)")
 def bench(model, recipes, prompts, limit, seeds, steps, guidance_scale, height, width, frames, out, device):
     """Measure recipes against the unaccelerated baseline: time, memory, PSNR, SSIM."""
-    from cadence.generation import MAX_PROMPTS, MAX_SEEDS
+    from cadence import generation
 
     try:
-        _check_count("--seeds", seeds, MAX_SEEDS)
-        _check_count("--limit", limit, MAX_PROMPTS)
+        generation.check_count("--seeds", seeds, generation.MAX_SEEDS)
+        generation.check_count("--limit", limit, generation.MAX_PROMPTS)
     except ValueError as error:
         _fail(error)
     _bench(model, recipes, prompts, limit, seeds, steps, guidance_scale, out, device,
@@ -324,7 +317,7 @@ def calibrate(model, technique, count, steps, guidance_scale, height, width, fra
         known = calibrations()
         if technique not in known:
             raise ValueError(f"--technique {technique!r} has no calibration; valid: {', '.join(known)}")
-        _check_count("--prompts", count, generation.MAX_PROMPTS)
+        generation.check_count("--prompts", count, generation.MAX_PROMPTS)
         if steps < 2:
             raise ValueError(f"--steps {steps} must be an integer >= 2 (calibration measures step-to-step changes)")
         check_sampling_args(steps, guidance_scale)

@@ -55,20 +55,19 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_count(name: str, value, limit: int) -> None:
-    """A positive integer up to ``limit`` (steps, seeds, prompts)."""
+def check_count(name: str, value, limit: int, why: str = "") -> None:
+    """A positive integer up to ``limit`` (steps, seeds, prompts); ``why`` explains the limit.
+    ``name`` is an argument (``steps``) or a CLI option (``--seeds``), and is shown as written."""
+    shown = f"{name} {value!r}" if name.startswith("--") else f"{name}={value!r}"
     if not _is_int(value) or value <= 0:
-        raise ValueError(f"{name}={value!r} must be a positive integer")
+        raise ValueError(f"{shown} must be a positive integer")
     if value > limit:
-        raise ValueError(f"{name}={value} is over the limit of {limit}")
+        raise ValueError(f"{shown} is over the limit of {limit}{why}")
 
 
 def check_steps(steps, limit: int = MAX_STEPS) -> None:
-    if not _is_int(steps) or steps <= 0:
-        raise ValueError(f"steps={steps!r} must be a positive integer")
-    if steps > limit:
-        raise ValueError(f"steps={steps} is over the limit of {limit}: the scheduler has {limit} training "
-                         "timesteps, and more steps only repeat them")
+    check_count("steps", steps, limit, why=f": the scheduler has {limit} training timesteps, and more steps only "
+                                           "repeat them")
 
 
 def check_guidance_scale(guidance_scale) -> None:

@@ -75,8 +75,7 @@ class Recipe:
     def spelled_out(self) -> str:
         """Every parameter of every technique, defaults included: what defines the recipe,
         for a report (``str`` leaves defaults out)."""
-        return " + ".join(f"{t.name}({', '.join(f'{k}={_format(v)}' for k, v in t.params().items())})"
-                          for t in self.techniques) or BASELINE
+        return " + ".join(t.spelled_out() for t in self.techniques) or BASELINE
 
     def to_toml(self) -> str:
         return tomli_w.dumps({"technique": [{"name": t.name, **t.params()} for t in self.techniques]})
@@ -103,10 +102,6 @@ class Recipe:
                 raise ValueError(f"a [[technique]] table needs a name: {table}")
             configs.append(get_technique(table.pop("name")).config.from_params(table))
         return cls(configs)
-
-
-def _format(value: Any) -> str:
-    return str(value).lower() if isinstance(value, bool) else repr(value)
 
 
 _FORM = "expected name or name(key=value, ...), techniques joined by +"

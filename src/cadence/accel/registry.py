@@ -107,6 +107,10 @@ class TechniqueConfig:
         changed = [f"{k}={_format(v)}" for k, v in self.params().items() if v != defaults[k]]
         return f"{self.name}({', '.join(changed)})" if changed else self.name
 
+    def spelled_out(self) -> str:
+        """Every parameter, defaults included (``str`` leaves defaults out): what defines it, for a report."""
+        return f"{self.name}({', '.join(f'{k}={_format(v)}' for k, v in self.params().items())})"
+
 
 def _valid_values(meta) -> str:
     """What a field's ``param`` declares it takes, in words ('' when anything goes)."""

@@ -3,6 +3,7 @@ the native kernels against the reference path, scales on outlier inputs."""
 
 import pytest
 import torch
+from conftest import relative_error, seeded_randn
 
 from cadence.accel.quant.calibration import smoothing_factors
 from cadence.accel.quant.formats import FORMATS
@@ -16,30 +17,22 @@ BOUND = {"fp8": 0.05, "int8": 0.02, "weight-int8": 0.01, "weight-int4": 0.12, "w
          "nvfp4": 0.2, "mxfp4": 0.25}
 
 
-def _randn(*shape, seed):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
 def _linear(in_features=256, out_features=128, seed=0, bias=True):
     torch.manual_seed(seed)
     return torch.nn.Linear(in_features, out_features, bias=bias)
-
-
-def _error(y, reference):
-    return float((y - reference).norm() / reference.norm())
 
 
 @pytest.mark.parametrize("mode", sorted(FORMATS))
 def test_each_mode_is_within_its_error_bound(mode):
     assert set(BOUND) == set(FORMATS)
     linear = _linear(seed=1)
-    x = _randn(3, 40, 256, seed=2)  # (B, tokens, in): leading dims are kept
+    x = seeded_randn(3, 40, 256, seed=2)  # (B, tokens, in): leading dims are kept
     with torch.no_grad():
         reference = linear(x)
         y = QuantLinear.from_linear(linear, mode, group=64)(x)
     assert y.shape == reference.shape and y.dtype == reference.dtype
-    assert _error(y, reference) < BOUND[mode]
-    assert _error(y, reference) > 0  # it really is quantized
+    assert relative_error(y, reference) < BOUND[mode]
+    assert relative_error(y, reference) > 0  # it really is quantized
 
 
 @pytest.mark.parametrize("mode", ["fp8", "int8"])
@@ -47,45 +40,45 @@ def test_native_kernel_matches_the_reference_path(mode):
     """torch._scaled_mm and torch._int_mm also run on the CPU: the fast path's call (scale
     layouts, transposes, bias) is checked against the emulation here."""
     linear = _linear(seed=3)
-    x = _randn(50, 256, seed=4)
+    x = seeded_randn(50, 256, seed=4)
     with torch.no_grad():
         native = QuantLinear.from_linear(linear, mode, kernel="native")
         reference = QuantLinear.from_linear(linear, mode, kernel="reference")
         assert native.native and not reference.native
         y_native, y_reference = native(x), reference(x)
     tolerance = 1e-2 if mode == "fp8" else 1e-5  # fp8 runs out in bf16; int8 accumulates exactly
-    assert _error(y_native, y_reference) < tolerance
+    assert relative_error(y_native, y_reference) < tolerance
 
 
 def test_per_token_scales_keep_an_outlier_token_from_hurting_the_others():
     linear = _linear(seed=5, bias=False)
-    x = _randn(64, 256, seed=6)
+    x = seeded_randn(64, 256, seed=6)
     x[7] *= 1000.0
     with torch.no_grad():
         reference = linear(x)
         dynamic = QuantLinear.from_linear(linear, "int8")(x)
         static = QuantLinear.from_linear(linear, "int8", static_absmax=float(x.abs().max()))(x)
     rows = torch.arange(64) != 7
-    assert _error(dynamic[rows], reference[rows]) < BOUND["int8"]
-    assert _error(static[rows], reference[rows]) > 10 * _error(dynamic[rows], reference[rows])
+    assert relative_error(dynamic[rows], reference[rows]) < BOUND["int8"]
+    assert relative_error(static[rows], reference[rows]) > 10 * relative_error(dynamic[rows], reference[rows])
 
 
 def test_per_channel_weight_scales_keep_an_outlier_channel_from_hurting_the_others():
     linear = _linear(seed=7, bias=False)
     with torch.no_grad():
         linear.weight[3] *= 500.0
-        x = _randn(32, 256, seed=8)
+        x = seeded_randn(32, 256, seed=8)
         reference = linear(x)
         y = QuantLinear.from_linear(linear, "fp8")(x)
     others = torch.arange(128) != 3
-    assert _error(y[:, others], reference[:, others]) < BOUND["fp8"]
+    assert relative_error(y[:, others], reference[:, others]) < BOUND["fp8"]
 
 
 def test_smoothquant_moves_activation_outliers_into_the_weight():
     """A few input channels 50x larger than the rest (what diffusion transformers' activations
     show): migrating them (alpha 0.5) cuts INT8's error, and the float result is unchanged."""
     linear = _linear(seed=9, bias=False)
-    x = _randn(128, 256, seed=10)
+    x = seeded_randn(128, 256, seed=10)
     x[:, :4] *= 50.0
     with torch.no_grad():
         reference = linear(x)
@@ -94,18 +87,18 @@ def test_smoothquant_moves_activation_outliers_into_the_weight():
         smoothed = QuantLinear.from_linear(linear, "int8", smooth=smooth)(x)
         torch.testing.assert_close(torch.nn.functional.linear(x / smooth, linear.weight * smooth), reference,
                                    rtol=1e-4, atol=1e-3)
-    assert _error(smoothed, reference) < 0.5 * _error(plain, reference)
+    assert relative_error(smoothed, reference) < 0.5 * relative_error(plain, reference)
 
 
 def test_svdquant_low_rank_branch_absorbs_a_low_rank_outlier():
     linear = _linear(seed=11, bias=False)
     with torch.no_grad():
-        linear.weight += 20.0 * _randn(128, 1, seed=12) @ _randn(1, 256, seed=13) / 16  # a rank-one spike
-        x = _randn(32, 256, seed=14)
+        linear.weight += 20.0 * seeded_randn(128, 1, seed=12) @ seeded_randn(1, 256, seed=13) / 16  # a rank-one spike
+        x = seeded_randn(32, 256, seed=14)
         reference = linear(x)
         plain = QuantLinear.from_linear(linear, "nvfp4")(x)
         low_rank = QuantLinear.from_linear(linear, "nvfp4", rank=4)(x)
-    assert _error(low_rank, reference) < 0.7 * _error(plain, reference)
+    assert relative_error(low_rank, reference) < 0.7 * relative_error(plain, reference)
 
 
 def test_weight_bytes_are_what_each_format_promises():
@@ -125,8 +118,8 @@ def test_triton_activation_quantizer_matches_the_reference():
     from cadence.accel.quant import formats
     from cadence.accel.quant._kernels import quantize_rows
 
-    x = _randn(19, 200, seed=16)  # 200: not a power of two, the last chunk is masked
-    inv_smooth = 1.0 / (1.0 + _randn(200, seed=17).abs())
+    x = seeded_randn(19, 200, seed=16)  # 200: not a power of two, the last chunk is masked
+    inv_smooth = 1.0 / (1.0 + seeded_randn(200, seed=17).abs())
     for fmt, dtype, qmax in (("fp8", formats.FP8, formats.FP8_MAX), ("int8", torch.int8, formats.INT8_MAX)):
         q, scale, amax = quantize_rows(x, dtype, qmax, inv_smooth)
         smoothed = x * inv_smooth
@@ -153,7 +146,7 @@ def test_nan_in_the_input_is_flagged():
         module = QuantLinear.from_linear(linear, mode, group=64)
         flags = torch.ones(2, dtype=torch.uint8)
         module.monitor = flags[1:2]
-        x = _randn(4, 256, seed=19)
+        x = seeded_randn(4, 256, seed=19)
         module(x)
         assert flags.all()
         x[2, 5] = float("nan")
@@ -167,7 +160,7 @@ def test_triton_quantizer_flags_a_nan_row_without_another_kernel():
     from cadence.accel.quant._kernels import quantize_rows
 
     flags = torch.ones(3, dtype=torch.uint8)
-    x = _randn(37, 96, seed=20)
+    x = seeded_randn(37, 96, seed=20)
     quantize_rows(x, formats.FP8, formats.FP8_MAX, flag=flags[1:2])
     assert flags.tolist() == [1, 1, 1]
     x[30, 4] = float("inf")
@@ -180,7 +173,7 @@ def test_triton_int8_epilogue_matches_the_reference():
     from cadence.accel.quant._kernels import dequantize_int32
 
     acc = torch.randint(-2**20, 2**20, (45, 300), generator=torch.Generator().manual_seed(21), dtype=torch.int32)
-    row, col, bias = _randn(45, 1, seed=22).abs(), _randn(1, 300, seed=23).abs(), _randn(300, seed=24)
+    row, col, bias = seeded_randn(45, 1, seed=22).abs(), seeded_randn(1, 300, seed=23).abs(), seeded_randn(300, seed=24)
     expected = acc.float() * row * col + bias
     torch.testing.assert_close(dequantize_int32(acc, row, col, bias, torch.float32), expected, rtol=1e-6, atol=1e-3)
     torch.testing.assert_close(dequantize_int32(acc, row, col, None, torch.float32), expected - bias, rtol=1e-6, atol=1e-3)

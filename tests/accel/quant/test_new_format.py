@@ -8,13 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import relative_error, seeded_randn, tiny_pipe, tiny_sample, tiny_wan, video_run
 
 import cadence
 from cadence.accel import calibration as files
 from cadence.accel.quant import checkpoint, mixed
 from cadence.accel.quant.formats import Format, register_format, unregister_format
 from cadence.accel.quant.linear import QuantLinear
-from conftest import tiny_pipe, tiny_sample, tiny_wan, video_run
 
 
 class WeightInt3(Format):
@@ -54,24 +54,16 @@ def registered():
     unregister_format(INT3.name)
 
 
-def _randn(*shape, seed):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
 def _linear(in_features=256, out_features=64, seed=0, bias=True):
     torch.manual_seed(seed)
     return torch.nn.Linear(in_features, out_features, bias=bias)
-
-
-def _error(y, reference):
-    return float((y - reference).norm() / reference.norm())
 
 
 def test_the_new_format_runs_as_its_plain_pytorch_reference(registered):
     """The rule written out in plain PyTorch, apart from the class: equal up to fp32
     accumulation order; against the float layer, within INT3's error (measured 0.16)."""
     linear = _linear(seed=1)
-    x = _randn(3, 20, 256, seed=2)  # (B, tokens, in)
+    x = seeded_randn(3, 20, 256, seed=2)  # (B, tokens, in)
     with torch.no_grad():
         y = QuantLinear.from_linear(linear, INT3.name, group=32)(x)
         groups = linear.weight.reshape(64, 8, 32)  # (out, groups, group)
@@ -81,7 +73,7 @@ def test_the_new_format_runs_as_its_plain_pytorch_reference(registered):
         full = linear(x)
     assert y.shape == full.shape
     torch.testing.assert_close(y, reference, rtol=1e-5, atol=1e-5)
-    assert 0 < _error(y, full) < 0.3
+    assert 0 < relative_error(y, full) < 0.3
 
 
 def test_memory_is_accounted_as_the_format_stores_it(registered):
@@ -95,12 +87,12 @@ def test_memory_is_accounted_as_the_format_stores_it(registered):
 def test_smoothing_low_rank_and_the_nan_check_come_with_the_layer(registered):
     linear = _linear(seed=3)
     with torch.no_grad():
-        linear.weight += 20.0 * _randn(64, 1, seed=4) @ _randn(1, 256, seed=5) / 16  # a rank-one spike
-        x = _randn(32, 256, seed=6)
+        linear.weight += 20.0 * seeded_randn(64, 1, seed=4) @ seeded_randn(1, 256, seed=5) / 16  # a rank-one spike
+        x = seeded_randn(32, 256, seed=6)
         full = linear(x)
         plain = QuantLinear.from_linear(linear, INT3.name, group=32)
-        layer = QuantLinear.from_linear(linear, INT3.name, group=32, rank=4, smooth=1.0 + _randn(256, seed=7).abs())
-        assert _error(layer(x), full) < 0.7 * _error(plain(x), full)
+        layer = QuantLinear.from_linear(linear, INT3.name, group=32, rank=4, smooth=1.0 + seeded_randn(256, seed=7).abs())
+        assert relative_error(layer(x), full) < 0.7 * relative_error(plain(x), full)
         flags = torch.ones(2, dtype=torch.uint8)
         layer.monitor = flags[1:2]
         x[3, 5] = float("nan")
@@ -133,7 +125,7 @@ def test_mixed_precision_allocates_the_new_format_and_a_checkpoint_keeps_it(regi
         assert acceleration.stats()["quantized_layers"] == {INT3.name: chosen.count(INT3.name)}
         quantized = tiny_sample(pipe, "video")
         saved = checkpoint.save(pipe.transformer, tmp_path / "int3.safetensors")
-    assert 0 < _error(quantized, baseline) < 0.05  # measured 0.017
+    assert 0 < relative_error(quantized, baseline) < 0.05  # measured 0.017
     with cadence.accelerate(pipe, f"mixed(checkpoint='{saved}')"):
         assert torch.equal(tiny_sample(pipe, "video"), quantized)
     assert torch.equal(tiny_sample(pipe, "video"), baseline)
