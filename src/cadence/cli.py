@@ -130,7 +130,26 @@ def _write_atomically(out: Path, output) -> Path:
     return final
 
 
-@click.group()
+# Commands that live beside their own package (serve, tune, judge, ...), so cli.py stays thin:
+# name -> "module:attribute" of a click command, imported only when that command runs or
+# the command list is printed.
+PACKAGE_COMMANDS: dict[str, str] = {}
+
+
+class _Commands(click.Group):
+    def list_commands(self, ctx):
+        return sorted({*super().list_commands(ctx), *PACKAGE_COMMANDS})
+
+    def get_command(self, ctx, name):
+        if name in PACKAGE_COMMANDS:
+            import importlib
+
+            module, attribute = PACKAGE_COMMANDS[name].split(":")
+            return getattr(importlib.import_module(module), attribute)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_Commands)
 @click.version_option(package_name="cadence")
 def main():
     """cadence: make diffusion transformers generate several times faster, with the
