@@ -255,16 +255,20 @@ def _check_against_active(model, recipe: Recipe) -> None:
 class Acceleration:
     """The handles of one ``accelerate`` call; ``remove()`` undoes them in reverse order."""
 
-    def __init__(self, recipe: Recipe, handles: list[Handle], model=None):
+    def __init__(self, recipe: Recipe, handles: list[Handle], model=None, parallel=None):
         self.recipe = recipe
         self.handles = handles
         self.model = model
+        self.parallel = parallel  # cadence.parallel's handle, outermost: removed first
         if model is not None:
             if not hasattr(model, ACTIVE):
                 setattr(model, ACTIVE, [])
             getattr(model, ACTIVE).append(self)
 
     def remove(self) -> None:
+        if self.parallel is not None:
+            self.parallel.remove()
+            self.parallel = None
         for handle in reversed(self.handles):
             handle.remove()
         accelerations = getattr(self.model, ACTIVE, None)
@@ -296,7 +300,7 @@ class Acceleration:
 
     def stats(self) -> dict:
         """Merged technique stats; ``compute_fraction`` multiplies across techniques."""
-        merged: dict[str, Any] = {}
+        merged: dict[str, Any] = self.parallel.stats() if self.parallel is not None else {}
         for handle in self.handles:
             for key, value in handle.stats().items():
                 if key == "compute_fraction" and key in merged and value is not None:
@@ -312,9 +316,13 @@ class Acceleration:
         self.remove()
 
 
-def accelerate(target, recipe) -> Acceleration:
+def accelerate(target, recipe, parallel=None) -> Acceleration:
     """Apply ``recipe`` to a diffusers pipeline (its ``transformer``) or to a transformer,
     in the order of ``APPLY_ORDER`` whatever the order the recipe is written in.
+
+    ``parallel`` (a ``cadence.parallel.ParallelConfig``, in processes started by torchrun)
+    spreads each generation over the ranks once the recipe is on, so its split and gather
+    hooks wrap the techniques' hooks.
 
     Returns an :class:`Acceleration`; ``.remove()`` gives back the exact model."""
     recipe = as_recipe(recipe)
@@ -329,7 +337,17 @@ def accelerate(target, recipe) -> Acceleration:
         for handle in reversed(handles):
             handle.remove()
         raise
+    spread = None
+    if parallel is not None:
+        from cadence.parallel import parallelize
+
+        try:
+            spread = parallelize(model, parallel, recipe.techniques)
+        except Exception:
+            for handle in reversed(handles):
+                handle.remove()
+            raise
     context = get_context(model)
     if context is not None and getattr(target, "scheduler", None) is not None:
         context.scheduler = target.scheduler
-    return Acceleration(recipe, handles, model)
+    return Acceleration(recipe, handles, model, spread)

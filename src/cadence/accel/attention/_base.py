@@ -109,6 +109,14 @@ class SparseAttentionConfig(AttentionConfig):
     choices: ClassVar[tuple[str, ...]] = ()
 
 
+# Set on a model by cadence.parallel under Ulysses: TokenLayout -> (tokens,) index, the
+# position in the layout's own order of each token of an attention call, or None when they
+# arrive in order. Each rank holds a slice of the text and of the video tokens; the
+# all-to-all lays the ranks' [text, video] slices end to end, so a joint sequence arrives
+# interleaved, and a sparse pattern must put it back in order to see the whole layout.
+ARRIVAL = "_cadence_token_arrival"
+
+
 # The applications alive now, by handle. The compiled graph holds only the handle (a small
 # int, reused after remove(), so a new application passes the old graph's guards); the
 # state of each call (step context, counters, mask caches) stays in the control, outside.
@@ -272,6 +280,11 @@ class AttentionControl:
         device = query.device
         order = geometry.memo(("order", device), lambda: geometry.order.to(device))
         inverse = geometry.memo(("inverse", device), lambda: geometry.inverse.to(device))
+        arrival = getattr(self.model, ARRIVAL, None)
+        arrived = arrival(layout) if arrival is not None else None
+        if arrived is not None:  # kernel order read from, and written back to, the arrival order
+            order, inverse = geometry.memo(("arrival", device), lambda: (
+                arrived.argsort()[geometry.order].to(device), geometry.inverse[arrived].to(device)))
         query, key, value = (x.index_select(-2, order) for x in (query, key, value))
         if key_valid is not None:
             key_valid = key_valid.index_select(-1, order)

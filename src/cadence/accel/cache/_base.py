@@ -37,6 +37,15 @@ from cadence.context import StepContext, attach_context, detach_context
 from cadence.models import adapter_for
 
 
+# Set on a model by cadence.parallel when several ranks share each forward's tokens
+# (Ulysses / Ring): a function that averages a number over those ranks. Each rank's
+# indicator reads its own slice of the tokens, and ranks that decided differently would
+# wait forever on each other's collectives inside the blocks; every rank decides on the
+# mean of the slices' distances instead (equal to the whole layout's for a distance
+# that is a mean over tokens, close to it for a ratio of such means).
+AGREE = "_cadence_agree"
+
+
 @dataclass(frozen=True)
 class StepPolicyConfig(TechniqueConfig):
     """Parameters every step-reuse policy shares. Subclasses add their own."""
@@ -235,6 +244,9 @@ class StepReuse:
             return self.cfg.cond_decision(step)
         since = step - branch.last_computed if branch.last_computed is not None else None
         distance = policy.distance(branch.policy_state, probe, since) if cached else math.inf
+        agree = getattr(self.model, AGREE, None)
+        if cached and agree is not None:
+            distance = agree(distance)
         if config.budget:
             if branch.pacer is None:
                 branch.pacer = _Pacer(self._slots(num_steps_for_budget(context, config.name)))
