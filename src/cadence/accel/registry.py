@@ -25,7 +25,7 @@ BUILTIN_PACKAGE = "cadence.accel"
 
 # The levels of the generation loop a technique works at, in the order ``accelerate``
 # applies them (recipe.APPLY_ORDER): a recipe holds at most one technique per level.
-LEVELS = ("graph", "bit", "token", "step")
+LEVELS = ("graph", "bit", "token", "step", "sequence")
 
 
 def param(default: Any, help: str, *, choices: tuple | None = None, low: float | None = None,

@@ -1,0 +1,49 @@
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from cadence.dllm.bench import bench, write_report
+from cadence.dllm.cli import dllm
+from cadence.dllm.train import save_checkpoint
+
+
+def test_bench_scores_every_recipe_against_plain_decoding_and_writes_the_frontier(tiny, tmp_path):
+    model, tokenizer = tiny
+    rows = bench(model, tokenizer, ["semi-ar(block_length=8) + parallel(threshold=0.9) + dual-cache",
+                                    "peer:llada2(threshold=0.9)"],
+                 tasks=["copy", "add"], prompts_per_task=2, gen_length=16, batch_size=2, reference="semi-ar(block_length=8)",
+                 log=lambda *_: None)
+    assert [row.recipe for row in rows][0] == "semi-ar(block_length=8)" and rows[0].speedup == 1.0
+    assert rows[0].forwards_per_prompt == 16  # one token per step
+    assert all(set(row.accuracy) == {"copy", "add"} and 0 <= row.mean_accuracy <= 1 for row in rows)
+    write_report(rows, tmp_path, {"device": "CPU"})
+    assert (tmp_path / "frontier.png").stat().st_size > 0
+    assert len(json.loads((tmp_path / "rows.json").read_text())["rows"]) == 3
+    assert "| `peer:llada2(threshold=0.9)` |" in (tmp_path / "table.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny-dllm")
+    save_checkpoint(*tiny, directory)
+    return directory
+
+
+def test_generate_prints_the_decoded_text_and_the_work(checkpoint):
+    result = CliRunner().invoke(dllm, ["generate", "--model", str(checkpoint), "--prompt", "12+34=", "--gen-length",
+                                       "32", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("12+34=")
+    assert "forwards for 32 tokens; recipe: semi-ar + parallel + dual-cache" in result.output
+
+
+def test_generate_refuses_bad_input_before_decoding(checkpoint):
+    runner = CliRunner()
+    result = runner.invoke(dllm, ["generate", "--model", str(checkpoint), "--prompt", "1" * 500, "--gen-length", "32"])
+    assert result.exit_code != 0 and "longer than the model's context of 512" in result.output
+    result = runner.invoke(dllm, ["generate", "--model", str(checkpoint), "--prompt", "1+1=", "--gen-length", "40"])
+    assert result.exit_code != 0 and "block_length=32 does not divide gen_length=40; use gen_length 32 or 64" in result.output
+    result = runner.invoke(dllm, ["generate", "--model", str(checkpoint), "--prompt", "1+1=", "--recipe",
+                                  "parallel(threshold=2)"])
+    assert result.exit_code != 0 and "threshold=2.0 must be in (0.0, 1.0]" in result.output
