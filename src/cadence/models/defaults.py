@@ -31,6 +31,8 @@ families (FLUX, SD3) FLUX's.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from cadence.models.family import FamilyRecipe, families, find_family
 
 SAGE = "attention-backend(backend='sage')"
@@ -38,10 +40,19 @@ VIDEO_RECIPE = f"magcache(budget=0.3) + compile + {SAGE}"
 IMAGE_RECIPE = "magcache(budget=0.5) + compile"
 VIDEO_PATTERN = "sparse-router(density=0.5)"
 IMAGE_PATTERN = "sparse-window(density=0.5)"
+# A recipe `cadence tune --save-default` wrote beside a checkpoint: that checkpoint's default.
+TUNED_RECIPE = "cadence-recipe.toml"
 
 
 def default_recipe(family: str) -> FamilyRecipe:
-    """The default fast recipe of a family, by family name, model class name or reference model."""
+    """The default fast recipe of a family, by family name, model class name or reference model;
+    of a checkpoint directory holding a tuned recipe (``TUNED_RECIPE``), that recipe."""
+    tuned = Path(family) / TUNED_RECIPE
+    if tuned.is_file():
+        # the file is the recipe (--recipe takes a .toml path); its first line says how it was measured
+        first = tuned.read_text().splitlines()[0]
+        return FamilyRecipe(str(tuned), first.lstrip("# ") if first.startswith("#") else "tuned by cadence tune",
+                            needs="nothing more: the calibrations it reads are named in it")
     found = find_family(family)
     if found is None:
         registered = families()

@@ -1,0 +1,53 @@
+"""The held-out check: the chosen recipe, beside the family's shipped default, on cases
+(prompts and seeds) that no candidate was scored on.
+
+Per case the baseline runs first, then each recipe, and each recipe's speedup is taken
+against that case's baseline, so a load that changes between cases on a shared machine
+moves the baseline and the recipes together.
+"""
+
+from __future__ import annotations
+
+from cadence.recipe import Recipe
+from cadence.tune import quality
+from cadence.tune.evaluate import FAILURES, Evaluator
+
+
+def held_out_check(evaluator: Evaluator, measures: list[quality.Measure], cases: list[tuple[str, int]],
+                   tuned: Recipe, default: Recipe | None, notes: list[str]) -> dict:
+    recipes = {"tuned": tuned}
+    if default is not None:
+        try:
+            recipes["shipped default"] = evaluator.prepare(default)
+        except FAILURES as error:
+            notes.append(f"shipped default {default} could not run: {error}")
+    for recipe in recipes.values():
+        evaluator.warm_up(recipe, cases[0])
+    rows: dict[str, list[dict]] = {name: [] for name in recipes}
+    failures: dict[str, str] = {}
+    for case in cases:
+        baseline = evaluator.time_baseline(case)
+        for name, recipe in recipes.items():
+            if name in failures:
+                continue
+            try:
+                row = evaluator.run(recipe, case)
+            except FAILURES as error:
+                failures[name] = f"{type(error).__name__}: {error}"
+                continue
+            row["values"] = quality.evaluate(measures, row, case)
+            row["baseline_seconds"] = baseline
+            row.pop("output")
+            rows[name].append(row)
+    summary = {name: _summary(recipe, rows[name], failures.get(name), measures) for name, recipe in recipes.items()}
+    met = summary["tuned"]["quality"] is not None and quality.meets(measures, summary["tuned"]["quality"])
+    return {"cases": len(cases), "recipes": summary, "meets_bar_within_margin": met,
+            "margins": {m.name: m.margin for m in measures}}
+
+
+def _summary(recipe: Recipe, done: list[dict], failed: str | None, measures) -> dict:
+    baseline = sum(r["baseline_seconds"] for r in done)
+    return {"recipe": str(recipe), "failed": failed,
+            "speedup": baseline / sum(r["seconds"] for r in done) if done else None,
+            "quality": quality.means(measures, done) if done else None,
+            "per_case": [r["values"] for r in done]}

@@ -1,0 +1,150 @@
+"""What a tuning run leaves in OUT: recipe.txt and recipe.toml (the chosen recipe),
+report.md (the settings, the measured frontier, every rejected candidate with its reason,
+the held-out check), frontier.png and check.json. study.db and baselines/ are written as
+the run goes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from datetime import date
+from pathlib import Path
+
+import optuna
+import torch
+
+from cadence.tune import quality
+
+FRONTIER_PLOT = "frontier.png"
+
+
+def write_outputs(result, settings, measures, load_before: float | None) -> None:
+    out = settings.out
+    if result.recipe is not None:
+        (out / "recipe.txt").write_text(f"{result.recipe}\n")
+        (out / "recipe.toml").write_text(result.recipe.to_toml())
+    if result.check is not None:
+        (out / "check.json").write_text(json.dumps(result.check, indent=1) + "\n")
+    rows = _rows(result.trials)
+    chosen = result.best.get("number") if result.recipe is not None else None
+    plot_frontier(out / FRONTIER_PLOT, rows, measures[0].bar, chosen)
+    (out / "report.md").write_text(_report(result, settings, measures, rows, load_before))
+
+
+def _rows(trials) -> list[dict]:
+    """One row per candidate: its recipe, state, time, quality and why it was rejected."""
+    rows = []
+    for trial in trials:
+        attrs = trial.user_attrs
+        state = trial.state.name.lower()
+        rows.append({"number": trial.number, "recipe": attrs.get("recipe", "?"), "state": state,
+                     "relative_time": attrs.get("relative_time"), "quality": attrs.get("quality"),
+                     "cases": len(attrs.get("seconds", [])), "feasible": state == "complete" and
+                     all(c <= 0 for c in attrs.get("constraints", [1.0])),
+                     "rejected": attrs.get("rejected") or trial.system_attrs.get("fail_reason")})
+    return rows
+
+
+def pareto(rows: list[dict]) -> list[dict]:
+    """The complete candidates no other beats on both time and PSNR."""
+    done = [r for r in rows if r["state"] == "complete" and r["relative_time"] and r["quality"]]
+    front = [r for r in done if not any(o["relative_time"] <= r["relative_time"] and o["quality"]["PSNR"] >=
+                                        r["quality"]["PSNR"] and o is not r and
+                                        (o["relative_time"], o["quality"]["PSNR"]) !=
+                                        (r["relative_time"], r["quality"]["PSNR"]) for o in done)]
+    return sorted(front, key=lambda r: r["relative_time"])
+
+
+def plot_frontier(path: Path, rows: list[dict], bar: float, chosen: int | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = {"complete": ("o", "tab:blue", "measured on every tuning case"),
+              "pruned": ("x", "tab:gray", "rejected early (first cases only)")}
+    for state, (marker, colour, label) in styles.items():
+        points = [(1 / r["relative_time"], _finite(r["quality"]["PSNR"])) for r in rows
+                  if r["state"] == state and r["relative_time"] and r["quality"]]
+        if points:
+            ax.scatter(*zip(*points), marker=marker, color=colour, label=label)
+    front = pareto(rows)
+    if front:
+        ax.plot([1 / r["relative_time"] for r in front], [_finite(r["quality"]["PSNR"]) for r in front],
+                color="tab:orange", label="frontier")
+    picked = [r for r in rows if r["number"] == chosen and r["relative_time"] and r["quality"]]
+    if picked:
+        ax.scatter([1 / picked[0]["relative_time"]], [_finite(picked[0]["quality"]["PSNR"])], marker="*", s=200,
+                   color="tab:green", label="chosen", zorder=3)
+    ax.axhline(bar, color="tab:red", linestyle="--", label=f"bar {bar:g} dB")
+    ax.set_xlabel("speedup over the baseline (measured in the same trial)")
+    ax.set_ylabel("PSNR against the baseline (dB)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else 99.0  # identical outputs: drawn at the top
+
+
+def _fmt_quality(values: dict | None) -> str:
+    if not values:
+        return "-"
+    return ", ".join(f"{k} {'inf' if not math.isfinite(v) else f'{v:.2f}' if k == 'PSNR' else f'{v:.3f}'}"
+                     for k, v in values.items())
+
+
+def _report(result, settings, measures, rows, load_before) -> str:
+    device = torch.cuda.get_device_name() if settings.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
+    load = ""
+    if load_before is not None and not settings.device.startswith("cuda"):
+        load = f"; load average {load_before:.2f} at the start, {os.getloadavg()[0]:.2f} at the end"
+    lines = [f"# cadence tune: {settings.model or 'pipeline'}", "",
+             f"- bar: {quality.bars(measures)}; {settings.steps} steps, guidance {settings.guidance_scale}",
+             (f"- device: {device}, torch {torch.__version__}, optuna {optuna.__version__}, "
+              f"{date.today().isoformat()}{load}"),
+             f"- time budget {settings.time_budget:.0f} s; one baseline generation {result.baseline_seconds:.1f} s",
+             (f"- tuning cases: {len(result.split.tuning)} prompts x seeds {list(result.split.tuning_seeds)}; "
+              f"check cases: {len(result.split.check)} other prompts x seeds {list(result.split.check_seeds)}"),
+             f"- command: `{settings.command}`" if settings.command else "", "",
+             "## Search space (from the technique registry)", "", result.space.describe(), ""]
+    lines += [f"- note: {note}" for note in result.notes] + [""]
+    if result.recipe is not None:
+        best = result.best
+        lines += ["## Chosen", "", (f"`{result.recipe}`: {best['relative_time']:.2f}x the baseline's time "
+                                    f"({1 / best['relative_time']:.2f}x speedup), {_fmt_quality(best.get('quality'))} "
+                                    f"on the tuning cases (trial {best['number']})"), ""]
+    else:
+        lines += ["## No candidate met the bar", ""]
+        if result.best and result.best.get("quality"):
+            lines += [f"Nearest: `{result.best['recipe']}`, {_fmt_quality(result.best['quality'])}", ""]
+    if result.check is not None:
+        lines += ["## Held-out check (prompts and seeds never used for tuning)", "",
+                  "| recipe | speedup | quality | per case |", "|---|---:|---|---|"]
+        for name, entry in result.check["recipes"].items():
+            speed = f"{entry['speedup']:.2f}x" if entry["speedup"] else entry.get("failed") or "-"
+            cases = "; ".join(_fmt_quality(c) for c in entry["per_case"])
+            lines.append(f"| {name}: `{entry['recipe']}` | {speed} | {_fmt_quality(entry['quality'])} | {cases} |")
+        verdict = "meets" if result.check["meets_bar_within_margin"] else "does NOT meet"
+        margins = ", ".join(f"{k} {v:g}" for k, v in result.check["margins"].items())
+        lines += ["", f"The tuned recipe {verdict} the bar on the check cases within its margin ({margins}).",
+                  "Each check case runs the baseline, then each recipe, timed against that baseline.", ""]
+    lines += ["## Frontier", "", f"![speedup against PSNR]({FRONTIER_PLOT})", "",
+              "| trial | recipe | speedup | quality |", "|---:|---|---:|---|"]
+    for row in pareto(rows):
+        lines.append(f"| {row['number']} | `{row['recipe']}` | {1 / row['relative_time']:.2f}x | "
+                     f"{_fmt_quality(row['quality'])} |")
+    lines += ["", "## Every candidate", "", "| trial | recipe | state | speedup | quality (cases) | rejected because |",
+              "|---:|---|---|---:|---|---|"]
+    for row in rows:
+        speed = f"{1 / row['relative_time']:.2f}x" if row["relative_time"] else "-"
+        why = row["rejected"] or ("" if row["feasible"] else "misses the bar" if row["state"] == "complete" else "")
+        lines.append(f"| {row['number']} | `{row['recipe']}` | {row['state']} | {speed} | "
+                     f"{_fmt_quality(row['quality'])} ({row['cases']}) | {why} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,361 @@
+"""``tune``: the fastest recipe that meets a quality bar, searched on the user's pipeline.
+
+An Optuna study (TPE sampler, quality bars as its constraints) proposes compositions of the
+registered techniques (``space.SearchSpace``); each candidate runs on the tuning cases
+(prompt x seed) against the unaccelerated output, and its objective is its time relative to
+the baseline timed beside it. Three things keep a slow or poor candidate from costing much:
+
+- the cost model (``cost.CostModel``) skips one that cannot beat the best found;
+- a candidate's generation is stopped once it runs longer than the best found would (or,
+  before one is found, twice the baseline), or than the time budget leaves; one whose
+  whole generations take longer than the best found's (or the baseline's) is rejected;
+- after each case the shortfall of its mean PSNR from the bar is reported as the trial's
+  intermediate value, and Optuna's ``ThresholdPruner`` rejects it once the first cases miss
+  the bar by more than the measure's margin (``quality.PSNR_MARGIN_DB``). (The shortfall,
+  not the PSNR itself, because the sampler ranks pruned trials by their last intermediate
+  value in the study's direction, here minimize.)
+
+The study lives in ``OUT/study.db`` (SQLite): a killed run, started again with the same
+settings, resumes it; the candidate that was running is tried again. Baseline outputs and
+calibrations made on the fly are kept under ``OUT`` too.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+
+from cadence import generation
+from cadence.models import adapter_for, find_transformer
+from cadence.models.defaults import default_recipe
+from cadence.recipe import Recipe
+from cadence.tune import quality
+from cadence.tune.check import held_out_check
+from cadence.tune.cost import CostModel
+from cadence.tune.evaluate import FAILURES, Evaluator, TooSlow
+from cadence.tune.prompts import PromptSplit, split_prompts
+from cadence.tune.settings import TuneSettings, duration
+from cadence.tune.space import SearchSpace, features
+
+STUDY = "cadence-tune"
+# A candidate may run this much longer than the best found before it is stopped: timings on
+# a shared machine move by several per cent between identical runs.
+SLOW_MARGIN = 0.25
+# Before any candidate meets the bar, one is stopped only past this multiple of the baseline's
+# time: it is then no acceleration on this device, and a measured miss still teaches the sampler.
+NO_BEST_LIMIT = 2.0
+# Random candidates before the sampler models the space: few, since on a CPU a candidate can
+# cost minutes and the shipped default's parts are tried first anyway.
+STARTUP_TRIALS = 3
+OUT_OF_TIME = "the time budget ran out"
+
+
+class TuneRefused(ValueError):
+    """Refused or ended without an answer; what was measured is on disk under ``out``."""
+
+
+@dataclass
+class TuneResult:
+    recipe: Recipe | None  # None: no candidate met the bar
+    best: dict | None  # the chosen trial's measurements (or, unmet, the one nearest the bar)
+    check: dict | None  # the held-out check
+    space: SearchSpace
+    split: PromptSplit
+    trials: list = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    baseline_seconds: float = 0.0
+    out: Path | None = None
+
+
+def check_adapter(pipe) -> None:
+    """Refuse, before any work, a pipeline whose transformer cadence has no adapter for."""
+    try:
+        adapter_for(find_transformer(pipe))
+    except (TypeError, ValueError) as error:
+        raise TuneRefused(f"cannot tune this model: {error}") from None
+
+
+def tune(pipe, settings: TuneSettings) -> TuneResult:
+    """Search the fastest recipe meeting the bars on ``pipe``; write ``settings.out``."""
+    started = time.monotonic()
+    settings.check()
+    check_adapter(pipe)
+    space = SearchSpace.from_registry(settings.include, settings.exclude, settings.device, settings.compile)
+    split = split_prompts(settings.prompts, video=generation.is_video(pipe), tuning=settings.tuning_prompts,
+                          check=settings.check_prompts, seeds=settings.seeds)
+    size = generation.resolve_size(pipe, settings.height, settings.width, settings.frames)
+    generation.check_steps(settings.steps, generation.step_limit(pipe))
+    settings.out.mkdir(parents=True, exist_ok=True)
+    pipe.set_progress_bar_config(disable=True)
+    run = _Run(pipe, settings, space, split, size, started)
+    return run.search()
+
+
+class _Run:
+    def __init__(self, pipe, settings: TuneSettings, space: SearchSpace, split: PromptSplit, size, started: float):
+        self.pipe, self.settings, self.space, self.split, self.started = pipe, settings, space, split, started
+        self.evaluator = Evaluator(pipe, size, settings.steps, settings.guidance_scale, settings.device, settings.out)
+        self.cost = CostModel()
+        self.measures = quality.measures(settings)
+        self.notes = list(space.notes)
+        self.baseline_seconds = 0.0
+        self.load_before = _load()
+
+    def remaining(self) -> float:
+        return self.settings.time_budget - (time.monotonic() - self.started)
+
+    # -- the study -------------------------------------------------------------------------
+    def open_study(self) -> optuna.Study:
+        storage = f"sqlite:///{(self.settings.out / 'study.db').resolve()}"
+        # the bars are the trials' constraints (Trial.set_constraint): the sampler learns where they hold
+        sampler = optuna.samplers.TPESampler(seed=self.settings.sampler_seed, n_startup_trials=STARTUP_TRIALS)
+        pruner = optuna.pruners.ThresholdPruner(upper=quality.PSNR_MARGIN_DB)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(storage=storage, study_name=STUDY, sampler=sampler, pruner=pruner,
+                                    direction="minimize", load_if_exists=True)
+        identity = self.settings.identity()
+        recorded = study.user_attrs.get("settings")
+        if recorded is None:
+            study.set_user_attr("settings", identity)
+        elif recorded != identity:
+            changed = sorted(key for key in identity if recorded.get(key) != identity[key])
+            raise TuneRefused(
+                f"{self.settings.out}/study.db holds a study made with other settings ({', '.join(changed)} differ: "
+                f"{', '.join(f'{k}={recorded.get(k)!r}' for k in changed)}); resume it with the same settings, or "
+                "give another --out")
+        for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            # left running by an interrupted run: marked failed, and its candidate tried again
+            study._storage.set_trial_user_attr(trial._trial_id, "rejected", "interrupted; tried again on resume")
+            study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+            study.enqueue_trial(trial.params, skip_if_exists=False)
+            self.notes.append(f"resumed: trial {trial.number} ({trial.user_attrs.get('recipe', '?')}) was interrupted "
+                              "and is tried again")
+        for trial in study.trials:
+            if "relative_time" in trial.user_attrs:
+                self.cost.add(trial.user_attrs["features"], trial.user_attrs["relative_time"])
+        return study
+
+    def search(self) -> TuneResult:
+        from cadence.tune.report import write_outputs
+
+        study = self.open_study()
+        self.measure_baselines(study)
+        default = self.shipped_default()
+        if default is not None and not study.trials:
+            # the first candidates: the shipped default, then each of its techniques alone (which
+            # of them costs the fidelity), before the sampler's own exploration
+            for start in [default] + [Recipe([t]) for t in default.techniques] * (len(default.techniques) > 1):
+                study.enqueue_trial(self.space.params_of(start))
+        searching = self.remaining() - self.check_reserve()
+        if searching > 0 and (self.settings.trials is None or self.settings.trials > _finished(study)):
+            trials = None if self.settings.trials is None else self.settings.trials - _finished(study)
+            study.optimize(self.objective, n_trials=trials, timeout=searching, catch=FAILURES,
+                           callbacks=[self.stop_when_out_of_time])
+        else:
+            self.notes.append("no time left to search after the baselines" if searching <= 0 else
+                              f"the study already holds {self.settings.trials} candidates (--trials)")
+        best, met = self.best(study)
+        check = held_out_check(self.evaluator, self.measures, self.split.check_cases, Recipe.parse(best["recipe"]),
+                               default, self.notes) if met else None
+        result = TuneResult(Recipe.parse(best["recipe"]) if met else None, best, check, self.space, self.split,
+                            study.trials, self.notes, self.baseline_seconds, self.settings.out)
+        write_outputs(result, self.settings, self.measures, self.load_before)
+        if not met:
+            raise TuneRefused(self.unmet_message(best, study))
+        return result
+
+    def measure_baselines(self, study: optuna.Study) -> None:
+        """Time the baseline once, refuse a budget too short for it, then make every tuning
+        baseline (from disk when an earlier run made it)."""
+        cases = self.split.tuning_cases
+        self.evaluator.warm_up(Recipe(), cases[0])
+        self.baseline_seconds = self.evaluator.time_baseline(cases[0])
+        study.set_user_attr("baseline_seconds", self.baseline_seconds)
+        missing = sum(not self.evaluator._baseline_path(case).is_file() for case in cases)
+        needed = self.baseline_seconds * missing + self.check_reserve()
+        if needed > self.remaining():
+            spent = self.settings.time_budget - self.remaining()
+            raise TuneRefused(
+                f"--time-budget {duration(self.settings.time_budget)} is too short for the baseline itself: one "
+                f"unaccelerated generation takes {self.baseline_seconds:.1f} s here, and the {missing} tuning "
+                f"baseline(s) still to make plus the held-out check ({len(self.split.check_cases)} cases, baseline and "
+                f"two recipes each) need about {duration(needed)} more, {duration(spent)} being spent; give at least "
+                f"--time-budget {duration(spent + needed * 2)}, or fewer prompts, seeds or steps. The baseline timing "
+                f"and outputs made are kept in {self.settings.out}")
+        for case in cases:
+            self.evaluator.baseline(case)
+
+    def check_reserve(self) -> float:
+        """Seconds kept for the held-out check: each check case runs the baseline and two recipes
+        (the tuned one and the shipped default), each faster than the baseline."""
+        return 2 * self.baseline_seconds * len(self.split.check_cases)
+
+    def stop_when_out_of_time(self, study: optuna.Study, trial) -> None:
+        durations = [t.duration.total_seconds() for t in study.trials if t.duration is not None]
+        typical = sorted(durations)[len(durations) // 2] if durations else 0.0
+        if self.remaining() - self.check_reserve() < typical:
+            study.stop()
+
+    def shipped_default(self) -> Recipe | None:
+        """The family's shipped default, as this search could have found it (or None)."""
+        try:
+            shipped = Recipe.parse(default_recipe(type(find_transformer(self.pipe)).__name__).recipe)
+            return self.space.restrict(shipped) or None
+        except ValueError:
+            return None
+
+    # -- one candidate -------------------------------------------------------------------
+    def objective(self, trial: optuna.Trial) -> float:
+        try:
+            recipe = self.space.suggest(trial)
+        except ValueError as error:  # a combination of knobs the technique refuses
+            trial.set_user_attr("recipe", ", ".join(f"{k}={v}" for k, v in trial.params.items() if v != "none"))
+            trial.set_user_attr("rejected", str(error))
+            raise
+        trial.set_user_attr("recipe", str(recipe))
+        if not recipe:
+            trial.set_user_attr("rejected", "removes nothing (the baseline itself)")
+            raise optuna.TrialPruned()
+        trial.set_user_attr("candidate", str(recipe))
+        repeated = self.repeat(trial, str(recipe))
+        if repeated is not None:
+            return repeated
+        found = features(recipe)
+        trial.set_user_attr("features", found)
+        best = self.best_time(trial.study)
+        reason = self.cost.cannot_win(found, best)
+        if reason:
+            trial.set_user_attr("rejected", reason)
+            raise optuna.TrialPruned()
+        try:
+            recipe = self.evaluator.prepare(recipe)
+            trial.set_user_attr("recipe", str(recipe))
+            self.evaluator.warm_up(recipe, self.split.tuning_cases[0])
+        except FAILURES as error:
+            trial.set_user_attr("rejected", f"{type(error).__name__}: {error}")
+            raise
+        opening = self.baseline_seconds
+        limit = best * (1 + SLOW_MARGIN) if best < 1.0 else NO_BEST_LIMIT
+        rows = []
+        for index, case in enumerate(self.split.tuning_cases):
+            left = self.remaining() - self.check_reserve()
+            try:
+                row = self.evaluator.run(recipe, case, deadline=min(limit * opening, max(1.0, left)))
+            except TooSlow as slow:
+                self.cost.add(found, slow.seconds / opening)  # at least this slow
+                out_of_time = self.remaining() - self.check_reserve() <= 1.0
+                trial.set_user_attr("rejected", f"{slow}: {OUT_OF_TIME if out_of_time else ''}"
+                                    f"{'' if out_of_time else f'slower than {limit:.2f}x the baseline time'}")
+                raise optuna.TrialPruned() from None
+            except FAILURES as error:
+                trial.set_user_attr("rejected", f"{type(error).__name__}: {error}")
+                raise
+            row["values"] = quality.evaluate(self.measures, row, case)
+            rows.append(row)
+            relative = self.record(trial, rows, opening, found)
+            if relative > best * (1 + SLOW_MARGIN):  # measured whole, and no faster than what it must beat
+                self.cost.add(found, relative)
+                trial.set_user_attr("rejected", f"time: {relative:.2f}x the baseline's on the first {len(rows)} "
+                                                f"case(s), the time to beat is {best:.2f}x")
+                raise optuna.TrialPruned()
+            shortfall = self.settings.min_psnr - _mean([r["psnr"] for r in rows])
+            trial.report(shortfall, index)
+            if trial.should_prune() or self.misses_by_margin(rows):
+                self.cost.add(found, trial.user_attrs["relative_time"])  # its time is measured all the same
+                trial.set_user_attr("rejected", f"quality: {quality.summary(self.measures, rows)} on the first "
+                                                f"{len(rows)} of {len(self.split.tuning_cases)} cases misses the bar")
+                raise optuna.TrialPruned()
+        closing = self.evaluator.time_baseline(self.split.tuning_cases[-1])
+        self.baseline_seconds = closing
+        relative = self.record(trial, rows, (opening + closing) / 2, found)
+        self.cost.add(found, relative)
+        return relative
+
+    def repeat(self, trial: optuna.Trial, candidate: str) -> float | None:
+        """The outcome of an earlier trial of the same candidate (the sampler's grid repeats
+        itself): its value, or its rejection (for quality, its time or by the cost model: the
+        time to beat only falls as the study goes); None when it must run."""
+        for earlier in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                                      optuna.trial.TrialState.PRUNED)):
+            attrs = earlier.user_attrs
+            if attrs.get("candidate") != candidate or earlier.number == trial.number or "rejected" not in attrs and \
+                    earlier.state == optuna.trial.TrialState.PRUNED:
+                continue
+            if OUT_OF_TIME in attrs.get("rejected", ""):
+                continue  # stopped by the end of an earlier run's budget, not by what it measured
+            for key, value in attrs.items():
+                trial.set_user_attr(key, value)
+            for measure, value in zip(self.measures, attrs.get("constraints", ())):
+                trial.set_constraint(measure.name, value)
+            if earlier.state == optuna.trial.TrialState.PRUNED:
+                trial.set_user_attr("rejected", f"as trial {earlier.number}, the same candidate: {attrs['rejected']}")
+                raise optuna.TrialPruned()
+            trial.set_user_attr("repeat_of", earlier.number)
+            return earlier.value
+        return None
+
+    def record(self, trial, rows: list[dict], baseline: float, found: dict) -> float:
+        relative = _mean([r["seconds"] for r in rows]) / baseline
+        trial.set_user_attr("relative_time", relative)
+        trial.set_user_attr("baseline_seconds", baseline)
+        trial.set_user_attr("seconds", [r["seconds"] for r in rows])
+        trial.set_user_attr("quality", quality.means(self.measures, rows))
+        trial.set_user_attr("per_case", [r["values"] for r in rows])
+        trial.set_user_attr("compute_fraction", rows[-1]["compute_fraction"])
+        trial.set_user_attr("constraints", quality.constraints(self.measures, rows))
+        for measure, value in zip(self.measures, quality.constraints(self.measures, rows)):
+            trial.set_constraint(measure.name, value)
+        return relative
+
+    def misses_by_margin(self, rows: list[dict]) -> bool:
+        """The bars other than PSNR (which the pruner watches), with the same rule."""
+        return quality.misses(self.measures[1:], rows)
+
+    def best_time(self, study: optuna.Study) -> float:
+        """The relative time to beat: the best feasible candidate's, or the baseline's (1.0)."""
+        times = [t.value for t in _feasible(study)]
+        return min([1.0, *times])
+
+    def best(self, study: optuna.Study) -> tuple[dict, bool]:
+        feasible = _feasible(study)
+        if feasible:
+            trial = min(feasible, key=lambda t: t.value)
+            return {"number": trial.number, **trial.user_attrs}, True
+        measured = [t for t in study.trials if "constraints" in t.user_attrs]
+        if not measured:
+            return {"recipe": str(Recipe()), "constraints": None}, False
+        complete = [t for t in measured if t.state == optuna.trial.TrialState.COMPLETE]
+        nearest = min(complete or measured, key=lambda t: max(t.user_attrs["constraints"]))
+        return {"number": nearest.number, **nearest.user_attrs}, False
+
+    def unmet_message(self, best: dict, study: optuna.Study) -> str:
+        bars = quality.bars(self.measures)
+        if best.get("constraints") is None:
+            return (f"no candidate was measured in {len(study.trials)} trial(s) (time budget or failures), so none "
+                    f"meets {bars}; see {self.settings.out}/report.md")
+        return (f"no candidate meets {bars} after {len(study.trials)} trial(s); the best found is {best['recipe']} "
+                f"with {quality.describe(self.measures, best['quality'])} at {best['relative_time']:.2f}x the "
+                f"baseline's time; everything measured is in {self.settings.out}/report.md and study.db")
+
+def _finished(study: optuna.Study) -> int:
+    return sum(t.state.is_finished() for t in study.trials)
+
+
+def _feasible(study: optuna.Study) -> list:
+    return [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if all(c <= 0 for c in t.user_attrs.get("constraints", [1.0]))]
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _load() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None

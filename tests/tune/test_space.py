@@ -1,0 +1,91 @@
+"""The search space comes from the registry, and the split of prompts is explicit and disjoint."""
+
+import optuna
+import pytest
+
+from cadence.accel.registry import LEVELS, load_builtin
+from cadence.recipe import Recipe
+from cadence.tune.cost import CostModel
+from cadence.tune.prompts import split_prompts
+from cadence.tune.space import NONE, SearchSpace, features, is_peer
+
+
+def test_every_registered_technique_but_the_peers_is_searched_at_its_level():
+    space = SearchSpace.from_registry(device="cuda", compile=True)
+    techniques = load_builtin()
+    assert set(space.choices) == set(LEVELS)
+    for name, technique in techniques.items():
+        assert (name in space.choices[technique.config.level]) == (not is_peer(technique.config)), name
+    assert all(names[0] == NONE for names in space.choices.values())
+
+
+def test_compile_is_left_out_on_the_cpu_with_the_reason_and_taken_when_asked():
+    cpu = SearchSpace.from_registry(device="cpu")
+    assert "compile" not in cpu.choices["graph"] and any("compile" in note for note in cpu.notes)
+    assert "compile" in SearchSpace.from_registry(device="cpu", compile=True).choices["graph"]
+
+
+def test_include_narrows_and_may_name_a_peer_exclude_removes():
+    space = SearchSpace.from_registry(include=("magcache", "diffusers-fbcache", "fp8"))
+    assert space.choices["step"] == (NONE, "diffusers-fbcache", "magcache")
+    assert space.choices["bit"] == (NONE, "fp8") and space.choices["token"] == (NONE,)
+    assert "magcache" not in SearchSpace.from_registry(exclude=("magcache",)).choices["step"]
+
+
+@pytest.mark.parametrize("option", ["include", "exclude"])
+def test_an_unknown_technique_is_refused_naming_it_and_the_valid_ones(option):
+    with pytest.raises(ValueError, match=rf"--{option} names unknown technique\(s\) 'magcash'; valid: .*magcache"):
+        SearchSpace.from_registry(**{option: ("magcache", "magcash")})
+
+
+def test_a_space_with_nothing_left_is_refused():
+    with pytest.raises(ValueError, match="search space is empty"):
+        SearchSpace.from_registry(include=("compile",), compile=False)
+
+
+def test_suggested_candidates_are_valid_recipes_and_known_ones_map_back():
+    space = SearchSpace.from_registry(include=("magcache", "sparse-window", "attention-backend", "fp8"))
+    shipped = Recipe.parse("magcache(budget=0.3) + attention-backend(backend='sage')")
+    recipe = space.suggest(optuna.trial.FixedTrial(space.params_of(shipped)))
+    assert recipe == shipped
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):
+        recipe = space.suggest(study.ask())
+        assert isinstance(recipe, Recipe)
+        for config in recipe.techniques:
+            for knob in ("budget", "density"):
+                assert 0.1 <= getattr(config, knob, 0.5) <= 0.9
+
+
+def test_restrict_drops_what_the_space_leaves_out():
+    space = SearchSpace.from_registry(device="cpu")
+    assert str(space.restrict(Recipe.parse("magcache(budget=0.3) + compile"))) == "magcache(budget=0.3)"
+
+
+def test_the_cost_model_skips_only_a_candidate_it_knows_to_be_slower():
+    model = CostModel()
+    for budget in (0.2, 0.3, 0.5, 0.7, 0.9):
+        model.add(features(Recipe.parse(f"magcache(budget={budget})")), 0.1 + 0.9 * budget)
+        model.add(features(Recipe.parse(f"magcache(budget={budget}) + fp8")), 3 * (0.1 + 0.9 * budget))
+    slow = features(Recipe.parse("magcache(budget=0.5) + fp8"))
+    assert "cost model: predicted" in model.cannot_win(slow, best=0.4)
+    assert model.cannot_win(features(Recipe.parse("magcache(budget=0.25)")), best=0.4) is None
+    assert model.cannot_win(features(Recipe.parse("magcache(budget=0.5) + int8")), best=0.4) is None  # never seen
+
+
+def test_the_split_keeps_tuning_and_check_prompts_and_seeds_apart(tmp_path):
+    split = split_prompts("heldout", video=True, tuning=3, check=2, seeds=2)
+    assert len(split.tuning) == 3 and len(split.check) == 2 and not set(split.tuning) & set(split.check)
+    assert split.tuning_seeds == (0, 1) and split.check_seeds == (2, 3)
+    assert not set(split.tuning_cases) & set(split.check_cases)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"prompt {i}" for i in range(8)) + "\nprompt 0\n")
+    from_file = split_prompts(str(prompts), video=True, tuning=10, check=10, seeds=1)
+    assert from_file.check == ("prompt 6", "prompt 7") and from_file.tuning == tuple(f"prompt {i}" for i in range(6))
+
+
+def test_a_prompt_file_too_short_to_split_is_refused(tmp_path):
+    prompts = tmp_path / "one.txt"
+    prompts.write_text("a red square\n")
+    with pytest.raises(ValueError, match="holds 1 prompt.*at least 2"):
+        split_prompts(str(prompts), video=True, tuning=2, check=2, seeds=1)

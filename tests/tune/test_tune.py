@@ -1,0 +1,152 @@
+"""cadence.tune on a tiny genuine WanPipeline (random weights): what a run finds and writes,
+resuming a study, and the runs it refuses or ends without an answer."""
+
+import json
+
+import optuna
+import pytest
+import torch
+from tiny_checkpoints import WAN_SIZE, tiny_wan_pipeline
+
+from cadence.recipe import Recipe
+from cadence.tune import TuneRefused, TuneSettings, tune
+from cadence.tune import evaluate as evaluate_module
+from cadence.tune.search import STUDY
+from cadence.tune.settings import parse_duration
+from cadence.tune.space import SearchSpace
+
+PROMPTS = ["a red square moves left", "a blue circle moves up", "a green star moves right", "a white triangle"]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_wan_pipeline()
+
+
+def settings(out, **changes) -> TuneSettings:
+    base = dict(out=out, min_psnr=20.0, steps=4, seeds=1, tuning_prompts=1, check_prompts=1, prompts=PROMPTS,
+                time_budget=600.0, trials=2, include=("fixed-interval",), model="tiny-wan", **WAN_SIZE)
+    return TuneSettings(**{**base, **changes})
+
+
+@pytest.fixture(scope="module")
+def found(pipe, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tune")
+    return tune(pipe, settings(out)), out
+
+
+def test_finds_a_recipe_meeting_the_bar_and_writes_every_output(found):
+    result, out = found
+    assert result.recipe and result.best["quality"]["PSNR"] >= 20.0
+    assert Recipe.parse((out / "recipe.txt").read_text().strip()) == result.recipe
+    assert Recipe.from_toml((out / "recipe.toml").read_text()) == result.recipe
+    for name in ("report.md", "frontier.png", "study.db", "check.json"):
+        assert (out / name).stat().st_size > 0, name
+    report = (out / "report.md").read_text()
+    assert str(result.recipe) in report and "Every candidate" in report and "Held-out check" in report
+
+
+def test_the_check_runs_on_prompts_and_seeds_never_tuned_on(found):
+    result, out = found
+    assert not set(result.split.tuning) & set(result.split.check)
+    check = json.loads((out / "check.json").read_text())
+    assert check["cases"] == len(result.split.check_cases) == 1
+    assert check["recipes"]["tuned"]["recipe"] == str(result.recipe)
+    assert check["recipes"]["tuned"]["quality"]["PSNR"] > 0
+
+
+def test_a_killed_run_resumes_its_study(pipe, tmp_path, monkeypatch):
+    runs = []
+    original = evaluate_module.Evaluator.run
+
+    def interrupted(self, recipe, case, deadline=None):
+        runs.append(str(recipe))
+        if len(runs) == 2:
+            raise KeyboardInterrupt
+        return original(self, recipe, case, deadline)
+
+    monkeypatch.setattr(evaluate_module.Evaluator, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tune(pipe, settings(tmp_path, trials=3))
+    monkeypatch.setattr(evaluate_module.Evaluator, "run", original)
+    baselines = {p: p.stat().st_mtime_ns for p in (tmp_path / "baselines").iterdir()}
+    study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{tmp_path / 'study.db'}")
+    before = len(study.trials)
+    # a trial a kill leaves running: marked failed on resume, its candidate tried again
+    space = SearchSpace.from_registry(include=("fixed-interval",))
+    stale = study.ask()
+    space.suggest(stale)
+    result = tune(pipe, settings(tmp_path, trials=before + 2))
+    study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{tmp_path / 'study.db'}")
+    assert len(study.trials) >= before + 2 and result.recipe
+    assert study.trials[stale.number].state == optuna.trial.TrialState.FAIL
+    assert study.trials[stale.number].user_attrs["rejected"].startswith("interrupted")
+    assert any(t.params == stale.params for t in study.trials[stale.number + 1:])
+    assert {p: p.stat().st_mtime_ns for p in baselines} == baselines  # not written again
+
+
+def test_a_study_made_with_other_settings_is_not_resumed(pipe, found):
+    _, out = found
+    with pytest.raises(TuneRefused, match="other settings.*min_psnr"):
+        tune(pipe, settings(out, min_psnr=25.0))
+
+
+def test_an_unreachable_bar_says_the_best_found_and_keeps_the_measurements(pipe, tmp_path):
+    with pytest.raises(TuneRefused, match=r"no candidate meets PSNR >= 500 dB .* best found is fixed-interval.*PSNR"):
+        tune(pipe, settings(tmp_path, min_psnr=500.0))
+    assert not (tmp_path / "recipe.txt").exists()
+    assert "No candidate met the bar" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "study.db").is_file() and any((tmp_path / "baselines").iterdir())
+
+
+def test_a_budget_too_short_for_the_baseline_is_refused_with_the_timing_kept(pipe, tmp_path):
+    with pytest.raises(TuneRefused, match=r"--time-budget 0s is too short for the baseline itself: one unaccelerated "
+                                          r"generation takes .* s here"):
+        tune(pipe, settings(tmp_path, time_budget=0.01))
+    study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{tmp_path / 'study.db'}")
+    assert study.user_attrs["baseline_seconds"] > 0 and any((tmp_path / "baselines").iterdir())
+
+
+def test_a_model_with_no_adapter_is_refused_before_any_work(tmp_path):
+    pipe = tiny_wan_pipeline()
+    pipe.transformer = torch.nn.Linear(2, 2)
+    with pytest.raises(TuneRefused, match="cannot tune this model: no cadence adapter for Linear; supported: .*Wan"):
+        tune(pipe, settings(tmp_path))
+    assert not (tmp_path / "study.db").exists()
+
+
+def test_a_calibration_missing_for_the_model_is_made_on_training_captions(pipe, tmp_path):
+    result = tune(pipe, settings(tmp_path, include=("magcache",), trials=1))
+    assert (tmp_path / "calibration" / "magcache.json").is_file()
+    made = json.loads((tmp_path / "calibration" / "magcache.json").read_text())
+    assert not set(made["prompts"]) & set(PROMPTS)  # training captions, neither tuning nor check prompts
+    assert "magcache.json" in str(result.recipe)
+
+
+@pytest.mark.parametrize("text, seconds", [("15m", 900), ("90s", 90), ("1h", 3600), ("45", 45)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["soon", "-5m", "0"])
+def test_bad_durations_are_refused(text):
+    with pytest.raises(ValueError, match="--time-budget"):
+        parse_duration(text)
+
+
+def test_a_candidate_the_sampler_proposes_again_is_not_run_again(pipe, tmp_path, monkeypatch):
+    asked = settings(tmp_path, trials=2)
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name=STUDY)
+    study.set_user_attr("settings", asked.identity())
+    params = SearchSpace.from_registry(include=("fixed-interval",)).params_of(Recipe.parse("fixed-interval(budget=0.5)"))
+    study.enqueue_trial(params)
+    study.enqueue_trial(params)
+    runs = []
+    original = evaluate_module.Evaluator.run
+    monkeypatch.setattr(evaluate_module.Evaluator, "run",
+                        lambda self, recipe, case, deadline=None: runs.append(case) or original(self, recipe, case,
+                                                                                                 deadline))
+    result = tune(pipe, asked)
+    trials = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{tmp_path / 'study.db'}").trials
+    assert trials[1].user_attrs["repeat_of"] == 0 and trials[1].value == trials[0].value
+    assert len(runs) == len(result.split.tuning_cases) + len(result.split.check_cases)  # trial 0, then the check
