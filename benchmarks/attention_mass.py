@@ -8,6 +8,12 @@ attention mass inside each pattern's kept blocks, next to the oracle (the heavie
 of each row at the same density: no block pattern can keep more).
 
     python benchmarks/attention_mass.py --model ref-video --out attention_mass-video.json
+    python benchmarks/attention_mass.py --model ref-video-hd --device cuda \
+        --embeddings .carry/heldout-embeddings.safetensors --out $OUT/attention_mass-video-hd.json   # GPU
+
+ref-video-hd's 16,384 tokens make a (heads, tokens, tokens) float32 attention matrix of 4 GiB
+per call: run it on the GPU, with the prompts' embeddings made on the CPU
+(``cache_sweep.py --prepare-embeddings``), since the GPU machine has no text encoder.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from cadence.accel.attention.heads import candidate
 from cadence.accel.attention.patterns import Geometry, keep_count, sink_local
 from cadence.bench.runner import default_prompts
 from cadence.models import adapter_for
+from cadence.reference.models import REFERENCE_MODELS, reference_model
 
 PATTERNS = ("window", "radial", "spatial", "temporal", "sink", "topk")
 DENSITIES = (0.5, 0.25, 0.1)
@@ -49,13 +56,13 @@ class Recorder(TorchFunctionMode):
 
     def measure(self, query, key):
         geometry = Geometry(self.layout, self.block)
-        order = geometry.order
+        order = geometry.order.to(query.device)
         tokens = min(geometry.pattern_blocks * self.block, self.layout.tokens)
         query, key = (x.index_select(-2, order)[..., :tokens, :].float() for x in (query, key))
         attention = torch.softmax(query @ key.transpose(-1, -2) * query.shape[-1] ** -0.5, dim=-1)
         blocks = geometry.pattern_blocks
         per_block = F.pad(attention, (0, blocks * self.block - tokens)).unflatten(-1, (blocks, self.block)).sum(-1)
-        row_block = torch.arange(tokens) // self.block  # (B, H, tokens, blocks): mass per key block
+        row_block = torch.arange(tokens, device=query.device) // self.block  # (B, H, tokens, blocks): mass per key block
         for density in DENSITIES:
             keep = keep_count(density, blocks)
             oracle = per_block.topk(keep, dim=-1).values.sum(-1).mean()  # per query token, its own best blocks
@@ -65,7 +72,7 @@ class Recorder(TorchFunctionMode):
                     mask = sink_local(blocks, density)[None, None]
                 else:
                     mask = candidate(name, geometry, density, query, key, None)
-                kept = mask[..., row_block, :].float()  # (B or 1, H or 1, tokens, blocks)
+                kept = mask.to(query.device)[..., row_block, :].float()  # (B or 1, H or 1, tokens, blocks)
                 self.add((name, density), (per_block * kept).sum(-1).mean())
         self.calls += 1
 
@@ -75,13 +82,19 @@ class Recorder(TorchFunctionMode):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="ref-video", choices=["ref-video", "ref-image"])
+    parser.add_argument("--model", default="ref-video", choices=list(REFERENCE_MODELS))
     parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--block", type=int, default=16)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--embeddings", default=None, help="precomputed prompt embeddings (no text encoder needed)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    pipe = cadence.load(args.model)
+    pipe = cadence.load(args.model, device=args.device, text_encoder=args.embeddings is None)
+    if args.embeddings:
+        from cadence.reference.text import load_prompt_embeddings
+
+        pipe.prompt_cache = load_prompt_embeddings(args.embeddings)
     pipe.set_progress_bar_config(disable=True)
     adapter = adapter_for(pipe.transformer)
     recorder = Recorder(adapter, args.block)
@@ -96,7 +109,7 @@ def main():
     hook = pipe.transformer.register_forward_pre_hook(read_layout, with_kwargs=True)
     with recorder, torch.no_grad():
         for prompt in default_prompts(args.model, "heldout", args.prompts):
-            pipe(prompt=prompt, steps=args.steps, seed=0)
+            pipe(prompt=prompt, steps=args.steps, seed=0, **reference_model(args.model).sample)
     hook.remove()
     table = {f"{name}@{density}": value / recorder.calls for (name, density), value in recorder.sums.items()}
     print(f"{args.model}: mean share of attention mass kept, {recorder.calls} calls, blocks of {args.block}")

@@ -36,19 +36,34 @@ class ReferenceModel:
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=self.shift)
 
 
+# ref-video's transformer; ref-video-hd has the same, run at 16 times the tokens. ~9 M parameters.
+REF_VIDEO_CONFIG = dict(
+    patch_size=(1, 4, 4), num_attention_heads=4, attention_head_dim=64, in_channels=3, out_channels=3,
+    text_dim=TEXT_DIM, freq_dim=256, ffn_dim=1024, num_layers=8, cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads", rope_max_seq_len=256,
+)
+
 REFERENCE_MODELS: dict[str, ReferenceModel] = {
     "ref-video": ReferenceModel(
         name="ref-video",
         task="video",
         transformer_cls=WanTransformer3DModel,
         pipeline_cls=RefVideoPipeline,
-        # 16 frames x 32 x 32 RGB pixels, patch 1x4x4: 1,024 tokens; ~9 M parameters.
-        config=dict(
-            patch_size=(1, 4, 4), num_attention_heads=4, attention_head_dim=64, in_channels=3, out_channels=3,
-            text_dim=TEXT_DIM, freq_dim=256, ffn_dim=1024, num_layers=8, cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads", rope_max_seq_len=256,
-        ),
+        # 16 frames x 32 x 32 RGB pixels, patch 1x4x4: 1,024 tokens.
+        config=REF_VIDEO_CONFIG,
         sample=dict(frames=16, height=32, width=32),
+    ),
+    "ref-video-hd": ReferenceModel(
+        name="ref-video-hd",
+        task="video",
+        transformer_cls=WanTransformer3DModel,
+        pipeline_cls=RefVideoPipeline,
+        # ref-video's architecture at 16 frames x 128 x 128 pixels: 16 x 32 x 32 = 16,384 video
+        # tokens a clip, half of Wan2.1-1.3B's 32,760 at 480p x 81 frames, so attention is as
+        # long-range as a real video model's (ref-video: 1,024 tokens). Same weights shape as
+        # ref-video, so training starts from it (the card says how).
+        config=REF_VIDEO_CONFIG,
+        sample=dict(frames=16, height=128, width=128),
     ),
     "ref-image": ReferenceModel(
         name="ref-image",

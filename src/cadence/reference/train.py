@@ -51,12 +51,25 @@ class TrainSettings:
     guidance_scale: float = 4.0
     precision: str = "bf16"  # "bf16" (autocast) or "tf32" (fp32 weights and activations, TF32 matmuls)
     compile: bool = True  # regional torch.compile of the repeated blocks (CUDA only)
+    # Progressive training: a run at a smaller frame side first, then one at the model's own
+    # that starts from it (`init`). The transformer sees positions, not pixels, so the same
+    # weights run at any size that is a multiple of the patch.
+    size: int | None = None  # frame side in pixels; None: the model's own
+    init: Path | None = None  # a checkpoint folder (with transformer/) whose weights start the run
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r}; valid: {', '.join(PRECISIONS)}")
         if self.seconds <= 0 or self.batch_size <= 0:
             raise ValueError(f"seconds={self.seconds} and batch_size={self.batch_size} must be positive")
+        if self.size is not None and self.size < 4:
+            raise ValueError(f"size={self.size}: a frame side in pixels, at least 4")
+        if self.init is not None and not (Path(self.init) / "transformer" / "config.json").is_file():
+            raise ValueError(f"init={str(self.init)!r} holds no transformer/config.json: give a checkpoint folder "
+                             "that `cadence train` wrote")
+
+    def side(self, model: ReferenceModel) -> int:
+        return self.size or model.sample["height"]
 
 
 def prepare_embeddings(model: ReferenceModel, path: Path) -> Path:
@@ -88,10 +101,11 @@ def load_embeddings(path: Path, model: ReferenceModel, device) -> tuple[dict, di
     return tensors, {k: json.loads(metadata[k]) for k in ("train", "heldout", "eval")}
 
 
-def _batch(model: ReferenceModel, specs, seed: int, device) -> torch.Tensor:
+def _batch(model: ReferenceModel, specs, seed: int, device, size: int | None = None) -> torch.Tensor:
+    size = size or model.sample["height"]
     if model.task == "video":
-        return data.render(specs, frames=model.sample["frames"], size=model.sample["height"], seed=seed, device=device)
-    return data.render_images(specs, size=model.sample["height"], seed=seed, device=device)
+        return data.render(specs, frames=model.sample["frames"], size=size, seed=seed, device=device)
+    return data.render_images(specs, size=size, seed=seed, device=device)
 
 
 def _predict(model: ReferenceModel, transformer, x0_shape, noisy, sigma, tokens, pooled):
@@ -124,7 +138,7 @@ def train(name: str, embeddings: Path, out: Path, settings: TrainSettings, devic
     tensors, captions = load_embeddings(embeddings, model, device)
     video = model.task == "video"
     specs = [data.parse_caption(c) for c in captions["train"]]
-    transformer = model.build().to(device).train()
+    transformer = _initial(model, settings.init).to(device).train()
     compiled = settings.compile and device.startswith("cuda")
     if compiled:
         # The eager step is dominated by fp32 norm/modulation elementwise kernels, which this
@@ -148,7 +162,8 @@ def train(name: str, embeddings: Path, out: Path, settings: TrainSettings, devic
         for group in optimizer.param_groups:
             group["lr"] = lr
         index = torch.randint(len(specs), (settings.batch_size,), generator=picker)
-        x0 = _batch(model, [specs[i] for i in index.tolist()], seed=settings.seed * 1_000_003 + step, device=device)
+        x0 = _batch(model, [specs[i] for i in index.tolist()], seed=settings.seed * 1_000_003 + step, device=device,
+                    size=settings.side(model))
         tokens, pooled = tensors["train_tokens"][index.to(device)], tensors["train_pooled"][index.to(device)]
         drop = torch.rand(settings.batch_size, generator=picker).to(device) < settings.caption_dropout
         tokens = torch.where(drop[:, None, None], tensors["empty_tokens"], tokens)
@@ -172,9 +187,10 @@ def train(name: str, embeddings: Path, out: Path, settings: TrainSettings, devic
     progress.close()
     train_seconds = time.time() - start
 
-    heldout_loss = _heldout_loss(model, ema, tensors, captions, device, use_bf16)
+    heldout_loss = _heldout_loss(model, ema, tensors, captions, device, use_bf16, settings.side(model))
     out.mkdir(parents=True, exist_ok=True)
-    ema.to(torch.bfloat16).save_pretrained(str(out / "transformer"), safe_serialization=True)
+    # Shards of at most 12 MB: a file that comes back from the GPU machine is at most 16 MiB.
+    ema.to(torch.bfloat16).save_pretrained(str(out / "transformer"), safe_serialization=True, max_shard_size="12MB")
     ema.float()
     report = {
         "model": name,
@@ -189,6 +205,8 @@ def train(name: str, embeddings: Path, out: Path, settings: TrainSettings, devic
         "precision": settings.precision,
         "compiled": compiled,
         "captions": len(specs),
+        "size": settings.side(model),
+        "init": _init_summary(settings.init),
         "parameters": sum(p.numel() for p in ema.parameters()),
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
         "torch": torch.__version__,
@@ -203,12 +221,27 @@ def train(name: str, embeddings: Path, out: Path, settings: TrainSettings, devic
     return report
 
 
+def _initial(model: ReferenceModel, init: Path | None) -> torch.nn.Module:
+    if init is None:
+        return model.build()
+    return model.transformer_cls.from_pretrained(str(Path(init) / "transformer"), torch_dtype=torch.float32)
+
+
+def _init_summary(init: Path | None) -> dict | None:
+    """What the starting checkpoint was: its own train.json, less its loss curve."""
+    if init is None:
+        return None
+    path = Path(init) / "train.json"
+    report = json.loads(path.read_text()) if path.is_file() else {}
+    return {"from": str(init), **{k: v for k, v in report.items() if k != "loss_curve"}}
+
+
 @torch.no_grad()
-def _heldout_loss(model, transformer, tensors, captions, device, use_bf16) -> float:
+def _heldout_loss(model, transformer, tensors, captions, device, use_bf16, size: int) -> float:
     """Flow-matching loss on held-out caption combinations (fixed noise): generalisation."""
     specs = [data.parse_caption(c) for c in captions["eval"]]
     generator = torch.Generator(device).manual_seed(0)
-    x0 = _batch(model, specs, seed=99, device=device)
+    x0 = _batch(model, specs, seed=99, device=device, size=size)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
         return float(flow_matching_loss(model, transformer, x0, tensors["eval_tokens"], tensors["eval_pooled"], generator))
 
@@ -217,7 +250,7 @@ def _heldout_loss(model, transformer, tensors, captions, device, use_bf16) -> fl
 def _sample(model, transformer, tensors, settings, device) -> torch.Tensor:
     pipe = model.pipeline_cls(transformer=transformer, scheduler=model.scheduler())
     pipe.set_progress_bar_config(disable=True)
-    common = dict(steps=settings.sample_steps, guidance_scale=settings.guidance_scale, seed=0)
+    common = dict(steps=settings.sample_steps, guidance_scale=settings.guidance_scale, seed=0, **model.sample)
     if model.task == "video":
         return pipe(prompt_embeds=tensors["heldout_tokens"],
                     negative_prompt_embeds=tensors["empty_tokens"].expand_as(tensors["heldout_tokens"]), **common).frames
@@ -270,6 +303,19 @@ def _plot_samples(samples: torch.Tensor, prompts: list[str], path: Path, video: 
     plt.close(fig)
 
 
+def _stage_options(settings: TrainSettings) -> str:
+    return (f" --size {settings.size}" if settings.size else "") + (f" --init {settings.init}" if settings.init else "")
+
+
+def _init_line(report: dict) -> str:
+    init = report.get("init")
+    if not init:
+        return ""
+    return (f"- Trained at {report['size']} x {report['size']} pixels, starting from `{init['from']}` "
+            f"({init.get('steps', '?')} steps of batch {init.get('batch_size', '?')} at {str(init['size']) + ' pixels' if 'size' in init else 'its own size'}"
+            f"{', itself from ' + init['init']['from'] if init.get('init') else ''}).\n")
+
+
 def model_card(model: ReferenceModel, report: dict, settings: TrainSettings) -> str:
     size = model.sample
     shape = f"{size['frames']} frames x {size['height']} x {size['width']}" if model.task == "video" else f"{size['height']} x {size['width']}"
@@ -299,7 +345,7 @@ small enough for a CPU, so caching, sparsity and quantization are measured on re
   (300-step warm-up, cosine over the time budget), EMA {report['ema_decay']}, {PRECISION_NOTE[report['precision']]}.
 - {report['steps']} steps of batch {report['batch_size']} in {report['train_seconds']} s on {report['device']}
   (torch {report['torch']}, {report['date']}).
-- Final training loss (mean of the last 200 steps): {report['final_loss']:.4f}; held-out-caption loss:
+{_init_line(report)}- Final training loss (mean of the last 200 steps): {report['final_loss']:.4f}; held-out-caption loss:
   {report['heldout_loss']:.4f} (128 held-out clips, fixed noise).
 
 ![loss](loss.png)
@@ -307,7 +353,7 @@ small enough for a CPU, so caching, sparsity and quantization are measured on re
 ## Reproduce
 On a machine with the text encoder: `cadence train --model {model.name} --prepare-only` (writes
 `.carry/embeddings-{model.name}.safetensors`); then on one GPU, with that file beside the code:
-`cadence train --model {model.name} --seconds {settings.seconds:g} --batch-size {settings.batch_size} --precision {settings.precision}{"" if settings.compile else " --no-compile"}`.
+`cadence train --model {model.name} --seconds {settings.seconds:g} --batch-size {settings.batch_size} --precision {settings.precision}{"" if settings.compile else " --no-compile"}{_stage_options(settings)}`.
 
 ## Samples on held-out prompts
 {settings.sample_steps} steps, guidance {settings.guidance_scale}, seed 0.
