@@ -196,7 +196,11 @@ def default_size(pipe) -> Size:
     transformer = getattr(pipe, "transformer", None)
     vae_spatial, _ = _vae_scales(pipe)
 
+    own = getattr(pipe, "config", {}).get("sample_size")  # cadence's reference pipelines name theirs
+
     def default(name: str, sample_keys: tuple[str, ...]):
+        if isinstance(own, dict) and name in own:
+            return own[name]
         value = names[name].default if name in names else None
         if value is not None and value is not inspect.Parameter.empty:
             return value

@@ -117,7 +117,8 @@ def load_reference(name: str, text_encoder: bool = True):
         from cadence.reference.text import load_text_encoder
 
         tokenizer, encoder = load_text_encoder()
-    return model.pipeline_cls(transformer=transformer, scheduler=model.scheduler(), text_encoder=encoder, tokenizer=tokenizer)
+    return model.pipeline_cls(transformer=transformer, scheduler=model.scheduler(), text_encoder=encoder, tokenizer=tokenizer,
+                              sample_size=model.sample)
 
 
 def _non_finite(tensor: torch.Tensor) -> int:

@@ -253,3 +253,61 @@ def test_render_images_vary_the_frame_time():
     images = render_images([one_object("moves right", size="small")] * 8, seed=0)
     x = centroid_x(red_coverage(images[:, :, None])[:, 0])  # (B,)
     assert x.max() - x.min() > 4
+
+
+# ----------------------------------------------------------------------------- an honest world
+
+
+def test_a_plain_background_is_drawn_at_its_named_colour():
+    from cadence.reference.data import _WHITE_BRIGHTNESS
+
+    for colour, rgb in COLOURS.items():
+        other = "red" if colour != "red" else "blue"
+        video = render([one_object("stays still", colour=other, size="small", background_colour=colour)], frames=2, seed=0)
+        corner = (video[0, :, 0, 0, 0] + 1) / 2  # the top-left pixel: background, the object sits within the centre
+        named = torch.tensor([_WHITE_BRIGHTNESS] * 3 if colour == "white" else rgb)
+        assert torch.allclose(corner, named, atol=1e-6), (colour, corner)
+
+
+def test_gradients_and_checkerboards_reach_their_named_colour():
+    for background in ("gradient", "checkerboard"):
+        video = render([one_object("stays still", size="small", background=background, background_colour="white")],
+                       frames=1, seed=3)
+        brightest = ((video + 1) / 2).amax((-2, -1))[0, :, 0]  # per channel, over the frame
+        assert (brightest > 0.9).all(), (background, brightest)
+
+
+def test_every_object_colour_stands_out_from_every_other_background():
+    from cadence.reference.data import MIN_CONTRAST, background_contrast
+
+    for obj in COLOURS:
+        for background_colour in COLOURS:
+            if obj == background_colour:
+                continue  # never sampled: satisfies_constraints refuses it
+            for background in BACKGROUNDS:
+                assert background_contrast(obj, background, background_colour) >= MIN_CONTRAST, (obj, background,
+                                                                                                 background_colour)
+
+
+def test_images_show_the_captioned_size_and_shape():
+    # A growing object in an image would pass for the other size; a turned square for a diamond.
+    grows, still = render_images([one_object("grows", size="small"), one_object("stays still", size="small")], seed=4)
+    area = red_coverage(torch.stack([grows, still])[:, :, None])[:, 0].sum((-2, -1))
+    assert area[0] == pytest.approx(area[1].item(), rel=0.05)
+    turned = render_images([one_object("rotates", shape="square")] * 8, seed=5)
+    upright = render_images([one_object("stays still", shape="square")] * 8, seed=5)
+    assert torch.allclose(red_coverage(turned[:, :, None]).sum((-2, -1)), red_coverage(upright[:, :, None]).sum((-2, -1)),
+                          rtol=0.02)
+
+
+def test_captions_outside_the_grammar_are_refused_naming_what_is_wrong():
+    with pytest.raises(ValueError, match="unknown words 'magenta', 'hexagon'; colours: red"):
+        parse_caption("a small magenta hexagon moves left over a plain white background")
+    with pytest.raises(ValueError, match="missing size word before 'red square'; sizes: 'small', 'large'"):
+        parse_caption("a red square moves left over a blue gradient")
+    with pytest.raises(ValueError, match="no background"):
+        parse_caption("a small red square moves left")
+    with pytest.raises(ValueError, match="no motion words"):
+        parse_caption("a small red square moves left over a blue gradient", video=False)
+    spec = parse_caption("a small red square over a blue gradient", video=False)
+    assert spec.objects[0].motion == "stays still"

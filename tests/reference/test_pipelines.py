@@ -122,7 +122,7 @@ BAD_ARGUMENTS = {
     "steps=0": (dict(steps=0), "steps=0"),
     "guidance_scale=-1": (dict(guidance_scale=-1), "guidance_scale=-1"),
     "empty prompt": (dict(prompt="", prompt_embeds=None, negative_prompt_embeds=None), "empty"),
-    "blank prompt list": (dict(prompt=["a red square", " "], prompt_embeds=None, negative_prompt_embeds=None), "empty"),
+    "blank prompt list": (dict(prompt=["a small red square over a plain blue background", " "], prompt_embeds=None, negative_prompt_embeds=None), "empty"),
     "height=7": (dict(height=7), "height=7"),
 }
 
@@ -148,13 +148,15 @@ def test_precomputed_prompt_embeddings_stand_in_for_the_text_encoder(video_pipe,
     passing the embeddings directly, and a prompt not in the file is named in the error."""
     from conftest import text
 
-    video_pipe.prompt_cache = {"a red square": (text(seed=1), torch.zeros(1, 16)), "": (text(seed=2), torch.zeros(1, 16))}
+    square = "a small red square moves left over a plain blue background"
+    video_pipe.prompt_cache = {square: (text(seed=1), torch.zeros(1, 16)), "": (text(seed=2), torch.zeros(1, 16))}
     kwargs = dict(steps=3, guidance_scale=3.0, frames=4, height=8, width=8)
-    by_prompt = video_pipe(prompt="a red square", **kwargs).frames
+    by_prompt = video_pipe(prompt=square, **kwargs).frames
     by_embeds = video_pipe(prompt_embeds=text(seed=1), negative_prompt_embeds=text(seed=2), **kwargs).frames
     assert torch.equal(by_prompt, by_embeds)
-    with pytest.raises(ValueError, match="no precomputed embedding for 'a blue circle'"):
-        video_pipe(prompt="a blue circle", **kwargs)
+    circle = "a large blue circle grows over a red gradient"
+    with pytest.raises(ValueError, match=f"no precomputed embedding for '{circle}'"):
+        video_pipe(prompt=circle, **kwargs)
 
 
 def test_prompt_embeddings_file_round_trips(tmp_path):
@@ -166,3 +168,59 @@ def test_prompt_embeddings_file_round_trips(tmp_path):
     tokens, pooled = cache["a blue circle"]
     assert tokens.shape == (1, 24, 384) and pooled.shape == (1, 384)
     assert not torch.equal(tokens, cache["a red square moves left"][0])
+
+
+# -- the world's grammar ----------------------------------------------------------------
+
+OUTSIDE_THE_GRAMMAR = {
+    "unknown words": ("a small magenta hexagon moves left over a plain white background",
+                      ["unknown words 'magenta', 'hexagon'", "colours: red", "shapes: circle", "cadence prompts"]),
+    "missing size": ("a red square moves left over a blue gradient", ["missing size word before 'red square'", "'small'"]),
+    "no background": ("a small red square moves left", ["no background"]),
+    "image form for the video model": ("a small red square over a blue gradient", ["motion for every object", "moves left"]),
+}
+
+
+@pytest.mark.parametrize("case", OUTSIDE_THE_GRAMMAR)
+def test_a_prompt_outside_the_grammar_is_refused_naming_the_words(video_pipe, case):
+    prompt, fragments = OUTSIDE_THE_GRAMMAR[case]
+    forwards = []
+    hook = video_pipe.transformer.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    try:
+        with pytest.raises(ValueError) as refused:
+            video_pipe(prompt=prompt, steps=2, guidance_scale=3.0, frames=2, height=8, width=8)
+    finally:
+        hook.remove()
+    for fragment in fragments:
+        assert fragment in str(refused.value)
+    assert not forwards
+
+
+def test_the_image_pipeline_takes_the_image_form_and_refuses_motions(image_pipe):
+    from conftest import text
+
+    caption = "a large white ring over an orange checkerboard"
+    image_pipe.prompt_cache = {caption: (text(seed=1), torch.zeros(1, 16)), "": (text(seed=2), torch.zeros(1, 16))}
+    images = image_pipe(prompt=caption, steps=2, guidance_scale=3.0, height=8, width=8).images
+    assert images.shape == (1, 3, 8, 8)  # the empty negative prompt of CFG is not refused
+    with pytest.raises(ValueError, match="no motion words"):
+        image_pipe(prompt="a large white ring grows over an orange checkerboard", steps=2, height=8, width=8)
+
+
+def test_a_pipeline_makes_its_own_size_when_none_is_named_and_keeps_it_when_saved(tmp_path):
+    """ref-video-hd runs ref-video's class at 128 x 128: its size lives in the pipeline's
+    config, so a call, cadence.generation and a save/load round trip all use it."""
+    from conftest import text, tiny_wan
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from cadence.generation import default_size
+
+    pipe = RefVideoPipeline(transformer=tiny_wan(), scheduler=FlowMatchEulerDiscreteScheduler(),
+                            sample_size={"frames": 2, "height": 12, "width": 8})
+    pipe.set_progress_bar_config(disable=True)
+    assert (default_size(pipe).frames, default_size(pipe).height, default_size(pipe).width) == (2, 12, 8)
+    video = pipe(prompt_embeds=text(seed=1), negative_prompt_embeds=text(seed=2), steps=1).frames
+    assert video.shape[1:] == (2, 3, 12, 8)  # (B, T, 3, H, W)
+    pipe.save_pretrained(tmp_path)
+    assert RefVideoPipeline.from_pretrained(tmp_path).config.sample_size == {"frames": 2, "height": 12, "width": 8}
+    assert default_size(RefVideoPipeline(transformer=tiny_wan(), scheduler=FlowMatchEulerDiscreteScheduler())).height == 32

@@ -70,7 +70,8 @@ def summarize(rows: list[dict], spread_tolerance: float = SPREAD_TOLERANCE) -> l
     row has one), n_identical (rows with PSNR inf), recipe_params (every parameter), spread
     (the largest timing spread of its rows; None when rows carry none), rounds (the most
     timing rounds a row took), flags (what a reader
-    must check: a speedup above its ideal, a spread above ``spread_tolerance``).
+    must check: a speedup above its ideal, a spread above ``spread_tolerance``), adherence,
+    adherence_by_attribute and fd (the judge's; None when the rows were not judged).
     """
     groups: dict[str, list[dict]] = {}  # dicts keep insertion order = first-seen order
     for row in rows:
@@ -102,10 +103,27 @@ def summarize(rows: list[dict], spread_tolerance: float = SPREAD_TOLERANCE) -> l
                 "recipe_params": group[0].get("recipe_params", recipe),
                 "spread": _max(col("spread")),
                 "rounds": _max(col("rounds")),
+                **_judged(group),
             }
         )
         summary[-1]["flags"] = _flags(summary[-1], spread_tolerance)
     return summary
+
+
+def _judged(group: list[dict]) -> dict:
+    """The judge's keys of a recipe: adherence pooled over its outputs' attributes (and per
+    attribute), FD over all its outputs (every row carries the same); None when not judged."""
+    counts: dict[str, list[int]] = {}
+    for row in group:
+        for attribute, (read, of) in (row.get("adherence_counts") or {}).items():
+            total = counts.setdefault(attribute, [0, 0])
+            total[0], total[1] = total[0] + read, total[1] + of
+    read, of = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
+    return {
+        "adherence": read / of if of else None,
+        "adherence_by_attribute": {a: c[0] / c[1] for a, c in counts.items()} if counts else None,
+        "fd": next((row["fd"] for row in group if row.get("fd") is not None), None),
+    }
 
 
 def _flags(s: dict, spread_tolerance: float) -> list[str]:
@@ -196,6 +214,27 @@ def _table_row(s: dict) -> list[str]:
     ]
 
 
+_JUDGE_COLUMNS = ["adherence", "FD"]
+
+
+def _judge_cells(s: dict) -> list[str]:
+    return [_fmt(None if s.get("adherence") is None else 100 * s["adherence"], ".1f", " %"), _fmt(s.get("fd"), ".2f")]
+
+
+def _attribute_table(summary: list[dict]) -> list[str]:
+    judged = [s for s in summary if s.get("adherence_by_attribute")]
+    if not judged:
+        return []
+    attributes = list(judged[0]["adherence_by_attribute"])
+    lines = ["", "## Adherence by attribute", "", "| recipe | " + " | ".join(attributes) + " |",
+             "|---|" + "---:|" * len(attributes)]
+    for s in judged:
+        shares = s["adherence_by_attribute"]
+        lines.append(f"| `{_cell(s['recipe'])}` | " + " | ".join(_fmt(100 * shares[a], ".1f") if a in shares else "n/a"
+                                                           for a in attributes) + " |")
+    return lines
+
+
 def write_report(path, summary: list[dict], meta: dict) -> Path:
     """Write a markdown report: run metadata, one table row per recipe, how to read it.
 
@@ -215,10 +254,13 @@ def write_report(path, summary: list[dict], meta: dict) -> Path:
         text = f"`{_fmt_meta(value)}`" if key == "command" else _fmt_meta(value)
         lines.append(f"- **{label}**: {text}")
     lines += ["", "## Results", ""]
-    lines.append("| " + " | ".join(_COLUMNS) + " |")
-    lines.append("|" + "|".join(["---"] + ["---:"] * (len(_COLUMNS) - 1)) + "|")
+    judged = any(s.get("adherence") is not None for s in summary)
+    columns = _COLUMNS + (_JUDGE_COLUMNS if judged else [])
+    lines.append("| " + " | ".join(columns) + " |")
+    lines.append("|" + "|".join(["---"] + ["---:"] * (len(columns) - 1)) + "|")
     for s in summary:
-        lines.append("| " + " | ".join(_table_row(s)) + " |")
+        lines.append("| " + " | ".join(_table_row(s) + (_judge_cells(s) if judged else [])) + " |")
+    lines += _attribute_table(summary)
     flagged = [(s["recipe"], flag) for s in summary for flag in s.get("flags", ())]
     if flagged:
         lines += ["", "## Check these", ""] + [f"- `{_cell(recipe)}`: {flag}" for recipe, flag in flagged]
@@ -244,6 +286,17 @@ def write_report(path, summary: list[dict], meta: dict) -> Path:
         "samples.",
         "",
     ]
+    if judged:
+        lines += [
+            "Adherence and FD are the judge's (cadence.judge), not comparisons with the baseline: "
+            "adherence is the share of the caption's attributes (per object shape, colour, size, "
+            "motion; object count; background kind and colour) the judge reads back from each "
+            "output, pooled over the recipe's outputs; FD is the Fréchet distance between the judge's "
+            "features (of motion, for videos) of the recipe's outputs and of fresh renders of the same captions (lower "
+            "is closer to the world; it depends on the number of outputs, so compare rows of one "
+            "run). The baseline's row is the model's own quality.",
+            "",
+        ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines), encoding="utf-8")
     return path

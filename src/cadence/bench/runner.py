@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 import cadence
 from cadence import generation
-from cadence.bench import metrics, report
+from cadence.bench import metrics, quality, report
 from cadence.recipe import Recipe, accelerate
 from cadence.reference import data
 from cadence.reference.models import REFERENCE_MODELS, reference_model
@@ -217,6 +217,8 @@ def run_bench(settings: BenchSettings) -> tuple[list[dict], list[dict]]:
     """Run everything; write results.jsonl, report.md, pareto.png, samples.png. -> (rows, summary)."""
     check_settings(settings)
     check_writable(settings.out)
+    if quality.judged(settings.model, settings.prompts):
+        quality.check_judge()  # a damaged judge checkpoint is refused before the model loads, not after the run
     pipe = cadence.load(settings.model, device=settings.device, text_encoder=settings.embeddings is None)
     if settings.embeddings is not None:
         from cadence.reference.text import load_prompt_embeddings
@@ -242,6 +244,9 @@ class _Bench:
         self.notes: dict[str, list[str]] = {}
         self.outputs: dict[str, torch.Tensor] = {}
         self.load_before = _load_average()
+        # Every recipe output, for the judge (adherence, FD): reference-world prompts only.
+        self.judged = quality.judged(settings.model, settings.prompts)
+        self.judge_inputs: dict[str, dict[tuple[str, int], torch.Tensor]] = {}
 
     def generate(self, prompt: str, seed: int, steps: int | None = None):
         settings = self.settings
@@ -335,12 +340,32 @@ class _Bench:
                 _write_output(settings.out, Recipe(), prompt, seed, self.baselines[prompt, seed])
         for recipe, error in self.failures.items():
             tqdm.write(f"recipe {recipe} failed: {error}", file=sys.stderr)
+        self._judge(rows)
         self.outputs = {str(Recipe()): self.baselines[self.cases[0]], **self.outputs}
         load = None
         if not settings.device.startswith("cuda") and self.load_before is not None:
             # Other processes on the CPU: torch's threads wait on each other when a core is taken.
             load = f"{self.load_before:.2f} at the start, {_load_average():.2f} at the end ({os.cpu_count()} cores)"
-        return rows, _write_results(settings, rows, self.outputs, self.failures, self.notes, load)
+        notes = dict(self.notes)
+        if not self.judged:
+            notes["judge"] = [("adherence and FD not measured: the judge reads only captions of the reference "
+                               "models' world (`cadence prompts`), and these prompts or this model are not")]
+        return rows, _write_results(settings, rows, self.outputs, self.failures, notes, load)
+
+    def _judge(self, rows: list[dict]) -> None:
+        """Add the judge's ``adherence`` (per output) and ``fd`` (per recipe, over all its
+        outputs) to the rows, the baseline's included."""
+        if not self.judged or not rows:
+            return
+        outputs = {str(Recipe()): {case: self.baselines[case] for case in self.cases if case in self.baselines},
+                   **self.judge_inputs}
+        results = quality.judge_outputs({recipe: [(case[0], output) for case, output in by_case.items()]
+                                         for recipe, by_case in outputs.items()}, self.settings.device)
+        position = {(recipe, case): index for recipe, by_case in outputs.items() for index, case in enumerate(by_case)}
+        for row in rows:
+            key = (row["recipe"], (row["prompt"], row["seed"]))
+            if key in position:
+                row.update(results[row["recipe"]]["per_output"][position[key]], fd=results[row["recipe"]]["fd"])
 
     def _rows(self, case, kept: dict[str, tuple[_Round, int, tuple]], last_baseline: float) -> list[dict]:
         """The baseline row of ``case`` and one row per recipe, timed in its quietest round,
@@ -360,6 +385,8 @@ class _Bench:
                              metrics.psnr(output, reference), metrics.ssim(output, reference), peak,
                              metrics.work_fraction(stats, recipe=recipe), spread=timing.spread, rounds=count))
             self.outputs.setdefault(str(recipe), output)
+            if self.judged:
+                self.judge_inputs.setdefault(str(recipe), {})[case] = output
             if settings.videos:
                 _write_output(settings.out, recipe, prompt, seed, output)
         return rows
@@ -421,13 +448,20 @@ def _write_results(settings: BenchSettings, rows: list[dict], outputs: dict, fai
 
 
 def format_table(summary: list[dict]) -> str:
+    judged = any(s.get("adherence") is not None for s in summary)
     header = f"{'recipe':<36} {'time (s)':>9} {'speedup':>8} {'ideal':>6} {'spread':>7} {'PSNR (dB)':>10} {'SSIM':>6}"
+    header += f" {'adherence':>9} {'FD':>7}" if judged else ""
     lines = [header, "-" * len(header)]
     for s in summary:
         ideal = f"{s['ideal_speedup']:.2f}" if s.get("ideal_speedup") else "-"
         spread = f"{s['spread']:.0%}" if s.get("spread") is not None else "-"
         psnr = "inf" if s["psnr_mean"] == float("inf") else f"{s['psnr_mean']:.2f}"
-        lines.append(f"{s['recipe']:<36} {s['latency_s']:>9.2f} {s['speedup']:>7.2f}x {ideal:>6} {spread:>7} "
-                     f"{psnr:>10} {s['ssim_mean']:>6.4f}")
+        line = (f"{s['recipe']:<36} {s['latency_s']:>9.2f} {s['speedup']:>7.2f}x {ideal:>6} {spread:>7} "
+                f"{psnr:>10} {s['ssim_mean']:>6.4f}")
+        if judged:
+            adherence = f"{s['adherence']:.1%}" if s.get("adherence") is not None else "-"
+            fd = f"{s['fd']:.2f}" if s.get("fd") is not None else "-"
+            line += f" {adherence:>9} {fd:>7}"
+        lines.append(line)
     lines += [f"check: {s['recipe']}: {flag}" for s in summary for flag in s.get("flags", ())]
     return "\n".join(lines)

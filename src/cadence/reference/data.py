@@ -162,15 +162,58 @@ _CAPTION = re.compile(
 )
 
 
-def parse_caption(text: str) -> ClipSpec:
-    """Invert `caption`, for both the video and the image form (image objects "stay still")."""
-    match = _CAPTION.fullmatch(" ".join(text.strip().split()))
+def vocabulary_text() -> str:
+    """Every word of the grammar by kind, as error messages and `cadence prompts` list them."""
+    return (f"colours: {', '.join(COLOURS)}; shapes: {', '.join(SHAPES)}; sizes: {', '.join(SIZES)}; "
+            f"motions: {', '.join(MOTIONS)}; backgrounds: plain <colour> background, <colour> gradient, "
+            "<colour> checkerboard")
+
+
+# Every word a caption may hold: the vocabulary plus the grammar's own words.
+_KNOWN_WORDS = frozenset(
+    {"a", "an", "and", "over", "background", *SIZES, *COLOURS, *SHAPES, *BACKGROUNDS}
+    | {word for motion in MOTIONS for word in motion.split()}
+)
+_MISSING_SIZE = re.compile(rf"\ban? (?P<words>(?:{_alternation(COLOURS)}) (?:{_alternation(SHAPES)}))\b")
+
+
+def _why_unparsable(text: str) -> str:
+    """The first thing that keeps `text` out of the grammar, in words a user can act on."""
+    words = text.split()
+    unknown = list(dict.fromkeys(word for word in words if word not in _KNOWN_WORDS))
+    if unknown:
+        return f"unknown words {', '.join(map(repr, unknown))}; {vocabulary_text()}"
+    missing_size = _MISSING_SIZE.search(text)
+    if missing_size:
+        return f"missing size word before {missing_size['words']!r}; sizes: {', '.join(map(repr, SIZES))}"
+    if " over " not in f" {text} ":
+        return ("no background: end with e.g. 'over a plain white background', 'over a blue gradient' "
+                "or 'over a red checkerboard'")
+    return f"expected e.g. {_EXAMPLES[0]!r} or {_EXAMPLES[1]!r} (one or two objects, then the background)"
+
+
+def parse_caption(text: str, video: bool | None = None) -> ClipSpec:
+    """Invert `caption`, for both the video and the image form (image objects "stay still").
+
+    video=True requires a motion for every object (the video form), video=False none (the
+    image form); None takes either. Text outside the grammar raises ValueError naming the
+    unknown words, a missing size or background, with the valid words.
+    """
+    normalized = " ".join(str(text).strip().split())
+    match = _CAPTION.fullmatch(normalized)
     if match is None:
-        raise ValueError(f"cannot parse caption {text!r}: expected e.g. 'a small red square moves left over a blue gradient'")
+        raise ValueError(f"cannot parse caption {text!r}: {_why_unparsable(normalized)}")
     groups = match.groupdict()
     has_second = groups["shape1"] is not None
     if has_second and (groups["motion0"] is None) != (groups["motion1"] is None):
         raise ValueError(f"cannot parse caption {text!r}: either every object has a motion (video) or none (image)")
+    has_motion = groups["motion0"] is not None
+    if video is not None and has_motion != video:
+        need = "a motion for every object" if video else "no motion words"
+        raise ValueError(
+            f"cannot parse caption {text!r}: a {'video' if video else 'image'} caption has {need}; "
+            f"motions: {', '.join(MOTIONS)}; e.g. {_EXAMPLES[0 if video else 2]!r}"
+        )
     objects = tuple(
         ObjectSpec(groups[f"shape{i}"], groups[f"colour{i}"], groups[f"size{i}"], groups[f"motion{i}"] or STILL)
         for i in range(2 if has_second else 1)
@@ -178,6 +221,40 @@ def parse_caption(text: str) -> ClipSpec:
     if groups["plain_colour"] is not None:
         return ClipSpec(objects, "plain", groups["plain_colour"])
     return ClipSpec(objects, groups["background"], groups["colour"])
+
+
+_EXAMPLES = (
+    "a small green circle moves left over a plain white background",
+    "a small red square moves right and a large white ring grows over a blue checkerboard",
+    "a large yellow triangle over an orange gradient",
+)
+
+
+def grammar_text() -> str:
+    """The caption grammar, the words the reference models know and examples: `cadence prompts`."""
+    lines = [
+        "Captions of the procedural world (the only prompts the reference models accept):",
+        "",
+        "  video:  a <size> <colour> <shape> <motion> [and a <size> <colour> <shape> <motion>] over <background>",
+        "  image:  a <size> <colour> <shape> [and a <size> <colour> <shape>] over <background>",
+        "  background:  a plain <colour> background | a <colour> gradient | a <colour> checkerboard",
+        "               ('an' before orange: 'over an orange gradient')",
+        "",
+        f"  shapes:   {', '.join(SHAPES)}",
+        f"  colours:  {', '.join(COLOURS)}",
+        f"  sizes:    {', '.join(SIZES)}",
+        f"  motions:  {', '.join(MOTIONS)}  (video only; {' and '.join(ROTATION_INVISIBLE)} never rotate)",
+        f"  backgrounds: {', '.join(BACKGROUNDS)}",
+        "",
+        "The models know every word above. They were trained on about 90 % of the (shape, colour, motion)",
+        "combinations (ref-video) and 7 in 8 (shape, colour) pairs (ref-image); the rest are held out",
+        "(heldout_prompts) and test generalisation. Objects differ in colour from the background; two",
+        "objects differ in shape or colour.",
+        "",
+        "Examples:",
+        *(f"  {example}" for example in _EXAMPLES),
+    ]
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- splits
@@ -314,6 +391,14 @@ _STILL_RANGE = 0.45  # centres of objects that do not travel along an axis: +-_S
 _SPEED_JITTER = 0.2
 _BOUNCE_FLOOR, _BOUNCE_HEIGHT = 0.55, 1.1  # y grows downwards: the floor is near the bottom
 _WHITE_BRIGHTNESS = 0.95
+# Background brightness as a fraction of the named colour: a plain background is the colour
+# itself (white is white), a gradient ramps up to it and a checkerboard alternates it with a
+# dark cell. Dark ends stay bright enough that the colour is still nameable, and every object
+# colour stays at least MIN_CONTRAST (of 1) away from every level of every other background colour
+# (background_contrast; tests/reference/test_data.py checks all pairs).
+_GRADIENT_LOW = 0.3
+_CHECKER_DARK = 0.45
+MIN_CONTRAST = 0.2  # the closest pair, an orange object on a yellow gradient, differs by 0.21
 
 # Per motion: direction of travel (x, y); y points down as image rows do.
 _MOTION_DIRECTION = {
@@ -354,8 +439,13 @@ def _lookup(table: dict[str, float | tuple], keys: list[str], device) -> torch.T
     return torch.tensor([table[k] for k in keys], dtype=torch.float32, device=device)
 
 
-def _object_path(objs: list[ObjectSpec], noise: dict[str, torch.Tensor], t: torch.Tensor):
-    """Centre, scale and angle of one object slot over time: each (B, T)."""
+def _object_path(objs: list[ObjectSpec], noise: dict[str, torch.Tensor], t: torch.Tensor, still_pose: bool = False):
+    """Centre, scale and angle of one object slot over time: each (B, T).
+
+    still_pose (images): scale 1 and rotations by whole quarter turns only, so a single
+    frame shows the captioned size and shape (a "small" object that grows would pass for a
+    large one, a square turned by 45 degrees is a diamond).
+    """
     device = t.device
     motions = [o.motion for o in objs]
     direction = _lookup({m: _MOTION_DIRECTION.get(m, (0.0, 0.0)) for m in MOTIONS}, motions, device)  # (B, 2)
@@ -379,19 +469,24 @@ def _object_path(objs: list[ObjectSpec], noise: dict[str, torch.Tensor], t: torc
     grows = torch.tensor([m == "grows" for m in motions], device=device)[:, None]
     shrinks = torch.tensor([m == "shrinks" for m in motions], device=device)[:, None]
     scale = torch.where(grows, 0.6 + 0.8 * t, torch.where(shrinks, 1.4 - 0.8 * t, torch.ones_like(t)))
+    if still_pose:
+        scale = torch.ones_like(t)
 
     # Only rotating objects get a random start angle: a still square turned by 45 degrees
     # would be a diamond, and its caption would lie.
     rotates = torch.tensor([m == "rotates" for m in motions], device=device)[:, None]
     spin = 2 * math.pi * noise["angle"][:, None] + math.pi * speed[:, None] * t  # about half a turn
+    if still_pose:
+        spin = (spin / (math.pi / 2)).floor() * (math.pi / 2)
     angle = torch.where(rotates, spin, torch.zeros_like(t))
     return cx, cy, scale, angle
 
 
-def _object_mask(objs: list[ObjectSpec], noise: dict[str, torch.Tensor], t: torch.Tensor, size: int) -> torch.Tensor:
+def _object_mask(objs: list[ObjectSpec], noise: dict[str, torch.Tensor], t: torch.Tensor, size: int,
+                 still_pose: bool = False) -> torch.Tensor:
     """Soft coverage of one object slot: (B, T, H, W) in [0, 1]."""
     device = t.device
-    cx, cy, scale, angle = (a[:, :, None, None] for a in _object_path(objs, noise, t))  # (B, T, 1, 1)
+    cx, cy, scale, angle = (a[:, :, None, None] for a in _object_path(objs, noise, t, still_pose))  # (B, T, 1, 1)
     coords = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size * 2 - 1  # pixel centres
     dx = coords[None, None, None, :] - cx  # (B, T, 1, W)
     dy = coords[None, None, :, None] - cy  # (B, T, H, 1)
@@ -424,16 +519,16 @@ def _background(specs: list[ClipSpec], noise: dict[str, torch.Tensor], size: int
 
     ramps = torch.stack([x.expand(1, size, size), 1 - x.expand(1, size, size), y.expand(1, size, size), 1 - y.expand(1, size, size)])
     direction = (noise["direction"] * 4).long().clamp(max=3)
-    gradient = 0.15 + 0.5 * ramps[direction, 0]  # (B, H, W)
+    gradient = _GRADIENT_LOW + (1 - _GRADIENT_LOW) * ramps[direction, 0]  # (B, H, W)
 
     cell = (4 + (noise["cell"] * 5).floor()).clamp(max=8)[:, None, None]  # 4..8 px
     px = torch.arange(size, device=device, dtype=torch.float32)
     col = ((px[None, None, :] + noise["phase_x"][:, None, None] * cell) / cell).floor()
     row = ((px[None, :, None] + noise["phase_y"][:, None, None] * cell) / cell).floor()
-    checker = torch.where((col + row) % 2 == 0, 0.55, 0.2)  # (B, H, W)
+    checker = torch.where((col + row) % 2 == 0, 1.0, _CHECKER_DARK)  # (B, H, W)
 
     kind = torch.tensor([BACKGROUNDS.index(s.background) for s in specs], device=device)[:, None, None]
-    level = torch.where(kind == 0, torch.full_like(gradient, 0.45), torch.where(kind == 1, gradient, checker))
+    level = torch.where(kind == 0, torch.ones_like(gradient), torch.where(kind == 1, gradient, checker))
     colour = _colours([s.background_colour for s in specs], device)  # (B, 3)
     return (colour[:, :, None, None] * level[:, None])[:, :, None]
 
@@ -441,6 +536,21 @@ def _background(specs: list[ClipSpec], noise: dict[str, torch.Tensor], size: int
 def _colours(names: list[str], device) -> torch.Tensor:
     rgb = {name: (_WHITE_BRIGHTNESS,) * 3 if name == "white" else value for name, value in COLOURS.items()}
     return _lookup(rgb, names, device)  # (B, 3)
+
+
+def background_levels(background: str) -> tuple[float, ...]:
+    """The brightness levels (fractions of the named colour) a background kind takes."""
+    _check_choice(background, BACKGROUNDS, "background")
+    return {"plain": (1.0,), "gradient": (_GRADIENT_LOW, 1.0), "checkerboard": (_CHECKER_DARK, 1.0)}[background]
+
+
+def background_contrast(object_colour: str, background: str, background_colour: str) -> float:
+    """Smallest largest-channel difference between an object's colour and any brightness its
+    background takes (a gradient passes through every level between its two ends)."""
+    rgb = _colours([object_colour, background_colour], "cpu")
+    low, high = (min(background_levels(background)), max(background_levels(background)))
+    levels = torch.linspace(low, high, 71)[:, None]  # (L, 1)
+    return (rgb[0][None] - levels * rgb[1][None]).abs().amax(-1).min().item()
 
 
 def _draw_noise(n: int, seed: int, device):
@@ -467,7 +577,8 @@ def _check_render_args(specs, size: int, frames: int = 1) -> None:
         check_spec(spec)
 
 
-def _render_at(specs: list[ClipSpec], t: torch.Tensor, size: int, slots, background_noise) -> torch.Tensor:
+def _render_at(specs: list[ClipSpec], t: torch.Tensor, size: int, slots, background_noise,
+               still_pose: bool = False) -> torch.Tensor:
     """Frames of each clip at times t (B, T) in [0, 1] -> (B, 3, T, H, W) in [-1, 1]."""
     device = t.device
     frames = _background(specs, background_noise, size, device).expand(-1, -1, t.shape[1], -1, -1).contiguous()
@@ -479,7 +590,7 @@ def _render_at(specs: list[ClipSpec], t: torch.Tensor, size: int, slots, backgro
         objs = [specs[i].objects[k] for i in rows]
         index = torch.tensor(rows, dtype=torch.long, device=device)
         noise = {name: value.index_select(0, index) for name, value in slots[k].items()}
-        coverage = _object_mask(objs, noise, t.index_select(0, index), size)[:, None]  # (b, 1, T, H, W)
+        coverage = _object_mask(objs, noise, t.index_select(0, index), size, still_pose)[:, None]  # (b, 1, T, H, W)
         colour = _colours([o.colour for o in objs], device)[:, :, None, None, None]  # (b, 3, 1, 1, 1)
         if len(rows) == len(specs):
             frames = torch.lerp(frames, colour, coverage)
@@ -499,10 +610,12 @@ def render(specs: list[ClipSpec], frames: int = 16, size: int = 32, seed: int = 
 def render_images(specs: list[ClipSpec], size: int = 32, seed: int = 0, device="cpu") -> torch.Tensor:
     """One frame of each clip at a random time: (B, 3, H, W) float32 in [-1, 1].
 
-    The nuisance draws match `render` with the same seed, so the image is a frame of that
-    clip; the random time varies position and scale between otherwise static images.
+    The nuisance draws match `render` with the same seed; the random time varies the
+    position between otherwise static images. The object is drawn at its captioned size and
+    turned by whole quarter turns only (still_pose), since an image caption has no motion to
+    explain a grown object or a square turned into a diamond.
     """
     _check_render_args(specs, size)
     slots, background_noise, generator = _draw_noise(len(specs), seed, device)
     t = torch.rand(len(specs), 1, generator=generator).to(device)  # (B, 1)
-    return _render_at(specs, t, size, slots, background_noise)[:, :, 0]
+    return _render_at(specs, t, size, slots, background_noise, still_pose=True)[:, :, 0]

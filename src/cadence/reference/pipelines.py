@@ -24,6 +24,7 @@ from cadence.generation import (
     check_size_values,
     check_steps,
 )
+from cadence.reference import data
 from cadence.reference.text import encode_prompts
 
 
@@ -56,11 +57,33 @@ def check_generation_args(prompt, prompt_embeds, steps: int, guidance_scale: flo
 class _RefPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->transformer"
     _optional_components = ["text_encoder", "tokenizer"]
+    video = True  # which caption form the model was trained on: with motions (video) or without
+    DEFAULT_SIZE = {"frames": 16, "height": 32, "width": 32}  # ref-video's; a checkpoint may name its own
 
-    def __init__(self, transformer, scheduler: FlowMatchEulerDiscreteScheduler, text_encoder=None, tokenizer=None):
+    def check_captions(self, prompts: list[str] | None) -> None:
+        """Refuse a prompt outside the world's grammar, naming its unknown words (the model
+        was trained on these captions only; a diffusers pipeline takes any prompt). The
+        negative prompt (empty for CFG) is not a caption and is not checked."""
+        for prompt in prompts or ():
+            try:
+                data.parse_caption(prompt, video=self.video)
+            except ValueError as error:
+                raise ValueError(f"{error} (the reference models take captions of their world only; "
+                                 "`cadence prompts` prints the grammar)") from None
+
+    def __init__(self, transformer, scheduler: FlowMatchEulerDiscreteScheduler, text_encoder=None, tokenizer=None,
+                 sample_size: dict | None = None):
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer)
+        # The size made when none is named (ref-video-hd: 128 x 128): in the pipeline's config,
+        # so save_pretrained / from_pretrained keep it and cadence.generation reads it.
+        self.register_to_config(sample_size={k: v for k, v in (sample_size or self.DEFAULT_SIZE).items()
+                                             if k in self.DEFAULT_SIZE})
         self._current_timestep = None
+
+    def size(self, **given) -> tuple[int, ...]:
+        """The given sizes, the checkpoint's own for those left None."""
+        return tuple(self.config.sample_size[name] if value is None else value for name, value in given.items())
 
     @property
     def current_timestep(self):
@@ -129,16 +152,18 @@ class RefVideoPipeline(_RefPipeline):
         steps: int = 20,
         guidance_scale: float = 4.0,
         seed: int = 0,
-        frames: int = 16,
-        height: int = 32,
-        width: int = 32,
+        frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
         num_inference_steps: int | None = None,
         return_dict: bool = True,
     ):
         steps = num_inference_steps or steps
+        frames, height, width = self.size(frames=frames, height=height, width=width)
         prompts = check_generation_args(prompt, prompt_embeds, steps, guidance_scale)
+        self.check_captions(prompts)
         check_size_values(height, width, frames)
         _, patch_h, patch_w = self.transformer.config.patch_size
         if frames < 1 or height % patch_h or width % patch_w or height <= 0 or width <= 0:
@@ -186,6 +211,9 @@ def image_ids(height: int, width: int, device) -> torch.Tensor:
 class RefImagePipeline(_RefPipeline):
     """Text-to-image with a ``FluxTransformer2DModel`` in pixel space (2x2-packed)."""
 
+    video = False
+    DEFAULT_SIZE = {"height": 32, "width": 32}
+
     @torch.no_grad()
     def __call__(
         self,
@@ -194,8 +222,8 @@ class RefImagePipeline(_RefPipeline):
         steps: int = 20,
         guidance_scale: float = 4.0,
         seed: int = 0,
-        height: int = 32,
-        width: int = 32,
+        height: int | None = None,
+        width: int | None = None,
         prompt_embeds: torch.Tensor | None = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
@@ -204,7 +232,9 @@ class RefImagePipeline(_RefPipeline):
         return_dict: bool = True,
     ):
         steps = num_inference_steps or steps
+        height, width = self.size(height=height, width=width)
         prompts = check_generation_args(prompt, prompt_embeds, steps, guidance_scale)
+        self.check_captions(prompts)
         check_size_values(height, width)
         if height <= 0 or width <= 0 or height % 2 or width % 2:
             raise ValueError(f"height={height}, width={width} must be positive and even (2x2 packing)")
