@@ -31,7 +31,7 @@ from cadence.accel.attention.heads import candidate
 from cadence.accel.attention.patterns import Geometry, keep_count, sink_local
 from cadence.bench.runner import default_prompts
 from cadence.models import adapter_for
-from cadence.reference.models import REFERENCE_MODELS, reference_model
+from cadence.reference.models import REFERENCE_MODELS
 
 PATTERNS = ("window", "radial", "spatial", "temporal", "sink", "topk")
 DENSITIES = (0.5, 0.25, 0.1)
@@ -109,7 +109,7 @@ def main():
     hook = pipe.transformer.register_forward_pre_hook(read_layout, with_kwargs=True)
     with recorder, torch.no_grad():
         for prompt in default_prompts(args.model, "heldout", args.prompts):
-            pipe(prompt=prompt, steps=args.steps, seed=0, **reference_model(args.model).sample)
+            pipe(prompt=prompt, steps=args.steps, seed=0)
     hook.remove()
     table = {f"{name}@{density}": value / recorder.calls for (name, density), value in recorder.sums.items()}
     print(f"{args.model}: mean share of attention mass kept, {recorder.calls} calls, blocks of {args.block}")

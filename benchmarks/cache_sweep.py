@@ -24,7 +24,7 @@ from pathlib import Path
 from cadence.bench import frontier, report
 from cadence.bench.runner import BenchSettings, default_prompts, format_table, run_bench
 from cadence.recipe import Recipe
-from cadence.reference.models import REFERENCE_MODELS, reference_model
+from cadence.reference.models import REFERENCE_MODELS
 
 POLICIES = ["fixed-interval", "fixed-interval(cfg_reuse=true)", "first-blocks", "taylorseer(order=2)", "teacache",
             "magcache", "ertacache", "block-delta"]
@@ -85,16 +85,10 @@ def main(default_recipes=sweep_recipes, description=__doc__):
                for r in (args.recipes or default_recipes())][index - 1 :: parts]
     settings = BenchSettings(model=args.model, recipes=recipes, prompts=default_prompts(args.model, "heldout", args.prompts),
                              seeds=list(range(args.seeds)), out=args.out, steps=args.steps, device=args.device,
-                             embeddings=args.embeddings, **_size(args.model))
+                             embeddings=args.embeddings)
     _, summary = run_bench(settings)
     print(format_table(summary))
     write_frontier(args.out, summary, args)
-
-
-def _size(model: str) -> dict:
-    """The reference model's own size (a pipeline's defaults are ref-video's 16 x 32 x 32)."""
-    sample = reference_model(model).sample
-    return {key: sample.get(key) for key in ("height", "width", "frames")}
 
 
 def merge_rows(folders: list[Path]) -> list[dict]:

@@ -133,7 +133,13 @@ def _write_atomically(out: Path, output) -> Path:
 # Commands that live beside their own package (serve, tune, judge, ...), so cli.py stays thin:
 # name -> "module:attribute" of a click command, imported only when that command runs or
 # the command list is printed.
-PACKAGE_COMMANDS: dict[str, str] = {}
+PACKAGE_COMMANDS: dict[str, str] = {
+    "serve": "cadence.serve.cli:serve",
+    "judge": "cadence.judge.cli:judge",
+    "prompts": "cadence.judge.cli:prompts",
+    "tune": "cadence.tune.cli:tune",
+    "dllm": "cadence.dllm.cli:dllm",
+}
 
 
 class _Commands(click.Group):
@@ -167,7 +173,9 @@ def main():
 @click.option("--out", default="cadence-out.gif", show_default=True, type=click.Path(dir_okay=False, path_type=Path),
               help="a .gif, .mp4 or .png file")
 @click.option("--device", default=None, callback=_device, help="cpu or cuda (default: cuda when available)")
-def generate(model, prompt, recipe, steps, guidance_scale, seed, height, width, frames, out, device):
+@click.option("--parallel", default=None, help="spread the generation over the processes torchrun starts: "
+              "'ulysses=N, ring=N, cfg=2', degrees multiplying to --nproc-per-node")
+def generate(model, prompt, recipe, steps, guidance_scale, seed, height, width, frames, out, device, parallel):
     """Generate one video (or image) from a prompt, optionally accelerated."""
     _quiet()
     import cadence
@@ -183,14 +191,19 @@ def generate(model, prompt, recipe, steps, guidance_scale, seed, height, width, 
         _check_size(model, height, width, frames)
         _check_model(model)
         check_writable(out.parent if str(out.parent) else Path("."))
+        from cadence.parallel import start
+
+        spread, device, writer = start(parallel, device)
         pipe = cadence.load(model, device=device)
         size = generation.resolve_size(pipe, height, width, frames)
         generation.check_steps(steps, generation.step_limit(pipe))
-        with cadence.accelerate(pipe, parsed) as acceleration:
+        with cadence.accelerate(pipe, parsed, parallel=spread) as acceleration:
             output = generation.generate(pipe, prompt, steps=steps, seed=seed, guidance_scale=guidance_scale, size=size)
             stats, notes = acceleration.stats(), acceleration.notes()
     except (ValueError, FileNotFoundError, FloatingPointError) as error:
         _fail(error)
+    if not writer:  # every rank holds the output; the first writes it
+        return
     try:
         written = _write_atomically(out, output)
     except OSError as error:
@@ -276,8 +289,12 @@ def demo(out, limit, steps):
               help="bf16 autocast, or fp32 with TF32 matmuls")
 @click.option("--compile/--no-compile", "compile_blocks", default=True, show_default=True,
               help="torch.compile the repeated blocks (CUDA only)")
+@click.option("--size", type=int, default=None,
+              help="train at this frame side in pixels (default: the model's own); for progressive training")
+@click.option("--init", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="start from this checkpoint folder's weights (e.g. a run at a smaller --size)")
 @click.option("--prepare-only", is_flag=True, help="only compute the caption embeddings (on a CPU machine)")
-def train(model, seconds, batch_size, embeddings, out, device, precision, compile_blocks, prepare_only):
+def train(model, seconds, batch_size, embeddings, out, device, precision, compile_blocks, size, init, prepare_only):
     """Train a reference model with flow matching (about 8 minutes on one H100)."""
     _quiet()
     from cadence.reference.models import reference_model
@@ -287,7 +304,7 @@ def train(model, seconds, batch_size, embeddings, out, device, precision, compil
     spec = reference_model(model)
     try:
         settings = TrainSettings(seconds=seconds, batch_size=batch_size or (64 if spec.task == "video" else 128),
-                                 precision=precision, compile=compile_blocks)
+                                 precision=precision, compile=compile_blocks, size=size, init=init)
     except ValueError as error:
         _fail(error)
     embeddings = embeddings or Path(".carry") / f"embeddings-{model}.safetensors"

@@ -116,11 +116,16 @@ def test_a_model_with_no_adapter_is_refused_before_any_work(tmp_path):
 
 
 def test_a_calibration_missing_for_the_model_is_made_on_training_captions(pipe, tmp_path):
-    result = tune(pipe, settings(tmp_path, include=("magcache",), trials=1))
+    try:
+        found = str(tune(pipe, settings(tmp_path, include=("magcache",), trials=1)).recipe)
+    except TuneRefused as refused:
+        # The one candidate can time slower than the baseline on a loaded machine (CI's busy
+        # cores): the run then ends without an answer, naming the best found, calibration included.
+        found = str(refused)
     assert (tmp_path / "calibration" / "magcache.json").is_file()
     made = json.loads((tmp_path / "calibration" / "magcache.json").read_text())
     assert not set(made["prompts"]) & set(PROMPTS)  # training captions, neither tuning nor check prompts
-    assert "magcache.json" in str(result.recipe)
+    assert "magcache.json" in found
 
 
 @pytest.mark.parametrize("text, seconds", [("15m", 900), ("90s", 90), ("1h", 3600), ("45", 45)])

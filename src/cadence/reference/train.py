@@ -248,9 +248,9 @@ def _heldout_loss(model, transformer, tensors, captions, device, use_bf16, size:
 
 @torch.no_grad()
 def _sample(model, transformer, tensors, settings, device) -> torch.Tensor:
-    pipe = model.pipeline_cls(transformer=transformer, scheduler=model.scheduler())
+    pipe = model.pipeline_cls(transformer=transformer, scheduler=model.scheduler(), sample_size=model.sample)
     pipe.set_progress_bar_config(disable=True)
-    common = dict(steps=settings.sample_steps, guidance_scale=settings.guidance_scale, seed=0, **model.sample)
+    common = dict(steps=settings.sample_steps, guidance_scale=settings.guidance_scale, seed=0)
     if model.task == "video":
         return pipe(prompt_embeds=tensors["heldout_tokens"],
                     negative_prompt_embeds=tensors["empty_tokens"].expand_as(tensors["heldout_tokens"]), **common).frames
