@@ -37,6 +37,7 @@ from wan_realsize import (
     WAN_1_3B,
     calibrate,
     cast_like_from_pretrained,
+    cuda_time,
 )
 
 import cadence
@@ -73,12 +74,7 @@ class Clock:
             began = time.perf_counter()
             fn()
             return time.perf_counter() - began
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1000
+        return cuda_time(fn)
 
 
 def build(args, device: torch.device):

@@ -8,15 +8,6 @@ from cadence.judge import checkpoint
 from cadence.judge.model import Judge
 
 
-@pytest.fixture
-def loads(monkeypatch):
-    """Records every load of weights into a judge, to show a refusal comes before it."""
-    calls = []
-    original = Judge.load_state_dict
-    monkeypatch.setattr(Judge, "load_state_dict", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
-    return calls
-
-
 def test_save_and_load_give_the_same_outputs(tmp_path):
     torch.manual_seed(0)
     judge = Judge().eval()

@@ -7,7 +7,6 @@ from PIL import Image
 
 from cadence.bench.report import write_video
 from cadence.cli import main
-from cadence.judge.model import Judge
 from cadence.reference import data
 
 OUTSIDE = "a small magenta hexagon moves left over a plain white background"
@@ -17,14 +16,6 @@ CAPTIONS = ["a small red square moves left over a plain white background",
 
 def invoke(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-@pytest.fixture
-def loads(monkeypatch):
-    calls = []
-    original = Judge.load_state_dict
-    monkeypatch.setattr(Judge, "load_state_dict", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
-    return calls
 
 
 def _write(folder, caption, seed=0, suffix=".gif"):
