@@ -268,3 +268,29 @@ def test_the_cli_names_a_damaged_checkpoint_in_one_line_and_writes_nothing(damag
     assert len(lines) == 1 and lines[0].startswith(f"Error: {weights}"), result.output
     assert ("truncated" if damage == "truncated" else "'proj_out.weight'") in lines[0]
     assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_a_packed_reference_checkpoint_is_unpacked_once_into_the_cache(tmp_path, monkeypatch):
+    """ref-video-hd ships its transformer as transformer.tar.xz (what travels to the GPU
+    machine is bounded); cadence.load unpacks it into the cache and reads it from there."""
+    import shutil
+    import tarfile
+
+    from conftest import tiny_wan
+
+    from cadence import loading
+    from cadence.reference import models
+
+    folder = tmp_path / "checkpoints" / "ref-video"
+    tiny_wan().save_pretrained(folder / "transformer")
+    with tarfile.open(folder / "transformer.tar.xz", "w:xz") as tar:
+        tar.add(folder / "transformer", arcname="transformer")
+    shutil.rmtree(folder / "transformer")
+    monkeypatch.setattr(models, "CHECKPOINTS", tmp_path / "checkpoints")
+    monkeypatch.setenv("CADENCE_CACHE", str(tmp_path / "cache"))
+
+    weights = loading.reference_weights("ref-video")
+    assert (weights / "config.json").is_file() and weights.is_relative_to(tmp_path / "cache")
+    modified = (weights / "config.json").stat().st_mtime_ns
+    assert loading.reference_weights("ref-video") == weights
+    assert (weights / "config.json").stat().st_mtime_ns == modified  # found, not unpacked again
