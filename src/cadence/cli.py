@@ -216,7 +216,12 @@ def generate(model, prompt, recipe, steps, guidance_scale, seed, height, width, 
 def _bench(model, recipes, prompts, limit, seeds, steps, guidance_scale, out, device, videos=False,
            height=None, width=None, frames=None):
     _quiet()
-    from cadence.bench.runner import BenchSettings, default_prompts, format_table, run_bench
+    from cadence.bench.runner import (
+        BenchSettings,
+        default_prompts,
+        format_table,
+        run_bench,
+    )
     from cadence.reference.pipelines import check_sampling_args
 
     try:
@@ -344,7 +349,6 @@ def calibrate(model, technique, count, steps, guidance_scale, height, width, fra
     import cadence
     from cadence import generation
     from cadence.bench.runner import check_writable
-    from cadence.reference import data
     from cadence.reference.pipelines import check_sampling_args
 
     try:
@@ -367,9 +371,7 @@ def calibrate(model, technique, count, steps, guidance_scale, height, width, fra
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         _fail(error)
     pipe.set_progress_bar_config(disable=True)
-    captions = data.train_captions(count, video=generation.is_video(pipe))
-    runs = [generation.call_arguments(pipe, caption, steps=steps, seed=seed, guidance_scale=guidance_scale, size=size,
-                                      decode=False) for seed, caption in enumerate(captions)]
+    runs = generation.calibration_runs(pipe, count, steps=steps, guidance_scale=guidance_scale, size=size)
     calibration = known[technique]
     with tqdm(total=len(runs), desc=f"calibrate {technique}", unit="gen") as progress:
         try:

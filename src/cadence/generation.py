@@ -305,6 +305,16 @@ def check_finite_latents(latents: torch.Tensor, step: int, steps: int, timestep=
             "later step and the output would be non-finite; the model's weights or the recipe diverge here")
 
 
+def calibration_runs(pipe, count: int, *, steps: int, guidance_scale: float, size: Size) -> list[dict]:
+    """The generations a calibration measures: ``count`` training captions of the reference
+    world (never the held-out ones), seeds 0..count-1, latents only."""
+    from cadence.reference import data
+
+    captions = data.train_captions(count, video=is_video(pipe))
+    return [call_arguments(pipe, caption, steps=steps, seed=seed, guidance_scale=guidance_scale, size=size,
+                           decode=False) for seed, caption in enumerate(captions)]
+
+
 def call_arguments(pipe, prompt: str, *, steps: int, seed: int, guidance_scale: float, size: Size,
                    decode: bool = True) -> dict:
     """The keyword arguments of ``pipe(...)`` for one generation, in the pipeline's own names.

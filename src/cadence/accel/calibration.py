@@ -55,11 +55,13 @@ def load(model: torch.nn.Module, technique: str, path: str = "") -> dict:
     """The calibration of ``technique`` for ``model``; refuses one made for another model."""
     where = Path(path) if path else default_path(model, technique)
     if where is None or not where.is_file():
-        raise ValueError(
+        missing = ValueError(
             f"{technique}: no calibration for this {type(model).__name__} "
             f"({'looked in ' + str(where) if where else 'it was not loaded from a directory'}); run "
             f"`cadence calibrate --model MODEL --technique {technique}`, or pass calibration=PATH"
         )
+        missing.missing_calibration = technique  # the store to make: cadence tune makes it and tries again
+        raise missing
     data = json.loads(where.read_text())
     if data.get("technique") != technique:
         raise ValueError(f"{technique}: {where} is a calibration for {data.get('technique')!r}, not {technique!r}")

@@ -41,8 +41,11 @@ class DllmTerm(TechniqueConfig):
     role = "commit"
 
 
-def _top(score: torch.Tensor, masked: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """The ``count`` (per row) masked positions of highest ``score``: (B, block) bool."""
+def _top(score: torch.Tensor, masked: torch.Tensor, count: torch.Tensor | int) -> torch.Tensor:
+    """The ``count`` (per row, or the same for every row) masked positions of highest ``score``:
+    (B, block) bool."""
+    if isinstance(count, int):
+        count = torch.full((len(masked),), count, dtype=torch.long, device=masked.device)
     score = score.masked_fill(~masked, float("-inf"))
     order = score.argsort(dim=-1, descending=True, stable=True)
     rank = torch.empty_like(order)
@@ -58,7 +61,7 @@ def confidence(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def plain_commit(logits, masked, generator=None):
-    return _top(confidence(logits)[0], masked, torch.ones(len(masked), dtype=torch.long, device=masked.device))
+    return _top(confidence(logits)[0], masked, 1)
 
 
 @dataclass(frozen=True)
@@ -69,8 +72,7 @@ class LowConfidenceConfig(DllmTerm):
     tokens_per_step: int = param(1, "masked tokens committed per step; 1 is plain decoding", low=1)
 
     def commit(self, logits, masked, generator=None):
-        count = torch.full((len(masked),), self.tokens_per_step, dtype=torch.long, device=masked.device)
-        return _top(confidence(logits)[0], masked, count)
+        return _top(confidence(logits)[0], masked, self.tokens_per_step)
 
 
 @dataclass(frozen=True)
@@ -82,8 +84,7 @@ class RandomRemaskConfig(DllmTerm):
 
     def commit(self, logits, masked, generator=None):
         score = torch.rand(masked.shape, generator=generator, device="cpu").to(masked.device)
-        count = torch.full((len(masked),), self.tokens_per_step, dtype=torch.long, device=masked.device)
-        return _top(score, masked, count)
+        return _top(score, masked, self.tokens_per_step)
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,7 @@ class ParallelConfig(DllmTerm):
     def commit(self, logits, masked, generator=None):
         top, _ = confidence(logits)
         sure = masked & (top > self.threshold)
-        return sure | _top(top, masked & ~sure.any(-1, keepdim=True), torch.ones(len(masked), dtype=torch.long,
-                                                                                   device=masked.device))
+        return sure | _top(top, masked & ~sure.any(-1, keepdim=True), 1)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,6 @@ from cadence.accel.registry import get_technique
 from cadence.bench import metrics
 from cadence.bench.runner import timed
 from cadence.recipe import Recipe, accelerate
-from cadence.reference import data
 
 # What a candidate may raise that rejects it (and not the run): a refused configuration, a
 # kernel that cannot run here, a generation that diverges.
@@ -117,14 +116,10 @@ class Evaluator:
 
     def _missing_calibration(self, recipe: Recipe) -> str | None:
         """The calibration store ``recipe`` is refused for the lack of, or None when it applies."""
-        from cadence.accel.registry import calibrations
-
         try:
             accelerate(self.pipe, recipe).remove()
         except ValueError as error:
-            # cadence.accel.calibration.load refuses with "<store>: no calibration for this ..."
-            stores = {calibration.store for calibration in calibrations().values()}
-            store = next((s for s in sorted(stores) if str(error).startswith(f"{s}: no calibration")), None)
+            store = getattr(error, "missing_calibration", None)  # set by cadence.accel.calibration.load
             if store is None:
                 raise
             return store
@@ -137,10 +132,8 @@ class Evaluator:
         if path.is_file():  # made by an earlier run of this study (resumed)
             return path
         calibration = calibrations()[store]
-        captions = data.train_captions(CALIBRATION_PROMPTS, video=generation.is_video(self.pipe))
-        runs = [generation.call_arguments(self.pipe, caption, steps=self.steps, seed=seed,
-                                          guidance_scale=self.guidance_scale, size=self.size, decode=False)
-                for seed, caption in enumerate(captions)]
+        runs = generation.calibration_runs(self.pipe, CALIBRATION_PROMPTS, steps=self.steps,
+                                           guidance_scale=self.guidance_scale, size=self.size)
         return Path(calibration.run(self.pipe, runs, path))
 
 
