@@ -84,6 +84,19 @@ def test_the_split_keeps_tuning_and_check_prompts_and_seeds_apart(tmp_path):
     assert from_file.check == ("prompt 6", "prompt 7") and from_file.tuning == tuple(f"prompt {i}" for i in range(6))
 
 
+def test_the_confirmation_prompts_are_neither_tuning_nor_check_prompts():
+    split = split_prompts("heldout", video=True, tuning=4, check=2, seeds=2, confirm=2)
+    assert len(split.confirm) == 2 and not set(split.confirm) & (set(split.tuning) | set(split.check))
+    assert split.confirm_cases == [(p, s) for p in split.confirm for s in (0, 1)]
+    listed = [f"prompt {i}" for i in range(12)]
+    from_list = split_prompts(listed, video=True, tuning=10, check=10, seeds=1, confirm=5)
+    assert from_list.check == tuple(listed[9:]) and from_list.confirm == tuple(listed[7:9])  # a quarter of the rest
+    two = split_prompts(listed[:2], video=True, tuning=1, check=1, seeds=1, confirm=2)
+    assert two.confirm == () and two.confirm_cases == two.tuning_cases  # no prompt left: the tuning cases again
+    with pytest.raises(ValueError, match="confirmation prompts=-1"):
+        split_prompts("heldout", video=True, tuning=1, check=1, seeds=1, confirm=-1)
+
+
 def test_a_prompt_file_too_short_to_split_is_refused(tmp_path):
     prompts = tmp_path / "one.txt"
     prompts.write_text("a red square\n")

@@ -49,10 +49,44 @@ def test_finds_a_recipe_meeting_the_bar_and_writes_every_output(found):
 def test_the_check_runs_on_prompts_and_seeds_never_tuned_on(found):
     result, out = found
     assert not set(result.split.tuning) & set(result.split.check)
-    check = json.loads((out / "check.json").read_text())
+    check = json.loads((out / "check.json").read_text())["check"]
     assert check["cases"] == len(result.split.check_cases) == 1
     assert check["recipes"]["tuned"]["recipe"] == str(result.recipe)
     assert check["recipes"]["tuned"]["quality"]["PSNR"] > 0
+
+
+def test_the_choice_is_confirmed_on_prompts_the_search_never_saw(found):
+    result, out = found
+    split = result.split
+    assert split.confirm and not set(split.confirm) & (set(split.tuning) | set(split.check))
+    confirmed = json.loads((out / "check.json").read_text())["confirmation"]
+    chosen = next(entry for entry in confirmed if entry["number"] == result.best["number"])
+    assert chosen["recipe"] == str(result.recipe) and chosen["quality"]["PSNR"] >= 20.0 and chosen["speedup"] > 0
+    assert len(chosen["per_case"]) == len(split.confirm_cases) == len(split.confirm) * len(split.tuning_seeds)
+    assert "## Confirmation" in (out / "report.md").read_text()
+
+
+def test_a_candidate_that_does_not_hold_on_the_confirmation_cases_is_not_chosen(pipe, tmp_path, monkeypatch):
+    original = evaluate_module.Evaluator.run
+    confirm = set()
+
+    def worse_on_confirmation(self, recipe, case, deadline=None):
+        row = original(self, recipe, case, deadline)
+        if case[0] in confirm:
+            row["psnr"] = 5.0  # the luckiest candidate of a search: good where it was searched, poor elsewhere
+        return row
+
+    monkeypatch.setattr(evaluate_module.Evaluator, "run", worse_on_confirmation)
+    asked = settings(tmp_path)
+    from cadence.tune.prompts import split_prompts
+
+    confirm.update(split_prompts(asked.prompts, video=True, tuning=1, check=1, seeds=1, confirm=2).confirm)
+    with pytest.raises(TuneRefused, match=r"met PSNR >= 20 dB on the tuning cases, but none held on the 1 "
+                                          r"confirmation cases: fixed-interval.*PSNR 5.00"):
+        tune(pipe, asked)
+    assert not (tmp_path / "recipe.txt").exists()
+    report = (tmp_path / "report.md").read_text()
+    assert "No candidate held on the confirmation cases" in report and "| no |" in report and "| yes |" not in report
 
 
 def test_a_killed_run_resumes_its_study(pipe, tmp_path, monkeypatch):
@@ -154,4 +188,5 @@ def test_a_candidate_the_sampler_proposes_again_is_not_run_again(pipe, tmp_path,
     result = tune(pipe, asked)
     trials = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{tmp_path / 'study.db'}").trials
     assert trials[1].user_attrs["repeat_of"] == 0 and trials[1].value == trials[0].value
-    assert len(runs) == len(result.split.tuning_cases) + len(result.split.check_cases)  # trial 0, then the check
+    # trial 0, its confirmation, then the check
+    assert len(runs) == len(result.split.tuning_cases) + len(result.split.confirm_cases) + len(result.split.check_cases)

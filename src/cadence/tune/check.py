@@ -1,5 +1,5 @@
-"""The held-out check: the chosen recipe, beside the family's shipped default, on cases
-(prompts and seeds) that no candidate was scored on.
+"""Recipes run side by side on cases, each timed against the baseline run just before it:
+the confirmation of the fastest candidates and the held-out check of the chosen recipe.
 
 Per case the baseline runs first, then each recipe, and each recipe's speedup is taken
 against that case's baseline, so a load that changes between cases on a shared machine
@@ -13,14 +13,9 @@ from cadence.tune import quality
 from cadence.tune.evaluate import FAILURES, Evaluator
 
 
-def held_out_check(evaluator: Evaluator, measures: list[quality.Measure], cases: list[tuple[str, int]],
-                   tuned: Recipe, default: Recipe | None, notes: list[str]) -> dict:
-    recipes = {"tuned": tuned}
-    if default is not None:
-        try:
-            recipes["shipped default"] = evaluator.prepare(default)
-        except FAILURES as error:
-            notes.append(f"shipped default {default} could not run: {error}")
+def compare(evaluator: Evaluator, measures: list[quality.Measure], cases: list[tuple[str, int]],
+            recipes: dict[str, Recipe]) -> dict[str, dict]:
+    """name -> {recipe, failed, speedup, quality (means), per_case} of each recipe on ``cases``."""
     for recipe in recipes.values():
         evaluator.warm_up(recipe, cases[0])
     rows: dict[str, list[dict]] = {name: [] for name in recipes}
@@ -39,7 +34,27 @@ def held_out_check(evaluator: Evaluator, measures: list[quality.Measure], cases:
             row["baseline_seconds"] = baseline
             row.pop("output")
             rows[name].append(row)
-    summary = {name: _summary(recipe, rows[name], failures.get(name), measures) for name, recipe in recipes.items()}
+    return {name: _summary(recipe, rows[name], failures.get(name), measures) for name, recipe in recipes.items()}
+
+
+def holds(measures: list[quality.Measure], confirmed: dict) -> bool:
+    """A confirmed candidate (``compare``'s entry): every bar met, no margin, and faster than
+    the baseline timed beside it."""
+    return (confirmed["quality"] is not None and confirmed["speedup"] > 1.0 and
+            quality.meets(measures, confirmed["quality"], within_margin=False))
+
+
+def held_out_check(evaluator: Evaluator, measures: list[quality.Measure], cases: list[tuple[str, int]],
+                   tuned: Recipe, default: Recipe | None, notes: list[str]) -> dict:
+    """The chosen recipe, beside the family's shipped default, on cases (prompts and seeds)
+    that no candidate was scored or chosen on."""
+    recipes = {"tuned": tuned}
+    if default is not None:
+        try:
+            recipes["shipped default"] = evaluator.prepare(default)
+        except FAILURES as error:
+            notes.append(f"shipped default {default} could not run: {error}")
+    summary = compare(evaluator, measures, cases, recipes)
     met = summary["tuned"]["quality"] is not None and quality.meets(measures, summary["tuned"]["quality"])
     return {"cases": len(cases), "recipes": summary, "meets_bar_within_margin": met,
             "margins": {m.name: m.margin for m in measures}}

@@ -28,7 +28,9 @@ def _names(value: str) -> tuple[str, ...]:
 @click.option("--prompts", default="heldout", show_default=True,
               help="'heldout' (the reference models' held-out captions) or a file with one prompt per line; its "
                    "last quarter is kept for the held-out check")
-@click.option("--limit", "tuning", type=int, default=2, show_default=True, help="tuning prompts")
+@click.option("--limit", "tuning", type=int, default=4, show_default=True, help="tuning prompts")
+@click.option("--confirm-prompts", "confirm", type=int, default=2, show_default=True,
+              help="prompts the fastest candidates are confirmed on before one is chosen (0: the tuning ones again)")
 @click.option("--check-prompts", "check", type=int, default=2, show_default=True,
               help="held-out check prompts (never used for tuning)")
 @click.option("--seeds", type=int, default=2, show_default=True,
@@ -47,7 +49,7 @@ def _names(value: str) -> tuple[str, ...]:
               help=f"save the chosen recipe beside the checkpoint ({TUNED_RECIPE}): its default from then on")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="recipe.txt, recipe.toml, report.md, frontier.png, study.db (resumable) go here")
-def tune(model, min_psnr, min_ssim, min_adherence, prompts, tuning, check, seeds, steps, guidance_scale, height,
+def tune(model, min_psnr, min_ssim, min_adherence, prompts, tuning, confirm, check, seeds, steps, guidance_scale, height,
          width, frames, device, time_budget, trials, include, exclude, compile_blocks, save_default, out):
     """Search the fastest recipe that meets a quality bar on your model and device."""
     _quiet()
@@ -61,7 +63,7 @@ def tune(model, min_psnr, min_ssim, min_adherence, prompts, tuning, check, seeds
     try:
         settings = TuneSettings(
             out=out, min_psnr=min_psnr, min_ssim=min_ssim, min_adherence=min_adherence, prompts=prompts,
-            tuning_prompts=tuning, check_prompts=check, seeds=seeds, steps=steps, guidance_scale=guidance_scale,
+            tuning_prompts=tuning, confirm_prompts=confirm, check_prompts=check, seeds=seeds, steps=steps, guidance_scale=guidance_scale,
             device=device, time_budget=parse_duration(time_budget), trials=trials, include=_names(include),
             exclude=_names(exclude), compile=compile_blocks, height=height, width=width, frames=frames, model=model,
             command=shlex.join(["cadence"] + sys.argv[1:]))
@@ -82,8 +84,10 @@ def tune(model, min_psnr, min_ssim, min_adherence, prompts, tuning, check, seeds
     except (ValueError, FileNotFoundError, FloatingPointError) as error:
         _fail(error)
     best = result.best
+    confirmed = best["confirmation"]
     click.echo(f"chosen: {result.recipe}  ({1 / best['relative_time']:.2f}x speedup on the tuning cases, "
-               f"{', '.join(f'{k} {v:.2f}' for k, v in best['quality'].items())})")
+               f"{', '.join(f'{k} {v:.2f}' for k, v in best['quality'].items())}; confirmed at "
+               f"{confirmed['speedup']:.2f}x, {', '.join(f'{k} {v:.2f}' for k, v in confirmed['quality'].items())})")
     if result.check is not None:
         for name, entry in result.check["recipes"].items():
             speed = f"{entry['speedup']:.2f}x" if entry["speedup"] else f"failed: {entry['failed']}"

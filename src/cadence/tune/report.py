@@ -1,6 +1,7 @@
 """What a tuning run leaves in OUT: recipe.txt and recipe.toml (the chosen recipe),
-report.md (the settings, the measured frontier, every rejected candidate with its reason,
-the held-out check), frontier.png and check.json. study.db and baselines/ are written as
+report.md (the settings, the measured frontier, the confirmation of the fastest candidates,
+every rejected candidate with its reason, the held-out check), frontier.png and check.json
+(the confirmation and the check). study.db and baselines/ are written as
 the run goes."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import optuna
 import torch
 
 from cadence.tune import quality
+from cadence.tune.check import holds
 
 FRONTIER_PLOT = "frontier.png"
 
@@ -24,8 +26,9 @@ def write_outputs(result, settings, measures, load_before: float | None) -> None
     if result.recipe is not None:
         (out / "recipe.txt").write_text(f"{result.recipe}\n")
         (out / "recipe.toml").write_text(result.recipe.to_toml())
-    if result.check is not None:
-        (out / "check.json").write_text(json.dumps(result.check, indent=1) + "\n")
+    if result.check is not None or result.confirmations:
+        (out / "check.json").write_text(json.dumps({"confirmation": result.confirmations, "check": result.check},
+                                                   indent=1) + "\n")
     rows = _rows(result.trials)
     chosen = result.best.get("number") if result.recipe is not None else None
     plot_frontier(out / FRONTIER_PLOT, rows, measures[0].bar, chosen)
@@ -89,6 +92,12 @@ def plot_frontier(path: Path, rows: list[dict], bar: float, chosen: int | None =
     return path
 
 
+def _confirm_cases(split) -> str:
+    if split.confirm:
+        return f"{len(split.confirm)} other prompts x the same seeds"
+    return "the tuning cases again (no prompt left for them)"
+
+
 def _finite(value: float) -> float:
     return value if math.isfinite(value) else 99.0  # identical outputs: drawn at the top
 
@@ -111,19 +120,35 @@ def _report(result, settings, measures, rows, load_before) -> str:
               f"{date.today().isoformat()}{load}"),
              f"- time budget {settings.time_budget:.0f} s; one baseline generation {result.baseline_seconds:.1f} s",
              (f"- tuning cases: {len(result.split.tuning)} prompts x seeds {list(result.split.tuning_seeds)}; "
+              f"confirmation cases: {_confirm_cases(result.split)}; "
               f"check cases: {len(result.split.check)} other prompts x seeds {list(result.split.check_seeds)}"),
              f"- command: `{settings.command}`" if settings.command else "", "",
              "## Search space (from the technique registry)", "", result.space.describe(), ""]
     lines += [f"- note: {note}" for note in result.notes] + [""]
     if result.recipe is not None:
         best = result.best
-        lines += ["## Chosen", "", (f"`{result.recipe}`: {best['relative_time']:.2f}x the baseline's time "
-                                    f"({1 / best['relative_time']:.2f}x speedup), {_fmt_quality(best.get('quality'))} "
-                                    f"on the tuning cases (trial {best['number']})"), ""]
+        confirmed = best["confirmation"]
+        lines += ["## Chosen", "", (f"`{result.recipe}` (trial {best['number']}): {1 / best['relative_time']:.2f}x "
+                                    f"speedup and {_fmt_quality(best.get('quality'))} on the tuning cases; "
+                                    f"{confirmed['speedup']:.2f}x and {_fmt_quality(confirmed['quality'])} on the "
+                                    "confirmation cases"), ""]
     else:
-        lines += ["## No candidate met the bar", ""]
+        lines += ["## No candidate held on the confirmation cases" if result.confirmations else
+                  "## No candidate met the bar", ""]
         if result.best and result.best.get("quality"):
             lines += [f"Nearest: `{result.best['recipe']}`, {_fmt_quality(result.best['quality'])}", ""]
+    if result.confirmations:
+        header = "| trial | recipe | search: speedup | search: quality | confirmed: speedup | confirmed: quality | holds |"
+        lines += ["## Confirmation (the fastest candidates meeting the bars, run again on cases the search never saw)",
+                  "", header, "|---:|---|---:|---|---:|---|---|"]
+        for entry in result.confirmations:
+            speed = f"{entry['speedup']:.2f}x" if entry["speedup"] else entry.get("failed") or "-"
+            held = holds(measures, entry)
+            lines.append(f"| {entry['number']} | `{entry['recipe']}` | {entry['search_speedup']:.2f}x | "
+                         f"{_fmt_quality(entry['search_quality'])} | {speed} | {_fmt_quality(entry['quality'])} | "
+                         f"{'yes' if held else 'no'} |")
+        lines += ["", ("The fastest that holds (every bar met on the confirmation cases, faster than the baseline) is "
+                       "chosen; each confirmation case runs the baseline, then each candidate, timed against it."), ""]
     if result.check is not None:
         lines += ["## Held-out check (prompts and seeds never used for tuning)", "",
                   "| recipe | speedup | quality | per case |", "|---|---:|---|---|"]

@@ -15,6 +15,14 @@ the baseline timed beside it. Three things keep a slow or poor candidate from co
   not the PSNR itself, because the sampler ranks pruned trials by their last intermediate
   value in the study's direction, here minimize.)
 
+The search's figures choose nothing by themselves: of many candidates measured on a few
+cases, the one that looks best is also the luckiest, on quality and on time. So the fastest
+candidates that meet the bars are run again, ``CONFIRMED_AT_ONCE`` at a time, on
+confirmation cases the search never saw (``prompts.PromptSplit.confirm_cases``), each case's
+baseline timed just before them (``check.compare``); the fastest there that still meets
+every bar (the bar itself, no margin) and is faster than the baseline is chosen, and the next ones are confirmed while none
+does and time is left. The held-out check then runs the chosen recipe on other cases again.
+
 The study lives in ``OUT/study.db`` (SQLite): a killed run, started again with the same
 settings, resumes it; the candidate that was running is tried again. Baseline outputs and
 calibrations made on the fly are kept under ``OUT`` too.
@@ -28,13 +36,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
+import torch
 
 from cadence import generation
 from cadence.models import adapter_for, find_transformer
 from cadence.models.defaults import default_recipe
 from cadence.recipe import Recipe
 from cadence.tune import quality
-from cadence.tune.check import held_out_check
+from cadence.tune.check import compare, held_out_check, holds
 from cadence.tune.cost import CostModel
 from cadence.tune.evaluate import FAILURES, Evaluator, TooSlow
 from cadence.tune.prompts import PromptSplit, split_prompts
@@ -51,6 +60,11 @@ NO_BEST_LIMIT = 2.0
 # Random candidates before the sampler models the space: few, since on a CPU a candidate can
 # cost minutes and the shipped default's parts are tried first anyway.
 STARTUP_TRIALS = 3
+# The fastest candidates meeting the bars on the tuning cases, confirmed together.
+CONFIRMED_AT_ONCE = 3
+# Compiled candidates each trace the blocks with other hooks around them; dynamo's default
+# limit (8 graphs per code object) would leave the later ones running eager, timed as if compiled.
+RECOMPILE_LIMIT = 256
 OUT_OF_TIME = "the time budget ran out"
 
 
@@ -69,6 +83,7 @@ class TuneResult:
     notes: list[str] = field(default_factory=list)
     baseline_seconds: float = 0.0
     out: Path | None = None
+    confirmations: list[dict] = field(default_factory=list)  # check.compare's entries, with the search's figures
 
 
 def check_adapter(pipe) -> None:
@@ -86,13 +101,14 @@ def tune(pipe, settings: TuneSettings) -> TuneResult:
     check_adapter(pipe)
     space = SearchSpace.from_registry(settings.include, settings.exclude, settings.device, settings.compile)
     split = split_prompts(settings.prompts, video=generation.is_video(pipe), tuning=settings.tuning_prompts,
-                          check=settings.check_prompts, seeds=settings.seeds)
+                          check=settings.check_prompts, seeds=settings.seeds, confirm=settings.confirm_prompts)
     size = generation.resolve_size(pipe, settings.height, settings.width, settings.frames)
     generation.check_steps(settings.steps, generation.step_limit(pipe))
     settings.out.mkdir(parents=True, exist_ok=True)
     pipe.set_progress_bar_config(disable=True)
     run = _Run(pipe, settings, space, split, size, started)
-    return run.search()
+    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        return run.search()
 
 
 class _Run:
@@ -103,6 +119,7 @@ class _Run:
         self.measures = quality.measures(settings)
         self.notes = list(space.notes)
         self.baseline_seconds = 0.0
+        self.confirmations: list[dict] = []
         self.load_before = _load()
 
     def remaining(self) -> float:
@@ -114,7 +131,7 @@ class _Run:
         # the bars are the trials' constraints (Trial.set_constraint): the sampler learns where they hold
         sampler = optuna.samplers.TPESampler(seed=self.settings.sampler_seed, n_startup_trials=STARTUP_TRIALS)
         pruner = optuna.pruners.ThresholdPruner(upper=quality.PSNR_MARGIN_DB)
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        optuna.logging.set_verbosity(optuna.logging.ERROR)  # rejections are in the report, with reasons
         study = optuna.create_study(storage=storage, study_name=STUDY, sampler=sampler, pruner=pruner,
                                     direction="minimize", load_if_exists=True)
         identity = self.settings.identity()
@@ -150,7 +167,7 @@ class _Run:
             # of them costs the fidelity), before the sampler's own exploration
             for start in [default] + [Recipe([t]) for t in default.techniques] * (len(default.techniques) > 1):
                 study.enqueue_trial(self.space.params_of(start))
-        searching = self.remaining() - self.check_reserve()
+        searching = self.remaining() - self.reserve()
         if searching > 0 and (self.settings.trials is None or self.settings.trials > _finished(study)):
             trials = None if self.settings.trials is None else self.settings.trials - _finished(study)
             study.optimize(self.objective, n_trials=trials, timeout=searching, catch=FAILURES,
@@ -158,11 +175,11 @@ class _Run:
         else:
             self.notes.append("no time left to search after the baselines" if searching <= 0 else
                               f"the study already holds {self.settings.trials} candidates (--trials)")
-        best, met = self.best(study)
+        best, met = self.confirm(study)
         check = held_out_check(self.evaluator, self.measures, self.split.check_cases, Recipe.parse(best["recipe"]),
                                default, self.notes) if met else None
         result = TuneResult(Recipe.parse(best["recipe"]) if met else None, best, check, self.space, self.split,
-                            study.trials, self.notes, self.baseline_seconds, self.settings.out)
+                            study.trials, self.notes, self.baseline_seconds, self.settings.out, self.confirmations)
         write_outputs(result, self.settings, self.measures, self.load_before)
         if not met:
             raise TuneRefused(self.unmet_message(best, study))
@@ -176,28 +193,30 @@ class _Run:
         self.baseline_seconds = self.evaluator.time_baseline(cases[0])
         study.set_user_attr("baseline_seconds", self.baseline_seconds)
         missing = sum(not self.evaluator._baseline_path(case).is_file() for case in cases)
-        needed = self.baseline_seconds * missing + self.check_reserve()
+        needed = self.baseline_seconds * missing + self.reserve()
         if needed > self.remaining():
             spent = self.settings.time_budget - self.remaining()
             raise TuneRefused(
                 f"--time-budget {duration(self.settings.time_budget)} is too short for the baseline itself: one "
                 f"unaccelerated generation takes {self.baseline_seconds:.1f} s here, and the {missing} tuning "
-                f"baseline(s) still to make plus the held-out check ({len(self.split.check_cases)} cases, baseline and "
-                f"two recipes each) need about {duration(needed)} more, {duration(spent)} being spent; give at least "
+                f"baseline(s) still to make plus the confirmation and the held-out check ({len(self.split.confirm_cases)} "
+                f"and {len(self.split.check_cases)} cases, the baseline and the recipes each) need about {duration(needed)} more, {duration(spent)} being spent; give at least "
                 f"--time-budget {duration(spent + needed * 2)}, or fewer prompts, seeds or steps. The baseline timing "
                 f"and outputs made are kept in {self.settings.out}")
         for case in cases:
             self.evaluator.baseline(case)
 
-    def check_reserve(self) -> float:
-        """Seconds kept for the held-out check: each check case runs the baseline and two recipes
-        (the tuned one and the shipped default), each faster than the baseline."""
-        return 2 * self.baseline_seconds * len(self.split.check_cases)
+    def reserve(self) -> float:
+        """Seconds kept after the search: one round of confirmation (per case the baseline and
+        ``CONFIRMED_AT_ONCE`` candidates, each faster than the baseline) and the held-out check
+        (per case the baseline and two recipes, the tuned one and the shipped default)."""
+        confirming = (1 + CONFIRMED_AT_ONCE) * len(self.split.confirm_cases)
+        return self.baseline_seconds * (confirming + 2 * len(self.split.check_cases))
 
     def stop_when_out_of_time(self, study: optuna.Study, trial) -> None:
         durations = [t.duration.total_seconds() for t in study.trials if t.duration is not None]
         typical = sorted(durations)[len(durations) // 2] if durations else 0.0
-        if self.remaining() - self.check_reserve() < typical:
+        if self.remaining() - self.reserve() < typical:
             study.stop()
 
     def shipped_default(self) -> Recipe | None:
@@ -242,12 +261,12 @@ class _Run:
         limit = best * (1 + SLOW_MARGIN) if best < 1.0 else NO_BEST_LIMIT
         rows = []
         for index, case in enumerate(self.split.tuning_cases):
-            left = self.remaining() - self.check_reserve()
+            left = self.remaining() - self.reserve()
             try:
                 row = self.evaluator.run(recipe, case, deadline=min(limit * opening, max(1.0, left)))
             except TooSlow as slow:
                 self.cost.add(found, slow.seconds / opening)  # at least this slow
-                out_of_time = self.remaining() - self.check_reserve() <= 1.0
+                out_of_time = self.remaining() - self.reserve() <= 1.0
                 trial.set_user_attr("rejected", f"{slow}: {OUT_OF_TIME if out_of_time else ''}"
                                     f"{'' if out_of_time else f'slower than {limit:.2f}x the baseline time'}")
                 raise optuna.TrialPruned() from None
@@ -320,20 +339,49 @@ class _Run:
         times = [t.value for t in _feasible(study)]
         return min([1.0, *times])
 
-    def best(self, study: optuna.Study) -> tuple[dict, bool]:
-        feasible = _feasible(study)
-        if feasible:
-            trial = min(feasible, key=lambda t: t.value)
-            return {"number": trial.number, **trial.user_attrs}, True
+    def confirm(self, study: optuna.Study) -> tuple[dict, bool]:
+        """The chosen candidate (confirmed) and True, or the one nearest the bars and False."""
+        ranked, seen = [], set()
+        for trial in sorted(_feasible(study), key=lambda t: t.value):
+            if trial.user_attrs["recipe"] not in seen:
+                seen.add(trial.user_attrs["recipe"])
+                ranked.append(trial)
+        cases = self.split.confirm_cases
+        for start in range(0, len(ranked), CONFIRMED_AT_ONCE):
+            batch = ranked[start:start + CONFIRMED_AT_ONCE]
+            needed = self.baseline_seconds * ((1 + len(batch)) * len(cases) + 2 * len(self.split.check_cases))
+            if start and self.remaining() < needed:
+                self.notes.append(f"time ran out after confirming {start} of the {len(ranked)} candidates that met the "
+                                  "bars on the tuning cases")
+                break
+            found = compare(self.evaluator, self.measures, cases,
+                            {trial.number: Recipe.parse(trial.user_attrs["recipe"]) for trial in batch})
+            for trial in batch:
+                self.confirmations.append({"number": trial.number, "search_speedup": 1 / trial.value,
+                                           "search_quality": trial.user_attrs["quality"], **found[trial.number]})
+            held = [t for t in batch if holds(self.measures, found[t.number])]
+            if held:
+                chosen = max(held, key=lambda t: found[t.number]["speedup"])
+                return {"number": chosen.number, **chosen.user_attrs, "confirmation": found[chosen.number]}, True
+        return self.nearest(study), False
+
+    def nearest(self, study: optuna.Study) -> dict:
+        """Of the measured candidates, the one nearest the bars (the complete ones first)."""
         measured = [t for t in study.trials if "constraints" in t.user_attrs]
         if not measured:
-            return {"recipe": str(Recipe()), "constraints": None}, False
+            return {"recipe": str(Recipe()), "constraints": None}
         complete = [t for t in measured if t.state == optuna.trial.TrialState.COMPLETE]
         nearest = min(complete or measured, key=lambda t: max(t.user_attrs["constraints"]))
-        return {"number": nearest.number, **nearest.user_attrs}, False
+        return {"number": nearest.number, **nearest.user_attrs}
 
     def unmet_message(self, best: dict, study: optuna.Study) -> str:
         bars = quality.bars(self.measures)
+        if self.confirmations:
+            missed = "; ".join(f"{c['recipe']} ({quality.describe(self.measures, c['quality'])})" if c["quality"] else
+                               f"{c['recipe']} (failed: {c['failed']})" for c in self.confirmations)
+            return (f"{len(self.confirmations)} candidate(s) met {bars} on the tuning cases, but none held on the "
+                    f"{len(self.split.confirm_cases)} confirmation cases: {missed}; everything measured is in "
+                    f"{self.settings.out}/report.md and study.db")
         if best.get("constraints") is None:
             return (f"no candidate was measured in {len(study.trials)} trial(s) (time budget or failures), so none "
                     f"meets {bars}; see {self.settings.out}/report.md")

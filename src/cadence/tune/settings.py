@@ -19,7 +19,8 @@ class TuneSettings:
     min_ssim: float | None = None
     min_adherence: float | None = None
     prompts: str | list[str] = "heldout"  # 'heldout' (reference models), a prompt file, or a list
-    tuning_prompts: int = 2
+    tuning_prompts: int = 4
+    confirm_prompts: int = 2
     check_prompts: int = 2
     seeds: int = 2
     steps: int = 50
@@ -57,7 +58,8 @@ class TuneSettings:
         """What a study's results depend on: a resumed study must have been run with these."""
         return {"model": self.model, "min_psnr": self.min_psnr, "min_ssim": self.min_ssim,
                 "min_adherence": self.min_adherence, "prompts": self.prompts if isinstance(self.prompts, str) else
-                list(self.prompts), "tuning_prompts": self.tuning_prompts, "check_prompts": self.check_prompts,
+                list(self.prompts), "tuning_prompts": self.tuning_prompts, "confirm_prompts": self.confirm_prompts,
+                "check_prompts": self.check_prompts,
                 "seeds": self.seeds, "steps": self.steps, "guidance_scale": self.guidance_scale,
                 "device": self.device, "include": list(self.include), "exclude": list(self.exclude),
                 "compile": self.compile, "size": [self.height, self.width, self.frames]}

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# `cadence tune` on reference models on the GPU machine (issue 22):
+#
+#   bash benchmarks/gpu/tune.sh BUDGET MODEL...     e.g.  bash benchmarks/gpu/tune.sh 4.3m ref-video ref-image
+#
+# Carry `.whl` and `.carry/whl-tune` (optuna and what it needs that the machine's image lacks:
+# sqlalchemy, alembic, mako, colorlog; benchmarks/README.md). Per model, one after the other:
+#   cadence tune --model MODEL --min-psnr 35 --steps 50 --device cuda --time-budget BUDGET
+# with its output folder (report.md, frontier.png, recipe.*, check.json, study.db; the cached
+# baseline outputs left out) packed into $OUT/tune-MODEL.tgz, and its log in $OUT/tune-MODEL.log.
+set -uo pipefail
+budget=${1:?usage: tune.sh BUDGET MODEL...}; shift
+cd "$(dirname "$0")/../.." || exit 1
+export OUT=${OUT:-bench-out} PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
+mkdir -p "$OUT" /tmp/site
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl .carry/whl-tune/*.whl || exit 1
+nvidia-smi --query-gpu=name,clocks.sm,temperature.gpu --format=csv,noheader
+rc=0
+for model in "$@"; do
+    out=/tmp/tune/tune-$model
+    python3 -m cadence.cli tune --model "$model" --min-psnr 35 --steps 50 --device cuda --time-budget "$budget" \
+        --out "$out" >"$OUT/tune-$model.log" 2>&1
+    status=$?
+    [[ $status -eq 0 ]] || rc=$status
+    echo "== $model: exit $status"
+    grep -v -i "warn\|return install" "$OUT/tune-$model.log" | tail -6
+    tar czf "$OUT/tune-$model.tgz" --exclude baselines -C /tmp/tune "tune-$model"
+done
+exit "$rc"
