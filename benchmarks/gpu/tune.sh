@@ -3,9 +3,11 @@
 #
 #   bash benchmarks/gpu/tune.sh BUDGET MODEL...     e.g.  bash benchmarks/gpu/tune.sh 4.3m ref-video ref-image
 #
-# Carry `.whl` and `.carry/whl-tune` (optuna and what it needs that the machine's image lacks:
-# sqlalchemy, alembic, mako, colorlog; benchmarks/README.md). Per model, one after the other:
-#   cadence tune --model MODEL --min-psnr 35 --steps 50 --device cuda --time-budget BUDGET
+# Carry `.whl`, `.carry/whl-tune` (optuna and what it needs that the machine's image lacks:
+# sqlalchemy, alembic, mako, colorlog; benchmarks/README.md) and `.carry/tune-embeddings.safetensors`
+# (the prompts' embeddings: the machine has no text encoder; made by the README's command).
+# Per model, one after the other:
+#   cadence tune --model MODEL --min-psnr 35 --steps 50 --device cuda --time-budget BUDGET --embeddings ...
 # with its output folder (report.md, frontier.png, recipe.*, check.json, study.db; the cached
 # baseline outputs left out) packed into $OUT/tune-MODEL.tgz, and its log in $OUT/tune-MODEL.log.
 set -uo pipefail
@@ -20,7 +22,7 @@ rc=0
 for model in "$@"; do
     out=/tmp/tune/tune-$model
     python3 -m cadence.cli tune --model "$model" --min-psnr 35 --steps 50 --device cuda --time-budget "$budget" \
-        --out "$out" >"$OUT/tune-$model.log" 2>&1
+        --embeddings .carry/tune-embeddings.safetensors --out "$out" >"$OUT/tune-$model.log" 2>&1
     status=$?
     [[ $status -eq 0 ]] || rc=$status
     echo "== $model: exit $status"

@@ -45,12 +45,15 @@ def _names(value: str) -> tuple[str, ...]:
 @click.option("--exclude", default="", help="comma-separated techniques to leave out")
 @click.option("--compile/--no-compile", "compile_blocks", default=None,
               help="search compile too (default: on CUDA only; on the CPU its warm-up is paid per candidate)")
+@click.option("--embeddings", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="precomputed prompt embeddings (reference models, a machine without their text encoder): the "
+                   "tuning, confirmation, check and calibration prompts (benchmarks/README.md says how to make them)")
 @click.option("--save-default", is_flag=True,
               help=f"save the chosen recipe beside the checkpoint ({TUNED_RECIPE}): its default from then on")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="recipe.txt, recipe.toml, report.md, frontier.png, study.db (resumable) go here")
 def tune(model, min_psnr, min_ssim, min_adherence, prompts, tuning, confirm, check, seeds, steps, guidance_scale, height,
-         width, frames, device, time_budget, trials, include, exclude, compile_blocks, save_default, out):
+         width, frames, device, time_budget, trials, include, exclude, compile_blocks, embeddings, save_default, out):
     """Search the fastest recipe that meets a quality bar on your model and device."""
     _quiet()
     import cadence
@@ -77,7 +80,11 @@ def tune(model, min_psnr, min_ssim, min_adherence, prompts, tuning, confirm, che
         _check_size(model, height, width, frames)
         _check_model(model)
         check_writable(out)
-        pipe = cadence.load(model, device=device)
+        pipe = cadence.load(model, device=device, text_encoder=embeddings is None)
+        if embeddings is not None:
+            from cadence.reference.text import load_prompt_embeddings
+
+            pipe.prompt_cache = load_prompt_embeddings(embeddings)
         result = run_tune(pipe, settings)
     except TuneRefused as error:
         _fail(error)
