@@ -80,10 +80,14 @@ class Evaluator:
         return seconds
 
     def warm_up(self, recipe: Recipe, case: tuple[str, int]) -> None:
-        """A one-step generation, untimed: first calls pay for loading, allocation and compilation."""
+        """An untimed generation: first calls pay for loading, allocation and compilation. One
+        step, but every step where the recipe compiles: a step policy may refuse a single step
+        (its budget needs several), and what it skips or computes at later steps is traced
+        then, which inside a timed generation would be charged to the candidate."""
+        steps = self.steps if any(config.name == "compile" for config in recipe.techniques) else 1
         with accelerate(self.pipe, recipe):
             try:
-                self._generate(case, steps=1)
+                self._generate(case, steps=steps)
             except (ValueError, RuntimeError):
                 pass  # a budget may need more steps; the timed runs report their own failures
 

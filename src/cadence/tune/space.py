@@ -94,7 +94,7 @@ class SearchSpace:
         for knob, (low, high) in KNOB_RANGE.items():
             if knob in fields:
                 params[knob] = round(trial.suggest_float(knob, low, high, step=KNOB_STEP), 2)
-        if "cfg_reuse" in fields:
+        if "cfg_reuse" in fields and _accepts(config, {**params, "cfg_reuse": True}):
             params["cfg_reuse"] = trial.suggest_categorical("cfg_reuse", (False, True))
         if config.level == "token" and "density" not in fields and fields.get("backend") is not None:
             backends = [b for b in fields["backend"].metadata["choices"]
@@ -144,3 +144,13 @@ def features(recipe: Recipe) -> dict[str, float]:
         if getattr(config, "cfg_reuse", False):
             found["cfg_reuse"] = 1.0
     return found
+
+
+def _accepts(config: type[TechniqueConfig], params: dict) -> bool:
+    """Whether the technique takes these knobs (block-delta has cfg_reuse but refuses true):
+    a knob it always refuses is not searched, so no trial is spent on the refusal."""
+    try:
+        config.from_params(params)
+    except ValueError:
+        return False
+    return True
