@@ -6,9 +6,9 @@ registered techniques (``space.SearchSpace``); each candidate runs on the tuning
 the baseline timed beside it. Three things keep a slow or poor candidate from costing much:
 
 - the cost model (``cost.CostModel``) skips one that cannot beat the best found;
-- a candidate's generation is stopped once it runs longer than the best found would (or,
-  before one is found, twice the baseline), or than the time budget leaves; one whose
-  whole generations take longer than the best found's (or the baseline's) is rejected;
+- a candidate's generation is stopped once it runs twice as long as the best found's (or,
+  before one is found, twice the baseline's), or longer than the time budget leaves; one
+  whose median generation takes longer than the best found's (or the baseline's) is rejected;
 - after each case the shortfall of its mean PSNR from the bar is reported as the trial's
   intermediate value, and Optuna's ``ThresholdPruner`` rejects it once the first cases miss
   the bar by more than the measure's margin (``quality.PSNR_MARGIN_DB``). (The shortfall,
@@ -20,8 +20,8 @@ cases, the one that looks best is also the luckiest, on quality and on time. So 
 candidates that meet the bars are run again, ``CONFIRMED_AT_ONCE`` at a time, on
 confirmation cases the search never saw (``prompts.PromptSplit.confirm_cases``), each case's
 baseline timed just before them (``check.compare``); the fastest there that still meets
-every bar (the bar itself, no margin) and is faster than the baseline is chosen, and the next ones are confirmed while none
-does and time is left. The held-out check then runs the chosen recipe on other cases again.
+every bar (the bar itself, no margin) and is faster than the baseline is chosen, and the
+next ones are confirmed while none does and time is left. The held-out check then runs the chosen recipe on other cases again.
 
 The study lives in ``OUT/study.db`` (SQLite): a killed run, started again with the same
 settings, resumes it; the candidate that was running is tried again. Baseline outputs and
@@ -31,6 +31,7 @@ calibrations made on the fly are kept under ``OUT`` too.
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,9 +52,13 @@ from cadence.tune.settings import TuneSettings, duration
 from cadence.tune.space import SearchSpace, features
 
 STUDY = "cadence-tune"
-# A candidate may run this much longer than the best found before it is stopped: timings on
-# a shared machine move by several per cent between identical runs.
+# A candidate whose median time per case is this much longer than the best found's is
+# rejected: timings on a shared machine move by several per cent between identical runs.
 SLOW_MARGIN = 0.25
+# One generation is stopped only past this multiple of the best found's time: single cases
+# jitter more than medians (on the H200, ref-video's 1 s generations are bound by the CPU's
+# kernel launches, and one case in ten took up to twice its neighbours' time).
+STOP_FACTOR = 2.0
 # Before any candidate meets the bar, one is stopped only past this multiple of the baseline's
 # time: it is then no acceleration on this device, and a measured miss still teaches the sampler.
 NO_BEST_LIMIT = 2.0
@@ -258,7 +263,7 @@ class _Run:
             trial.set_user_attr("rejected", f"{type(error).__name__}: {error}")
             raise
         opening = self.baseline_seconds
-        limit = best * (1 + SLOW_MARGIN) if best < 1.0 else NO_BEST_LIMIT
+        limit = min(best * STOP_FACTOR, NO_BEST_LIMIT)
         rows = []
         for index, case in enumerate(self.split.tuning_cases):
             left = self.remaining() - self.reserve()
@@ -318,7 +323,7 @@ class _Run:
         return None
 
     def record(self, trial, rows: list[dict], baseline: float, found: dict) -> float:
-        relative = _mean([r["seconds"] for r in rows]) / baseline
+        relative = statistics.median(r["seconds"] for r in rows) / baseline
         trial.set_user_attr("relative_time", relative)
         trial.set_user_attr("baseline_seconds", baseline)
         trial.set_user_attr("seconds", [r["seconds"] for r in rows])
