@@ -92,6 +92,27 @@ def _check_model(model: str) -> None:
                          "or a local diffusers checkpoint directory")
 
 
+DLLM = "ref-dllm"
+
+
+def _is_dllm(model: str) -> bool:
+    """ref-dllm, or a transformers checkpoint directory (config.json, no diffusers model_index.json):
+    decoded by ``cadence dllm``, to which ``generate`` and ``bench`` hand it."""
+    folder = Path(model)
+    return model == DLLM or ((folder / "config.json").is_file() and not (folder / "model_index.json").is_file())
+
+
+def _dllm_options(ctx: click.Context, takes: tuple[str, ...]) -> None:
+    """Refuse options given that mean nothing to a diffusion LM, naming them and the ones it takes."""
+    flag = {param.name: param.opts[0] for param in ctx.command.params}
+    given = [flag[name] for name in ctx.params if name not in takes and
+             ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+    if given:
+        valid = ", ".join(flag[name] for name in takes)
+        _fail(ValueError(f"{', '.join(given)}: not an option for a diffusion LM ({ctx.params['model']}); it takes "
+                         f"{valid}"))
+
+
 def _check_size(model: str, height, width, frames) -> None:
     """--height/--width/--frames: what can be refused before the model loads."""
     from cadence import generation
@@ -175,8 +196,20 @@ def main():
 @click.option("--device", default=None, callback=_device, help="cpu or cuda (default: cuda when available)")
 @click.option("--parallel", default=None, help="spread the generation over the processes torchrun starts: "
               "'ulysses=N, ring=N, cfg=2', degrees multiplying to --nproc-per-node")
-def generate(model, prompt, recipe, steps, guidance_scale, seed, height, width, frames, out, device, parallel):
-    """Generate one video (or image) from a prompt, optionally accelerated."""
+@click.option("--gen-length", default=64, show_default=True, type=int,
+              help="diffusion LMs (--model ref-dllm): tokens to generate")
+@click.pass_context
+def generate(ctx, model, prompt, recipe, steps, guidance_scale, seed, height, width, frames, out, device, parallel,
+             gen_length):
+    """Generate one video (or image) from a prompt, optionally accelerated; with a diffusion
+    LM (ref-dllm), stream the text as it is decoded (as `cadence dllm generate`)."""
+    if _is_dllm(model):
+        from cadence.dllm.cli import generate as dllm_generate
+
+        _dllm_options(ctx, ("model", "prompt", "recipe", "gen_length", "device"))
+        # --recipe's default, baseline, is plain decoding: one token a step, no cache
+        ctx.invoke(dllm_generate, model=model, prompt=prompt, recipe=recipe, gen_length=gen_length, device=device)
+        return
     _quiet()
     import cadence
     from cadence import generation
@@ -245,7 +278,8 @@ def _bench(model, recipes, prompts, limit, seeds, steps, guidance_scale, out, de
 @main.command()
 @click.option("--model", default="ref-video", show_default=True,
               help="ref-video, ref-image, or a local diffusers checkpoint dir (with --prompts FILE)")
-@click.option("--recipe", "recipes", multiple=True, required=True, help="repeatable; a recipe string or a .toml file")
+@click.option("--recipe", "recipes", multiple=True,
+              help="repeatable; a recipe string or a .toml file (required, but for a diffusion LM: its defaults)")
 @click.option("--prompts", default="heldout", show_default=True,
               help="'heldout' (the reference models' held-out captions) or a file with one prompt per line")
 @click.option("--limit", type=int, default=8, show_default=True, help="use the first N prompts")
@@ -255,10 +289,25 @@ def _bench(model, recipes, prompts, limit, seeds, steps, guidance_scale, out, de
 @_size_options
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="bench-out", show_default=True)
 @click.option("--device", default=None, callback=_device, help="cpu or cuda (default: cuda when available)")
-def bench(model, recipes, prompts, limit, seeds, steps, guidance_scale, height, width, frames, out, device):
-    """Measure recipes against the unaccelerated baseline: time, memory, PSNR, SSIM."""
+@click.option("--gen-length", default=512, show_default=True, type=int,
+              help="diffusion LMs (--model ref-dllm): tokens to generate; --limit is then prompts per task")
+@click.pass_context
+def bench(ctx, model, recipes, prompts, limit, seeds, steps, guidance_scale, height, width, frames, out, device,
+          gen_length):
+    """Measure recipes against the unaccelerated baseline: time, memory, PSNR, SSIM; for a
+    diffusion LM (ref-dllm), per-task accuracy, tokens/s and speedup (as `cadence dllm bench`)."""
     from cadence import generation
 
+    if _is_dllm(model):
+        from cadence.dllm.cli import bench as dllm_bench
+
+        _dllm_options(ctx, ("model", "recipes", "limit", "out", "device", "gen_length"))
+        ctx.invoke(dllm_bench, model=model, recipes=recipes, peers=True, tasks=None, prompts=limit,
+                   gen_length=gen_length, batch_size=1, device=device, out=out)
+        return
+    if not recipes:
+        _fail(ValueError("--recipe is required (repeatable): a recipe string such as 'magcache(budget=0.3)' or a "
+                         ".toml file; `cadence recipes` lists the techniques"))
     try:
         generation.check_count("--seeds", seeds, generation.MAX_SEEDS)
         generation.check_count("--limit", limit, generation.MAX_PROMPTS)

@@ -47,3 +47,29 @@ def test_generate_refuses_bad_input_before_decoding(checkpoint):
     result = runner.invoke(dllm, ["generate", "--model", str(checkpoint), "--prompt", "1+1=", "--recipe",
                                   "parallel(threshold=2)"])
     assert result.exit_code != 0 and "threshold=2.0 must be in (0.0, 1.0]" in result.output
+
+
+def test_the_main_generate_and_bench_hand_a_diffusion_lm_to_cadence_dllm(checkpoint, tmp_path):
+    from cadence.cli import main
+
+    runner = CliRunner()
+    result = runner.invoke(main, ["generate", "--model", str(checkpoint), "--prompt", "12+34=", "--gen-length", "16",
+                                  "--recipe", "semi-ar(block_length=8) + parallel(threshold=0.9)", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("12+34=") and "for 16 tokens; recipe: semi-ar(block_length=8) + parallel]" in result.output
+    plain = runner.invoke(main, ["generate", "--model", str(checkpoint), "--prompt", "12+34=", "--gen-length", "16"])
+    assert plain.exit_code == 0 and "[16 forwards for 16 tokens" in plain.output  # baseline: one token a step
+    refused = runner.invoke(main, ["generate", "--model", str(checkpoint), "--prompt", "1+1=", "--steps", "4"])
+    assert refused.exit_code != 0 and "--steps: not an option for a diffusion LM" in refused.output
+    assert "it takes --model, --prompt, --recipe, --gen-length, --device" in refused.output
+    out = tmp_path / "bench"
+    result = runner.invoke(main, ["bench", "--model", str(checkpoint), "--recipe", "semi-ar(block_length=8) + "
+                                  "parallel(threshold=0.9)", "--limit", "1", "--gen-length", "32", "--device", "cpu",
+                                  "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    table = (out / "table.md").read_text()
+    assert "| `semi-ar(block_length=8) + parallel(threshold=0.9)` |" in table and "peer:llada2" in table
+    short = runner.invoke(main, ["bench", "--model", str(checkpoint), "--limit", "1", "--gen-length", "16"])
+    assert short.exit_code != 0 and "block_length=32 does not divide gen_length=16; use gen_length 32," in short.output
+    refused = runner.invoke(main, ["bench", "--model", str(checkpoint), "--seeds", "3"])
+    assert refused.exit_code != 0 and "--seeds: not an option for a diffusion LM" in refused.output

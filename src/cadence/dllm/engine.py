@@ -58,8 +58,9 @@ def check_request(model, tokenizer, prompts, gen_length: int) -> tuple[list[list
     block_length = blocks.block_length if blocks else gen_length
     if gen_length % block_length:
         lower, upper = gen_length // block_length * block_length, -(-gen_length // block_length) * block_length
+        lengths = f"{lower} or {upper}" if lower else f"{upper}"
         raise ValueError(f"{blocks}: block_length={block_length} does not divide gen_length={gen_length}; use "
-                         f"gen_length {lower or upper} or {upper}, or a block_length that divides {gen_length}")
+                         f"gen_length {lengths}, or a block_length that divides {gen_length}")
     return encoded, block_length
 
 
