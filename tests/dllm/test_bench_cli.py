@@ -14,7 +14,7 @@ def test_bench_scores_every_recipe_against_plain_decoding_and_writes_the_frontie
                                     "peer:llada2(threshold=0.9)"],
                  tasks=["copy", "add"], prompts_per_task=2, gen_length=16, batch_size=2, reference="semi-ar(block_length=8)",
                  log=lambda *_: None)
-    assert [row.recipe for row in rows][0] == "semi-ar(block_length=8)" and rows[0].speedup == 1.0
+    assert rows[0].recipe == "semi-ar(block_length=8)" and rows[0].speedup == 1.0
     assert rows[0].forwards_per_prompt == 16  # one token per step
     assert all(set(row.accuracy) == {"copy", "add"} and 0 <= row.mean_accuracy <= 1 for row in rows)
     write_report(rows, tmp_path, {"device": "CPU"})
@@ -63,9 +63,9 @@ def test_the_main_generate_and_bench_hand_a_diffusion_lm_to_cadence_dllm(checkpo
     assert refused.exit_code != 0 and "--steps: not an option for a diffusion LM" in refused.output
     assert "it takes --model, --prompt, --recipe, --gen-length, --device" in refused.output
     out = tmp_path / "bench"
-    result = runner.invoke(main, ["bench", "--model", str(checkpoint), "--recipe", "semi-ar(block_length=8) + "
-                                  "parallel(threshold=0.9)", "--limit", "1", "--gen-length", "32", "--device", "cpu",
-                                  "--out", str(out)])
+    recipe = "semi-ar(block_length=8) + parallel(threshold=0.9)"
+    result = runner.invoke(main, ["bench", "--model", str(checkpoint), "--recipe", recipe, "--limit", "1",
+                                  "--gen-length", "32", "--device", "cpu", "--out", str(out)])
     assert result.exit_code == 0, result.output
     table = (out / "table.md").read_text()
     assert "| `semi-ar(block_length=8) + parallel(threshold=0.9)` |" in table and "peer:llada2" in table
