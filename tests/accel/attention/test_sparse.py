@@ -124,6 +124,35 @@ def test_router_sends_unserved_heads_to_dense_and_counts_choices():
     assert sum(stats["heads"].values()) == heads and stats["heads"]["dense"] == 0
 
 
+@pytest.mark.parametrize("config_class", [TopKConfig, SparseVideoGenConfig, RouterConfig])
+def test_a_dynamic_mask_is_built_every_mask_every_steps_and_reused_between(config_class):
+    pipe = tiny_pipe("video")
+    with cadence.accelerate(pipe, config_class(density=0.25, block=16, dense_fraction=0)) as acceleration:
+        every_call = _video(pipe)
+        assert acceleration.stats()["mask_builds"] == 2 * 3 * STEPS  # branches x layers x steps
+    with cadence.accelerate(pipe, config_class(density=0.25, block=16, dense_fraction=0, mask_every=2)) as acceleration:
+        reused = _video(pipe)
+        stats = acceleration.stats()
+        assert stats["mask_builds"] == 2 * 3 * 3  # steps 0, 2, 4
+        assert stats["sparse_calls"] == 2 * 3 * STEPS and stats["density"] == pytest.approx(keep_count(0.25, 64) / 64)
+        if config_class is TopKConfig:  # steps 1 and 3 attend through step 0's and 2's masks (a head
+            assert not torch.equal(reused, every_call)  # classifier may choose as it did, and give the same)
+        _video(pipe)  # a new generation builds its own masks from its first step
+        assert acceleration.stats()["mask_builds"] == 2 * 2 * 3 * 3
+    with cadence.accelerate(pipe, config_class(density=0.25, block=16, dense_fraction=0, mask_every=STEPS)) as a:
+        _video(pipe)
+        assert a.stats()["mask_builds"] == 2 * 3  # the first step's masks serve the whole generation
+    assert torch.equal(_video(pipe), _video(pipe))  # removed: the model as it was
+
+
+def test_mask_every_is_refused_for_a_static_pattern():
+    with pytest.raises(ValueError, match="mask_every=2: sparse-window's mask depends only on the layout and is built "
+                                         "once; mask_every applies to the dynamic patterns"):
+        WindowConfig(mask_every=2)
+    with pytest.raises(ValueError, match="mask_every=0 must be >= 1"):
+        TopKConfig(mask_every=0)
+
+
 @pytest.mark.parametrize("backend", ["math", "flex"])
 def test_attention_backend_runs_the_chosen_backend(backend):
     pipe = tiny_pipe("video")

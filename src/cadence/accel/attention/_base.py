@@ -76,10 +76,15 @@ class SparseAttentionConfig(AttentionConfig):
     block: int = param(128, "tokens per block side", choices=BLOCK_SIZES)
     backend: str = param("auto", "sparse kernel: auto (triton for bf16/fp16 on a GPU, else reference), flex, triton, "
                                  "reference", choices=kernels.BACKENDS)
+    mask_every: int = param(1, "dynamic patterns: build each layer's block mask (per CFG branch) every N steps and "
+                               "reuse it in between; 1 = every call", low=1)
 
     def validate(self):
         self.require(self.backend != "triton" or kernels.triton_available(),
                      "backend='triton' needs the triton package; use 'flex' or 'auto'")
+        self.require(self.mask_every == 1 or not self.static,
+                     f"mask_every={self.mask_every}: {self.name}'s mask depends only on the layout and is built once; "
+                     "mask_every applies to the dynamic patterns (sparse-topk, sparse-svg, sparse-router)")
 
     def density_at(self, context: StepContext, layer: int) -> float | None:
         if layer < self.dense_layers:
@@ -236,8 +241,12 @@ class AttentionControl:
         self.layout: TokenLayout | None = None
         self.geometries: dict[TokenLayout, Geometry] = {}
         self.static_masks: dict[tuple, BlockSparse] = {}
+        # dynamic masks held for reuse (mask_every > 1): (layer, branch, layout, density, batch) -> (step, mask, choice)
+        self.held_masks: dict[tuple, tuple[int, BlockSparse, torch.Tensor | None]] = {}
+        self.mask_builds = 0
         self.context = attach_context(model)
         self.context.add_interceptor(self)
+        self.context.add_generation_listener(self.held_masks.clear)
         self.handle = min(set(range(len(_CONTROLS) + 1)) - set(_CONTROLS))
         _CONTROLS[self.handle] = self
         self.processors = [module.processor for module in modules]
@@ -288,7 +297,7 @@ class AttentionControl:
         query, key, value = (x.index_select(-2, order) for x in (query, key, value))
         if key_valid is not None:
             key_valid = key_valid.index_select(-1, order)
-        sparse, choice = self.block_sparse(geometry, density, query, key, scale)
+        sparse, choice = self.block_sparse(geometry, density, query, key, scale, layer)
         output = kernels.attend(query, key, value, sparse, scale, key_valid, config.backend)
 
         # Summed on the device and read in stats(): no host sync per attention call.
@@ -306,16 +315,24 @@ class AttentionControl:
             self.geometries[layout] = Geometry(layout, block)
         return self.geometries[layout]
 
-    def block_sparse(self, geometry, density, query, key, scale):
+    def block_sparse(self, geometry, density, query, key, scale, layer: int):
         config = self.config
         cache_key = (geometry.layout, density)
         if config.static and cache_key in self.static_masks:
             return self.static_masks[cache_key], None
+        step = self.context.step_index
+        held_key = (layer, self.context.branch, geometry.layout, density, query.shape[0])
+        held = self.held_masks.get(held_key) if config.mask_every > 1 else None
+        if held is not None and 0 <= step - held[0] < config.mask_every:
+            return held[1], held[2]
         tokens = min(geometry.pattern_blocks * geometry.block, geometry.layout.tokens)
         pattern, choice = config.pattern(geometry, density, query[..., :tokens, :], key[..., :tokens, :], scale)
         sparse = BlockSparse(geometry.full_mask(pattern.to(query.device)), geometry.block, geometry.layout.tokens)
+        self.mask_builds += 1
         if config.static:
             self.static_masks[cache_key] = sparse
+        elif config.mask_every > 1:
+            self.held_masks[held_key] = (step, sparse, choice)
         return sparse, choice
 
     def _warn(self, reason: str) -> None:
@@ -335,6 +352,7 @@ class AttentionControl:
             # steps, dense layers and text blocks included): the ideal attention speedup is
             # its inverse
             "attention_fraction": float(self.work_sum) / calls if calls else 1.0,
+            "mask_builds": self.mask_builds,
         }
         if self.choice_counts:
             stats["heads"] = {name: int(count) for name, count in self.choice_counts.items()}
@@ -344,6 +362,7 @@ class AttentionControl:
         for module, processor in zip(self.modules, self.processors):
             module.processor = processor
         self.context.remove_interceptor(self)
+        self.context.remove_generation_listener(self.held_masks.clear)
         detach_context(self.model)
         _CONTROLS.pop(self.handle, None)
 

@@ -92,6 +92,7 @@ class RouterConfig(SparseAttentionConfig):
                             low=0, high=1)
 
     def validate(self):
+        super().validate()
         names = self.names
         unknown = [name for name in names if name not in CANDIDATES]
         self.require(names and not unknown, f"candidates={self.candidates!r} names {', '.join(unknown) or 'nothing'}; "
