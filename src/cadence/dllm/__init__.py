@@ -1,9 +1,11 @@
 """Masked-diffusion language models: the decoding engine, its recipe terms and ref-dllm.
 
 Importing this package registers the dLLM recipe terms (``sequence`` level) with cadence's
-technique registry: decoding policies (policies.py) and KV caches (cache.py)."""
+technique registry: decoding policies (policies.py), Fast-dLLM's KV caches (cache.py), the
+refresh-rule caches dKV-Cache and Elastic-Cache (cache_refresh.py) and the feature caches
+dLLM-Cache and SPA-Cache (cache_features.py)."""
 
-from cadence.dllm import cache, policies  # noqa: F401  (each registers its terms)
+from cadence.dllm import cache, cache_features, cache_refresh, policies  # noqa: F401  (each registers its terms)
 from cadence.dllm.engine import Generation, decode_steps, generate
 from cadence.dllm.load import accelerate, load
 

@@ -73,7 +73,7 @@ class _Record:
         return key, value
 
 
-class _Splice:
+class Splice:
     """Between refreshes: the recorded keys with the active tokens' fresh ones in their place."""
 
     def __init__(self, record: _Record, start: int, end: int):
@@ -83,6 +83,18 @@ class _Splice:
         keys, values = self.record.keys[layer_idx], self.record.values[layer_idx]
         return (torch.cat((keys[:, :, :self.start], key, keys[:, :, self.end:]), dim=2),
                 torch.cat((values[:, :, :self.start], value, values[:, :, self.end:]), dim=2))
+
+
+def split_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, tuple]:
+    """A model call's ``input_ids`` (popped from ``kwargs`` or first of ``args``) and the other
+    positional arguments: a cache answers only a call of ids and keywords, no cache of its own."""
+    input_ids = kwargs.pop("input_ids", None) if "input_ids" in kwargs else (args[0] if args else None)
+    return input_ids, args[1:] if args and input_ids is args[0] else args
+
+
+def same_padding(mask: torch.Tensor | None, held: torch.Tensor | None) -> bool:
+    """Whether an attention (padding) mask is the one the cache was made under."""
+    return (mask is None) == (held is None) and (mask is None or torch.equal(mask, held))
 
 
 class KVCacheHook(ModelHook):
@@ -104,22 +116,30 @@ class KVCacheHook(ModelHook):
         return module
 
     def new_forward(self, module, *args, **kwargs):
-        input_ids = kwargs.pop("input_ids", None) if "input_ids" in kwargs else (args[0] if args else None)
-        args = args[1:] if args and input_ids is args[0] else args
+        input_ids, args = split_call(args, kwargs)
         if input_ids is None or args or kwargs.get("cache") is not None or kwargs.get("inputs_embeds") is not None:
             return self.fn_ref.original_forward(*args, input_ids=input_ids, **kwargs)
-        attention_mask, position_ids = kwargs.get("attention_mask"), kwargs.get("position_ids")
+        attention_mask = kwargs.get("attention_mask")
         window, key = self._window_and_key(input_ids, attention_mask)
         self.total_tokens += input_ids.numel()
         if self._must_refresh(input_ids, attention_mask, window, key):
             return self._refresh(input_ids, kwargs, key)
+        return self._cached_forward(input_ids, kwargs, window)
+
+    def _active(self, input_ids, window) -> tuple[int, int]:
+        """The canvas positions [start, end) a cached step recomputes."""
         if window is None:  # a pipeline's call: the active tokens run to the end of its input
             window = (self.pipeline_start, input_ids.shape[1])
-        start, end = window if self.config.reuse_suffix else (window[0], input_ids.shape[1])
+        return window if self.config.reuse_suffix else (window[0], input_ids.shape[1])
+
+    def _cached_forward(self, input_ids, kwargs, window):
+        """The original forward on the active tokens, their keys spliced into the recorded ones."""
+        start, end = self._active(input_ids, window)
+        position_ids = kwargs.get("position_ids")
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
         sliced = {**kwargs, "position_ids": position_ids[:, start:end]}
-        output = self.fn_ref.original_forward(input_ids=input_ids[:, start:end], cache=_Splice(self.record, start, end),
+        output = self.fn_ref.original_forward(input_ids=input_ids[:, start:end], cache=self._splice(start, end),
                                               **sliced)
         logits = self.logits.clone()  # (B, tokens, vocab): the refresh's rows outside [start, end)
         logits[:, start:end] = output.logits
@@ -135,18 +155,23 @@ class KVCacheHook(ModelHook):
             return plan.window, ("engine", plan.generation, plan.block_index, tuple(input_ids.shape))
         return None, ("pipeline", tuple(input_ids.shape))
 
-    def _must_refresh(self, input_ids, attention_mask, window, key) -> bool:
-        if self.record is None or key != self.key:
-            return True
+    def _expired(self, key) -> bool:
+        """Nothing recorded, recorded for another call, or refreshed ``refresh_every`` steps ago."""
         every = self.config.refresh_every
-        if every and self.steps_since_refresh + 1 >= every:
+        return self.record is None or key != self.key or bool(every and self.steps_since_refresh + 1 >= every)
+
+    def _must_refresh(self, input_ids, attention_mask, window, key) -> bool:
+        if self._expired(key):
             return True
         if key[0] == "pipeline":  # no engine: refresh when anything before the active tokens changed
             start = self.pipeline_start
-            same_mask = (attention_mask is None) == (self.attention_mask is None) and (
-                attention_mask is None or torch.equal(attention_mask, self.attention_mask))
+            same_mask = same_padding(attention_mask, self.attention_mask)
             return not (same_mask and torch.equal(input_ids[:, :start], self.input_ids[:, :start]))
         return False
+
+    def _splice(self, start: int, end: int):
+        """The cache object a cached step's attention calls (a subclass watches it)."""
+        return Splice(self.record, start, end)
 
     def _refresh(self, input_ids, kwargs, key):
         record = _Record()
@@ -171,8 +196,13 @@ class KVCacheHook(ModelHook):
 
 
 def apply(model, config: KVCacheConfig):
+    return apply_hook(model, config, KVCacheHook)
+
+
+def apply_hook(model, config: KVCacheConfig, hook_class: type[KVCacheHook]):
+    """Install ``hook_class`` (this module's hook or a subclass: cache_refresh.py) as the model's cache."""
     dllm_family_of(model)  # refuses a model whose attention does not take a transformers cache
-    hook = KVCacheHook(config, model)
+    hook = hook_class(config, model)
 
     def remove():
         HookRegistry.check_if_exists_or_initialize(model).remove_hook(HOOK, recurse=False)

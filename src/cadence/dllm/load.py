@@ -30,7 +30,8 @@ def accelerate(target, recipe):
     one as ``model`` (diffusers' ``LLaDA2Pipeline``). A pipeline decodes with its own scheduler
     (its ``threshold`` and ``block_length`` are that scheduler's arguments), so only a cache
     term accelerates it; a decoding-policy term is refused there rather than silently unused."""
-    from cadence.dllm import cache, policies  # noqa: F401  (register the terms)
+    from cadence.accel.registry import TECHNIQUES
+    from cadence.dllm import cache, cache_features, cache_refresh, policies  # noqa: F401  (register the terms)
     from cadence.recipe import accelerate as accelerate_model
     from cadence.recipe import as_recipe
 
@@ -43,7 +44,8 @@ def accelerate(target, recipe):
                         "holding it as `model` (diffusers' LLaDA2Pipeline)")
     foreign = [str(term) for term in recipe.techniques if getattr(term, "role", None) != "cache"]
     if foreign:
+        caches = [name for name, technique in TECHNIQUES.items() if getattr(technique.config, "role", None) == "cache"]
         raise ValueError(f"{type(target).__name__} decodes with its own scheduler, so {', '.join(foreign)} would do "
                          "nothing there: pass threshold= and block_length= to the pipeline call, and accelerate it "
-                         "with a cache (prefix-cache, dual-cache)")
+                         f"with a cache ({', '.join(caches)})")
     return accelerate_model(model, recipe)
