@@ -15,14 +15,28 @@ def test_every_registered_technique_but_the_peers_is_searched_at_its_level():
     techniques = load_builtin()
     assert set(space.choices) == set(LEVELS)
     for name, technique in techniques.items():
-        assert (name in space.choices[technique.config.level]) == (not is_peer(technique.config)), name
+        searched = name in space.choices[technique.config.level] or name in space.late
+        assert searched == (not is_peer(technique.config)), name
     assert all(names[0] == NONE for names in space.choices.values())
 
 
 def test_compile_is_left_out_on_the_cpu_with_the_reason_and_taken_when_asked():
     cpu = SearchSpace.from_registry(device="cpu")
-    assert "compile" not in cpu.choices["graph"] and any("compile" in note for note in cpu.notes)
-    assert "compile" in SearchSpace.from_registry(device="cpu", compile=True).choices["graph"]
+    assert "compile" not in cpu.late and any("compile" in note for note in cpu.notes)
+    assert SearchSpace.from_registry(device="cpu", compile=True).late == ("compile",)
+
+
+def test_compile_is_not_searched_but_added_to_the_confirmed_candidates():
+    space = SearchSpace.from_registry(device="cuda")
+    assert space.choices["graph"] == (NONE,) and space.late == ("compile",)
+    assert any("compile not searched" in note for note in space.notes) and "added at the confirmation" in space.describe()
+    assert space.with_late(Recipe.parse("magcache(budget=0.3)")) == Recipe.parse("magcache(budget=0.3) + compile")
+    assert space.with_late(Recipe.parse("magcache(budget=0.3) + compile")) is None and space.with_late(Recipe()) is None
+    shipped = Recipe.parse("magcache(budget=0.3) + compile + attention-backend(backend='sage')")
+    assert space.restrict(shipped) == shipped  # the held-out check compares with the whole shipped default
+    assert space.params_of(shipped)["graph"] == NONE
+    with pytest.raises(ValueError, match="compile alone is not searched"):
+        SearchSpace.from_registry(include=("compile",), device="cuda")
 
 
 def test_include_narrows_and_may_name_a_peer_exclude_removes():

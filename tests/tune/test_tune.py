@@ -66,6 +66,19 @@ def test_the_choice_is_confirmed_on_prompts_the_search_never_saw(found):
     assert "## Confirmation" in (out / "report.md").read_text()
 
 
+def test_compile_is_tried_on_the_confirmed_candidates_not_searched(pipe, tmp_path, monkeypatch):
+    from cadence.tune import space
+
+    monkeypatch.setattr(space, "LATE", {"compile": "compile(backend='aot_eager')"})  # traced, no code generated
+    result = tune(pipe, settings(tmp_path, compile=True, include=("fixed-interval", "compile"), trials=1))
+    assert all("compile" not in str(t.user_attrs.get("recipe", "")) for t in result.trials)
+    confirmed = {(entry["number"], entry["late_added"]): entry["recipe"] for entry in result.confirmations}
+    for (number, added), recipe in confirmed.items():
+        assert recipe.endswith("compile(backend='aot_eager')") == added
+        assert (number, not added) in confirmed  # each candidate confirmed with and without compile
+    assert str(result.recipe) in confirmed.values()
+
+
 def test_a_candidate_that_does_not_hold_on_the_confirmation_cases_is_not_chosen(pipe, tmp_path, monkeypatch):
     original = evaluate_module.Evaluator.run
     confirm = set()

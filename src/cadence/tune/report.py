@@ -128,10 +128,11 @@ def _report(result, settings, measures, rows, load_before) -> str:
     if result.recipe is not None:
         best = result.best
         confirmed = best["confirmation"]
-        lines += ["## Chosen", "", (f"`{result.recipe}` (trial {best['number']}): {1 / best['relative_time']:.2f}x "
-                                    f"speedup and {_fmt_quality(best.get('quality'))} on the tuning cases; "
-                                    f"{confirmed['speedup']:.2f}x and {_fmt_quality(confirmed['quality'])} on the "
-                                    "confirmation cases"), ""]
+        added = f", with {', '.join(result.space.late)} added at the confirmation" if best.get("late_added") else ""
+        lines += ["## Chosen", "", (f"`{result.recipe}` (trial {best['number']}{added}): {1 / best['relative_time']:.2f}x "
+                                    f"speedup and {_fmt_quality(best.get('quality'))} on the tuning cases"
+                                    f"{' (without it)' if added else ''}; {confirmed['speedup']:.2f}x and "
+                                    f"{_fmt_quality(confirmed['quality'])} on the confirmation cases"), ""]
     else:
         lines += ["## No candidate held on the confirmation cases" if result.confirmations else
                   "## No candidate met the bar", ""]

@@ -170,7 +170,8 @@ class _Run:
         if default is not None and not study.trials:
             # the first candidates: the shipped default, then each of its techniques alone (which
             # of them costs the fidelity), before the sampler's own exploration
-            for start in [default] + [Recipe([t]) for t in default.techniques] * (len(default.techniques) > 1):
+            parts = [Recipe([t]) for t in default.techniques if t.name not in self.space.late]
+            for start in [default] + parts * (len(parts) > 1):
                 study.enqueue_trial(self.space.params_of(start))
         searching = self.remaining() - self.reserve()
         if searching > 0 and (self.settings.trials is None or self.settings.trials > _finished(study)):
@@ -215,7 +216,7 @@ class _Run:
         """Seconds kept after the search: one round of confirmation (per case the baseline and
         ``CONFIRMED_AT_ONCE`` candidates, each faster than the baseline) and the held-out check
         (per case the baseline and two recipes, the tuned one and the shipped default)."""
-        confirming = (1 + CONFIRMED_AT_ONCE) * len(self.split.confirm_cases)
+        confirming = (1 + CONFIRMED_AT_ONCE * (1 + len(self.space.late))) * len(self.split.confirm_cases)
         return self.baseline_seconds * (confirming + 2 * len(self.split.check_cases))
 
     def stop_when_out_of_time(self, study: optuna.Study, trial) -> None:
@@ -354,20 +355,28 @@ class _Run:
         cases = self.split.confirm_cases
         for start in range(0, len(ranked), CONFIRMED_AT_ONCE):
             batch = ranked[start:start + CONFIRMED_AT_ONCE]
-            needed = self.baseline_seconds * ((1 + len(batch)) * len(cases) + 2 * len(self.split.check_cases))
+            trials = {trial.number: trial for trial in batch}
+            recipes = {}  # (trial number, with the late techniques added) -> recipe
+            for trial in batch:
+                recipe = Recipe.parse(trial.user_attrs["recipe"])
+                recipes[trial.number, False] = recipe
+                late = self.space.with_late(recipe)
+                if late is not None:
+                    recipes[trial.number, True] = late
+            needed = self.baseline_seconds * ((1 + len(recipes)) * len(cases) + 2 * len(self.split.check_cases))
             if start and self.remaining() < needed:
                 self.notes.append(f"time ran out after confirming {start} of the {len(ranked)} candidates that met the "
                                   "bars on the tuning cases")
                 break
-            found = compare(self.evaluator, self.measures, cases,
-                            {trial.number: Recipe.parse(trial.user_attrs["recipe"]) for trial in batch})
-            for trial in batch:
-                self.confirmations.append({"number": trial.number, "search_speedup": 1 / trial.value,
-                                           "search_quality": trial.user_attrs["quality"], **found[trial.number]})
-            held = [t for t in batch if holds(self.measures, found[t.number])]
+            found = compare(self.evaluator, self.measures, cases, recipes)
+            for (number, added), entry in found.items():
+                self.confirmations.append({"number": number, "late_added": added, "search_speedup": 1 / trials[
+                    number].value, "search_quality": trials[number].user_attrs["quality"], **entry})
+            held = [(key, entry) for key, entry in found.items() if holds(self.measures, entry)]
             if held:
-                chosen = max(held, key=lambda t: found[t.number]["speedup"])
-                return {"number": chosen.number, **chosen.user_attrs, "confirmation": found[chosen.number]}, True
+                (number, added), entry = max(held, key=lambda item: item[1]["speedup"])
+                return {"number": number, **trials[number].user_attrs, "recipe": entry["recipe"], "late_added": added,
+                        "confirmation": entry}, True
         return self.nearest(study), False
 
     def nearest(self, study: optuna.Study) -> dict:

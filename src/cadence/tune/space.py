@@ -8,7 +8,11 @@ range its ``param`` declares, every other parameter stays at its default:
   of the block work, so policies are compared at equal cost) and ``cfg_reuse``;
 - token: the attention pattern and its ``density``, or a dense backend's ``backend``;
 - bit: the precision (each quantization technique at its defaults);
-- graph: ``compile`` or not.
+- graph: nothing searched. ``compile`` changes how fast a recipe runs, not what it computes
+  (one bf16 rounding step at most), so the search would pay its warm-up (15-20 s a new
+  candidate on the H200, inductor tracing the blocks with new hooks) for no information on
+  quality: it is held back as a *late* technique, which the confirmation tries on the
+  fastest candidates (``late``).
 
 Peers (techniques registered from a ``peers`` module: diffusers' and torchao's own hooks,
 kept for the bench's comparisons) are left out unless named in ``include``.
@@ -32,6 +36,11 @@ CUDA_ONLY_BACKENDS = ("cudnn", "flash", "efficient")
 # Why compile is left out on the CPU unless asked for (--compile).
 CPU_COMPILE_REASON = ("compile is left out on the CPU by default: inductor compiles each block class to C++ on the "
                       "first call, a warm-up paid again by every candidate that holds it; --compile includes it")
+# Techniques that do not change a recipe's output, only its speed: not searched, added to the
+# fastest candidates at the confirmation (name -> the recipe term added).
+LATE = {"compile": "compile"}
+LATE_REASON = ("{names} not searched (no change to the output, a warm-up per candidate): the fastest candidates are "
+               "confirmed with and without it")
 
 
 def is_peer(config: type[TechniqueConfig]) -> bool:
@@ -52,6 +61,7 @@ class SearchSpace:
     choices: dict[str, tuple[str, ...]]
     device: str = "cpu"
     notes: tuple[str, ...] = field(default_factory=tuple)
+    late: tuple[str, ...] = ()  # LATE's names this search adds at the confirmation
 
     @classmethod
     def from_registry(cls, include: tuple[str, ...] = (), exclude: tuple[str, ...] = (), device: str = "cpu",
@@ -72,9 +82,20 @@ class SearchSpace:
                            and (name in include if include else not is_peer(technique.config))
                            and name not in exclude)
             choices[level] = (NONE, *names)
+        late = tuple(name for names in choices.values() for name in names if name in LATE)
+        choices = {level: tuple(name for name in names if name not in late) for level, names in choices.items()}
+        if late:
+            notes.append(LATE_REASON.format(names=", ".join(late)))
         if all(len(names) == 1 for names in choices.values()):
-            raise ValueError("the search space is empty: --include/--exclude leave no technique to try")
-        return cls(choices, device, tuple(notes))
+            raise ValueError("the search space is empty: --include/--exclude leave no technique to try"
+                             + (f" ({', '.join(late)} alone is not searched: it is added to the fastest candidates)"
+                                if late else ""))
+        return cls(choices, device, tuple(notes), late)
+
+    def with_late(self, recipe: Recipe) -> Recipe | None:
+        """``recipe`` with the late techniques it lacks added, or None when it has them all."""
+        missing = [LATE[name] for name in self.late if name not in {t.name for t in recipe.techniques}]
+        return Recipe.parse(" + ".join([str(recipe), *missing])) if missing and recipe else None
 
     def suggest(self, trial) -> Recipe:
         """One candidate from an Optuna trial (define-by-run: a knob exists only when its technique is chosen)."""
@@ -122,10 +143,12 @@ class SearchSpace:
     def restrict(self, recipe: Recipe) -> Recipe:
         """``recipe`` without the techniques this space leaves out (the shipped default as this
         search could have found it, e.g. without compile on the CPU)."""
-        return Recipe(t for t in recipe.techniques if t.name in self.choices.get(t.level, ()))
+        return Recipe(t for t in recipe.techniques if t.name in self.choices.get(t.level, ()) or t.name in self.late)
 
     def describe(self) -> str:
         lines = [f"- {level}: {', '.join(names)}" for level, names in self.choices.items()]
+        if self.late:
+            lines.append(f"- added at the confirmation: {', '.join(self.late)}")
         knobs = ", ".join(f"{knob} in [{low}, {high}] by {KNOB_STEP}" for knob, (low, high) in KNOB_RANGE.items())
         return "\n".join(lines + [f"- knobs: {knobs}; cfg_reuse true/false; a dense backend's backend"])
 
