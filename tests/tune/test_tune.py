@@ -70,7 +70,7 @@ def test_compile_is_tried_on_the_confirmed_candidates_not_searched(pipe, tmp_pat
     from cadence.tune import space
 
     monkeypatch.setattr(space, "LATE", {"compile": "compile(backend='aot_eager')"})  # traced, no code generated
-    result = tune(pipe, settings(tmp_path, compile=True, include=("fixed-interval", "compile"), trials=1))
+    result = tune(pipe, settings(tmp_path, compile=True, include=("fixed-interval", "compile")))
     assert all("compile" not in str(t.user_attrs.get("recipe", "")) for t in result.trials)
     confirmed = {(entry["number"], entry["late_added"]): entry["recipe"] for entry in result.confirmations}
     for (number, added), recipe in confirmed.items():
