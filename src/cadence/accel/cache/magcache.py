@@ -13,12 +13,28 @@ The first ``retention_ratio`` of the steps always compute (the layout forms ther
 budget mode the distance is infinite on them, so that the pacer spends its slots there
 first, but on no more than half the budget: the curve alone paces almost evenly, and on
 ref-video that cost budget mode about 11 dB (benchmarks/RESULTS.md, "Default thresholds").
+
+``forecast`` (0, 1, 2) keeps MagCache's schedule but, on a reused step, forecasts the
+residual instead of reusing the last one: Newton's divided-difference polynomial through
+the last ``forecast + 1`` computed residuals of the branch, evaluated at the current step
+(TaylorSeer, Liu et al. 2025, "From Reusing to Forecasting"; ``taylorseer.forecast``).
+0 is MagCache as published, bit for bit. Where this differs from TaylorSeer: the paper
+forecasts every layer's features and computes on a fixed interval; here one residual, the
+whole span's, is forecast (the engine's unit of reuse), and the computed steps are
+MagCache's, unevenly spaced (consecutive in the retained first steps, 3-5 apart after),
+which divided differences handle exactly. Until the branch has ``forecast + 1`` computed
+residuals the forecast uses those it has (one = plain reuse). A difference TaylorSeer does
+not need, on its even interval: the forecast goes no further past the last computed step
+than its points span (beyond, it holds the value there), since a slope measured over the
+consecutive retained steps and carried across the long gaps after them overshoots. Order
+2 lost badly on ref-video (measured before that limit): its second difference is amplified
+about gap-squared times (benchmarks/RESULTS.md, "Forecasting on MagCache's schedule").
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,6 +42,7 @@ import torch
 from cadence.accel import calibration
 from cadence.accel.cache import traces as recording
 from cadence.accel.cache._base import Policy, StepPolicyConfig, install
+from cadence.accel.cache.taylorseer import forecast as newton_forecast
 from cadence.accel.registry import Calibration, Handle, param, register
 from cadence.models import find_transformer
 
@@ -48,6 +65,15 @@ class MagCacheConfig(StepPolicyConfig):
                                    low=0, high=1, high_open=True)
     calibration: str = param("", "calibration file; '' = calibration/magcache.json beside the model (cadence "
                                  "calibrate)")
+    forecast: int = param(0, "on reused steps, forecast the residual from the last N+1 computed ones "
+                             "(Newton order N; 0 = reuse the last one, as MagCache)", choices=(0, 1, 2))
+
+
+@dataclass
+class _History:
+    """The branch's last ``forecast + 1`` computed residuals: (step, residual, encoder residual)."""
+
+    points: list[tuple[int, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
 
 
 class MagCache(Policy):
@@ -90,6 +116,28 @@ class MagCache(Policy):
 
     def must_compute(self, state, probe, since):
         return since > self.config.max_skip or probe.context.step_index < self.retained(probe.context.num_steps)
+
+    def new_state(self):
+        return _History() if self.config.forecast else None
+
+    def computed(self, state, probe, residual, encoder_residual):
+        if state is not None:
+            state.points.append((probe.context.step_index, residual, encoder_residual))
+            del state.points[: -(self.config.forecast + 1)]
+
+    def reuse(self, state, probe, residual, encoder_residual, since):
+        if state is None or len(state.points) < 2 or any(r.shape != residual.shape for _, r, _ in state.points):
+            return residual, encoder_residual
+        first, last = state.points[0][0], state.points[-1][0]
+        # Extrapolate no further past the last point than the points span, and hold the value
+        # there: a slope taken over the consecutive retained steps and carried across the long
+        # gaps after them overshoots (horizons of 0.5, 1 and 2 spans did about equally on the
+        # training captions, each better than no limit).
+        step = min(probe.context.step_index, last + (last - first))
+        hidden = newton_forecast([(t, r) for t, r, _ in state.points], step)
+        if encoder_residual is not None and all(e is not None for _, _, e in state.points):
+            encoder_residual = newton_forecast([(t, e) for t, _, e in state.points], step)
+        return hidden, encoder_residual
 
 
 def fit(traces: list[recording.Trace]) -> dict:
