@@ -62,6 +62,9 @@ def test_suggested_candidates_are_valid_recipes_and_known_ones_map_back():
     shipped = Recipe.parse("magcache(budget=0.3) + attention-backend(backend='sage')")
     recipe = space.suggest(optuna.trial.FixedTrial(space.params_of(shipped)))
     assert recipe == shipped
+    forecasting = Recipe.parse("magcache(budget=0.25, forecast=1)")
+    assert space.suggest(optuna.trial.FixedTrial(space.params_of(forecasting))) == forecasting
+    assert features(forecasting)["forecast"] == 1.0 and "forecast" not in features(shipped)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(20):
         recipe = space.suggest(study.ask())

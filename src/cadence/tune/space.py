@@ -5,7 +5,8 @@ choice among its techniques, or none; a chosen technique's cost knob is searched
 range its ``param`` declares, every other parameter stays at its default:
 
 - step: the policy and its ``budget`` (budget mode: every policy spends at most that share
-  of the block work, so policies are compared at equal cost) and ``cfg_reuse``;
+  of the block work, so policies are compared at equal cost), ``cfg_reuse``, and MagCache's
+  ``forecast`` (0 or 1: order 2 overshoots on MagCache's gaps, benchmarks/RESULTS.md);
 - token: the attention pattern and its ``density``, or a dense backend's ``backend``;
 - bit: the precision (each quantization technique at its defaults);
 - graph: nothing searched. ``compile`` changes how fast a recipe runs, not what it computes
@@ -30,7 +31,8 @@ NONE = "none"
 # The part of a cost knob's declared range that is searched: at 1 nothing is removed, and
 # under 0.1 the always-computed warm-up steps and dense steps already exceed the budget.
 KNOB_RANGE = {"budget": (0.1, 0.9), "density": (0.1, 0.9)}
-KNOB_STEP = 0.05  # a grid, so that a resumed or repeated candidate is recognised as the same one
+KNOB_STEP = 0.05
+FORECASTS = (0, 1)  # MagCache's forecast orders searched  # a grid, so that a resumed or repeated candidate is recognised as the same one
 # SDPA backends that only exist on CUDA: on the CPU they fail or fall back to the default.
 CUDA_ONLY_BACKENDS = ("cudnn", "flash", "efficient")
 # Why compile is left out on the CPU unless asked for (--compile).
@@ -117,6 +119,8 @@ class SearchSpace:
                 params[knob] = round(trial.suggest_float(knob, low, high, step=KNOB_STEP), 2)
         if "cfg_reuse" in fields and _accepts(config, {**params, "cfg_reuse": True}):
             params["cfg_reuse"] = trial.suggest_categorical("cfg_reuse", (False, True))
+        if "forecast" in fields:
+            params["forecast"] = trial.suggest_categorical("forecast", FORECASTS)
         if config.level == "token" and "density" not in fields and fields.get("backend") is not None:
             backends = [b for b in fields["backend"].metadata["choices"]
                         if self.device.startswith("cuda") or b not in CUDA_ONLY_BACKENDS]
@@ -136,6 +140,8 @@ class SearchSpace:
                     params[knob] = getattr(config, knob)
             if hasattr(config, "cfg_reuse"):
                 params["cfg_reuse"] = config.cfg_reuse
+            if getattr(config, "forecast", None) in FORECASTS:
+                params["forecast"] = config.forecast
             if config.level == "token" and not hasattr(config, "density"):
                 params["backend"] = config.backend
         return params
@@ -150,7 +156,8 @@ class SearchSpace:
         if self.late:
             lines.append(f"- added at the confirmation: {', '.join(self.late)}")
         knobs = ", ".join(f"{knob} in [{low}, {high}] by {KNOB_STEP}" for knob, (low, high) in KNOB_RANGE.items())
-        return "\n".join(lines + [f"- knobs: {knobs}; cfg_reuse true/false; a dense backend's backend"])
+        knobs += "; cfg_reuse true/false; MagCache's forecast 0/1; a dense backend's backend"
+        return "\n".join([*lines, f"- knobs: {knobs}"])
 
 
 def features(recipe: Recipe) -> dict[str, float]:
@@ -166,6 +173,8 @@ def features(recipe: Recipe) -> dict[str, float]:
                 found[f"log_{knob}"] = math.log(value)
         if getattr(config, "cfg_reuse", False):
             found["cfg_reuse"] = 1.0
+        if getattr(config, "forecast", 0):
+            found["forecast"] = 1.0
     return found
 
 
