@@ -85,11 +85,14 @@ class Splice:
                 torch.cat((values[:, :, :self.start], value, values[:, :, self.end:]), dim=2))
 
 
-def split_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, tuple]:
-    """A model call's ``input_ids`` (popped from ``kwargs`` or first of ``args``) and the other
-    positional arguments: a cache answers only a call of ids and keywords, no cache of its own."""
+def split_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, tuple, bool]:
+    """A model call's ``input_ids`` (popped from ``kwargs`` or first of ``args``), the other
+    positional arguments, and whether a cache answers it: ids and keywords only, no cache of
+    its own, no embeddings."""
     input_ids = kwargs.pop("input_ids", None) if "input_ids" in kwargs else (args[0] if args else None)
-    return input_ids, args[1:] if args and input_ids is args[0] else args
+    args = args[1:] if args and input_ids is args[0] else args
+    cached = input_ids is not None and not args and kwargs.get("cache") is None and kwargs.get("inputs_embeds") is None
+    return input_ids, args, cached
 
 
 def same_padding(mask: torch.Tensor | None, held: torch.Tensor | None) -> bool:
@@ -116,8 +119,8 @@ class KVCacheHook(ModelHook):
         return module
 
     def new_forward(self, module, *args, **kwargs):
-        input_ids, args = split_call(args, kwargs)
-        if input_ids is None or args or kwargs.get("cache") is not None or kwargs.get("inputs_embeds") is not None:
+        input_ids, args, cached = split_call(args, kwargs)
+        if not cached:
             return self.fn_ref.original_forward(*args, input_ids=input_ids, **kwargs)
         attention_mask = kwargs.get("attention_mask")
         window, key = self._window_and_key(input_ids, attention_mask)

@@ -201,8 +201,8 @@ class FeatureCacheHook(ModelHook):
     # --- the model's forward: which rows this step recomputes
 
     def new_forward(self, module, *args, **kwargs):
-        input_ids, args = split_call(args, kwargs)
-        if input_ids is None or args or kwargs.get("cache") is not None or kwargs.get("inputs_embeds") is not None:
+        input_ids, args, cached = split_call(args, kwargs)
+        if not cached:
             return self.fn_ref.original_forward(*args, input_ids=input_ids, **kwargs)
         attention_mask = kwargs.get("attention_mask")
         plan = plan_of(self.model)
