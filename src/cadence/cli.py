@@ -96,10 +96,20 @@ DLLM = "ref-dllm"
 
 
 def _is_dllm(model: str) -> bool:
-    """ref-dllm, or a transformers checkpoint directory (config.json, no diffusers model_index.json):
-    decoded by ``cadence dllm``, to which ``generate`` and ``bench`` hand it."""
+    """ref-dllm, or a transformers checkpoint directory (a config.json that no diffusers class
+    wrote, no model_index.json): decoded by ``cadence dllm``, to which ``generate`` and
+    ``bench`` hand it."""
+    import json
+
     folder = Path(model)
-    return model == DLLM or ((folder / "config.json").is_file() and not (folder / "model_index.json").is_file())
+    if model == DLLM:
+        return True
+    if not (folder / "config.json").is_file() or (folder / "model_index.json").is_file():
+        return False
+    try:
+        return "_class_name" not in json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def _dllm_options(ctx: click.Context, takes: tuple[str, ...]) -> None:
@@ -111,6 +121,13 @@ def _dllm_options(ctx: click.Context, takes: tuple[str, ...]) -> None:
         valid = ", ".join(flag[name] for name in takes)
         _fail(ValueError(f"{', '.join(given)}: not an option for a diffusion LM ({ctx.params['model']}); it takes "
                          f"{valid}"))
+
+
+def _video_options(ctx: click.Context) -> None:
+    """Refuse --gen-length given for a diffusion transformer (it is a diffusion LM's option)."""
+    if ctx.get_parameter_source("gen_length") == click.core.ParameterSource.COMMANDLINE:
+        _fail(ValueError(f"--gen-length: an option for diffusion LMs (ref-dllm); {ctx.params['model']} generates "
+                         "videos or images: use --steps, --height, --width, --frames"))
 
 
 def _check_size(model: str, height, width, frames) -> None:
@@ -202,7 +219,8 @@ def main():
 def generate(ctx, model, prompt, recipe, steps, guidance_scale, seed, height, width, frames, out, device, parallel,
              gen_length):
     """Generate one video (or image) from a prompt, optionally accelerated; with a diffusion
-    LM (ref-dllm), stream the text as it is decoded (as `cadence dllm generate`)."""
+    LM (ref-dllm), stream the text as it is decoded (`cadence dllm generate`, but --recipe's
+    default, baseline, is plain decoding here, as it is the unaccelerated model for videos)."""
     if _is_dllm(model):
         from cadence.dllm.cli import generate as dllm_generate
 
@@ -210,6 +228,7 @@ def generate(ctx, model, prompt, recipe, steps, guidance_scale, seed, height, wi
         # --recipe's default, baseline, is plain decoding: one token a step, no cache
         ctx.invoke(dllm_generate, model=model, prompt=prompt, recipe=recipe, gen_length=gen_length, device=device)
         return
+    _video_options(ctx)
     _quiet()
     import cadence
     from cadence import generation
@@ -305,6 +324,7 @@ def bench(ctx, model, recipes, prompts, limit, seeds, steps, guidance_scale, hei
         ctx.invoke(dllm_bench, model=model, recipes=recipes, peers=True, tasks=None, prompts=limit,
                    gen_length=gen_length, batch_size=1, device=device, out=out)
         return
+    _video_options(ctx)
     if not recipes:
         _fail(ValueError("--recipe is required (repeatable): a recipe string such as 'magcache(budget=0.3)' or a "
                          ".toml file; `cadence recipes` lists the techniques"))

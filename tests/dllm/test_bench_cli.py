@@ -73,3 +73,13 @@ def test_the_main_generate_and_bench_hand_a_diffusion_lm_to_cadence_dllm(checkpo
     assert short.exit_code != 0 and "block_length=32 does not divide gen_length=16; use gen_length 32," in short.output
     refused = runner.invoke(main, ["bench", "--model", str(checkpoint), "--seeds", "3"])
     assert refused.exit_code != 0 and "--seeds: not an option for a diffusion LM" in refused.output
+
+
+def test_a_diffusers_folder_is_no_diffusion_lm_and_gen_length_is_refused_for_videos(checkpoint, tmp_path):
+    from cadence.cli import _is_dllm, main
+
+    (tmp_path / "config.json").write_text('{"_class_name": "WanTransformer3DModel"}')  # a diffusers transformer folder
+    assert not _is_dllm(str(tmp_path)) and _is_dllm(str(checkpoint)) and _is_dllm("ref-dllm")
+    refused = CliRunner().invoke(main, ["generate", "--model", "ref-video", "--prompt", "a red square", "--gen-length",
+                                        "64"])
+    assert refused.exit_code != 0 and "--gen-length: an option for diffusion LMs" in refused.output

@@ -113,7 +113,7 @@ def bench(model, recipes, peers, tasks, prompts, gen_length, batch_size, device,
     except ValueError as error:
         raise click.ClickException(str(error)) from None
     if out is not None:
-        meta = {"command": "cadence dllm bench " + shlex.join(sys.argv[3:]), "device": str(
+        meta = {"command": shlex.join(["cadence", *sys.argv[1:]]), "device": str(
             torch.cuda.get_device_name() if device.startswith("cuda") else "CPU"), "torch": torch.__version__}
         write_report(rows, out, meta)
         click.echo(f"wrote {out}/table.md, rows.json, frontier.png")

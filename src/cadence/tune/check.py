@@ -49,7 +49,9 @@ def held_out_check(evaluator: Evaluator, measures: list[quality.Measure], cases:
     """The chosen recipe, beside the family's shipped default, on cases (prompts and seeds)
     that no candidate was scored or chosen on."""
     recipes = {"tuned": tuned}
-    if default is not None:
+    if default is not None and str(default) == str(tuned):
+        notes.append("the tuned recipe is the shipped default: the held-out check runs it once")
+    elif default is not None:
         try:
             recipes["shipped default"] = evaluator.prepare(default)
         except FAILURES as error:

@@ -44,7 +44,8 @@ def _names(value: str) -> tuple[str, ...]:
 @click.option("--include", default="", help="comma-separated techniques: search only these (peers may be named)")
 @click.option("--exclude", default="", help="comma-separated techniques to leave out")
 @click.option("--compile/--no-compile", "compile_blocks", default=None,
-              help="search compile too (default: on CUDA only; on the CPU its warm-up is paid per candidate)")
+              help="try compile on the fastest candidates at the confirmation (default: on CUDA only; it is never "
+                   "searched: it changes speed, not the output)")
 @click.option("--embeddings", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="precomputed prompt embeddings (reference models, a machine without their text encoder): the "
                    "tuning, confirmation, check and calibration prompts (benchmarks/README.md says how to make them)")

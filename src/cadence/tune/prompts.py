@@ -16,10 +16,13 @@ of these.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from cadence.reference import data
+
+SPLIT_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,10 @@ def split_prompts(source: str | list[str], *, video: bool, tuning: int, check: i
     if not isinstance(confirm, int) or confirm < 0:
         raise ValueError(f"confirmation prompts={confirm!r} must be an integer >= 0")
     if source == "heldout":
+        # shuffled (fixed seed): the held-out list opens with four single-object demo clips, and
+        # tuning on them alone would score every candidate on easier prompts than it is checked on
         prompts = data.heldout_prompts(tuning + confirm + check, video=video)
+        random.Random(SPLIT_SEED).shuffle(prompts)
         tuned, confirmed, checked = prompts[:tuning], prompts[tuning:tuning + confirm], prompts[tuning + confirm:]
     else:
         prompts = _read(source)

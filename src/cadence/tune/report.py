@@ -137,7 +137,8 @@ def _report(result, settings, measures, rows, load_before) -> str:
         lines += ["## No candidate held on the confirmation cases" if result.confirmations else
                   "## No candidate met the bar", ""]
         if result.best and result.best.get("quality"):
-            lines += [f"Nearest: `{result.best['recipe']}`, {_fmt_quality(result.best['quality'])}", ""]
+            where = " on the confirmation cases" if result.best.get("confirmed") else ""
+            lines += [f"Nearest: `{result.best['recipe']}`, {_fmt_quality(result.best['quality'])}{where}", ""]
     if result.confirmations:
         header = "| trial | recipe | search: speedup | search: quality | confirmed: speedup | confirmed: quality | holds |"
         lines += ["## Confirmation (the fastest candidates meeting the bars, run again on cases the search never saw)",

@@ -49,19 +49,21 @@ from cadence.tune.cost import CostModel
 from cadence.tune.evaluate import FAILURES, Evaluator, TooSlow
 from cadence.tune.prompts import PromptSplit, split_prompts
 from cadence.tune.settings import TuneSettings, duration
-from cadence.tune.space import SearchSpace, features
+from cadence.tune.space import LATE, SearchSpace, features
 
 STUDY = "cadence-tune"
 # A candidate whose median time per case is this much longer than the best found's is
 # rejected: timings on a shared machine move by several per cent between identical runs.
 SLOW_MARGIN = 0.25
-# One generation is stopped only past this multiple of the best found's time: single cases
-# jitter more than medians (on the H200, ref-video's 1 s generations are bound by the CPU's
-# kernel launches, and one case in ten took up to twice its neighbours' time).
+# One generation is stopped only past this multiple of the best found's time (before any
+# candidate meets the bar, of the baseline's: no acceleration on this device, and a measured
+# miss still teaches the sampler). Single cases jitter more than medians: on the H200,
+# ref-video's 1-s generations are bound by the CPU's kernel launches, and one case in ten
+# took up to twice its neighbours' time.
 STOP_FACTOR = 2.0
-# Before any candidate meets the bar, one is stopped only past this multiple of the baseline's
-# time: it is then no acceleration on this device, and a measured miss still teaches the sampler.
-NO_BEST_LIMIT = 2.0
+# The median over this many cases (or all of them, when fewer) before a candidate is rejected
+# for its time: one slow first case must not reject it for good.
+TIMED_CASES = 3
 # Random candidates before the sampler models the space: few, since on a CPU a candidate can
 # cost minutes and the shipped default's parts are tried first anyway.
 STARTUP_TRIALS = 3
@@ -125,6 +127,7 @@ class _Run:
         self.notes = list(space.notes)
         self.baseline_seconds = 0.0
         self.confirmations: list[dict] = []
+        self.late_warm_up = 0.0  # seconds of one compiled recipe's warm-up (measure_baselines)
         self.load_before = _load()
 
     def remaining(self) -> float:
@@ -205,19 +208,28 @@ class _Run:
             raise TuneRefused(
                 f"--time-budget {duration(self.settings.time_budget)} is too short for the baseline itself: one "
                 f"unaccelerated generation takes {self.baseline_seconds:.1f} s here, and the {missing} tuning "
-                f"baseline(s) still to make plus the confirmation and the held-out check ({len(self.split.confirm_cases)} "
-                f"and {len(self.split.check_cases)} cases, the baseline and the recipes each) need about {duration(needed)} more, {duration(spent)} being spent; give at least "
+                f"baseline(s) still to make plus the confirmation and the held-out check "
+                f"({len(self.split.confirm_cases)} and {len(self.split.check_cases)} cases, the baseline and the "
+                f"recipes each) need about {duration(needed)} more, {duration(spent)} being spent; give at least "
                 f"--time-budget {duration(spent + needed * 2)}, or fewer prompts, seeds or steps. The baseline timing "
                 f"and outputs made are kept in {self.settings.out}")
         for case in cases:
             self.evaluator.baseline(case)
+        if self.space.late:  # what a compiled recipe's warm-up costs here, for the reserve
+            begin = time.monotonic()
+            self.evaluator.warm_up(Recipe.parse(" + ".join(LATE[name] for name in self.space.late)), cases[0])
+            self.late_warm_up = time.monotonic() - begin
+            study.set_user_attr("late_warm_up_seconds", self.late_warm_up)
 
     def reserve(self) -> float:
         """Seconds kept after the search: one round of confirmation (per case the baseline and
-        ``CONFIRMED_AT_ONCE`` candidates, each faster than the baseline) and the held-out check
-        (per case the baseline and two recipes, the tuned one and the shipped default)."""
-        confirming = (1 + CONFIRMED_AT_ONCE * (1 + len(self.space.late))) * len(self.split.confirm_cases)
-        return self.baseline_seconds * (confirming + 2 * len(self.split.check_cases))
+        ``CONFIRMED_AT_ONCE`` candidates, twice that with the late techniques, each faster than
+        the baseline) and the held-out check (per case the baseline and two recipes, the tuned
+        one and the shipped default), with a measured warm-up for each compiled recipe."""
+        recipes = CONFIRMED_AT_ONCE * (2 if self.space.late else 1)
+        confirming = (1 + recipes) * len(self.split.confirm_cases)
+        warm_ups = self.late_warm_up * (CONFIRMED_AT_ONCE + 2)
+        return self.baseline_seconds * (confirming + 2 * len(self.split.check_cases)) + warm_ups
 
     def stop_when_out_of_time(self, study: optuna.Study, trial) -> None:
         durations = [t.duration.total_seconds() for t in study.trials if t.duration is not None]
@@ -264,7 +276,7 @@ class _Run:
             trial.set_user_attr("rejected", f"{type(error).__name__}: {error}")
             raise
         opening = self.baseline_seconds
-        limit = min(best * STOP_FACTOR, NO_BEST_LIMIT)
+        limit = best * STOP_FACTOR
         rows = []
         for index, case in enumerate(self.split.tuning_cases):
             left = self.remaining() - self.reserve()
@@ -282,7 +294,8 @@ class _Run:
             row["values"] = quality.evaluate(self.measures, row, case)
             rows.append(row)
             relative = self.record(trial, rows, opening, found)
-            if relative > best * (1 + SLOW_MARGIN):  # measured whole, and no faster than what it must beat
+            timed = len(rows) >= min(TIMED_CASES, len(self.split.tuning_cases))
+            if timed and relative > best * (1 + SLOW_MARGIN):  # no faster than what it must beat
                 self.cost.add(found, relative)
                 trial.set_user_attr("rejected", f"time: {relative:.2f}x the baseline's on the first {len(rows)} "
                                                 f"case(s), the time to beat is {best:.2f}x")
@@ -380,7 +393,13 @@ class _Run:
         return self.nearest(study), False
 
     def nearest(self, study: optuna.Study) -> dict:
-        """Of the measured candidates, the one nearest the bars (the complete ones first)."""
+        """The candidate nearest the bars: of the confirmed ones, by their confirmation; else of
+        the measured ones (the complete ones first)."""
+        confirmed = [c for c in self.confirmations if c["quality"] is not None]
+        if confirmed:
+            entry = min(confirmed, key=lambda c: max(m.bar - c["quality"][m.name] for m in self.measures))
+            return {"number": entry["number"], "recipe": entry["recipe"], "quality": entry["quality"],
+                    "relative_time": 1 / entry["speedup"], "confirmed": True}
         measured = [t for t in study.trials if "constraints" in t.user_attrs]
         if not measured:
             return {"recipe": str(Recipe()), "constraints": None}
@@ -391,9 +410,10 @@ class _Run:
     def unmet_message(self, best: dict, study: optuna.Study) -> str:
         bars = quality.bars(self.measures)
         if self.confirmations:
-            missed = "; ".join(f"{c['recipe']} ({quality.describe(self.measures, c['quality'])})" if c["quality"] else
-                               f"{c['recipe']} (failed: {c['failed']})" for c in self.confirmations)
-            return (f"{len(self.confirmations)} candidate(s) met {bars} on the tuning cases, but none held on the "
+            missed = "; ".join(f"{c['recipe']} ({quality.describe(self.measures, c['quality'])}, {c['speedup']:.2f}x)"
+                               if c["quality"] else f"{c['recipe']} (failed: {c['failed']})" for c in self.confirmations)
+            candidates = len({c["number"] for c in self.confirmations})
+            return (f"{candidates} candidate(s) met {bars} on the tuning cases, but none held on the "
                     f"{len(self.split.confirm_cases)} confirmation cases: {missed}; everything measured is in "
                     f"{self.settings.out}/report.md and study.db")
         if best.get("constraints") is None:
@@ -402,6 +422,7 @@ class _Run:
         return (f"no candidate meets {bars} after {len(study.trials)} trial(s); the best found is {best['recipe']} "
                 f"with {quality.describe(self.measures, best['quality'])} at {best['relative_time']:.2f}x the "
                 f"baseline's time; everything measured is in {self.settings.out}/report.md and study.db")
+
 
 def _finished(study: optuna.Study) -> int:
     return sum(t.state.is_finished() for t in study.trials)

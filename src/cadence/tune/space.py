@@ -6,7 +6,7 @@ range its ``param`` declares, every other parameter stays at its default:
 
 - step: the policy and its ``budget`` (budget mode: every policy spends at most that share
   of the block work, so policies are compared at equal cost), ``cfg_reuse``, and MagCache's
-  ``forecast`` (0 or 1: order 2 overshoots on MagCache's gaps, benchmarks/RESULTS.md);
+  ``forecast`` (0 or 1, ``FORECASTS``);
 - token: the attention pattern and its ``density``, or a dense backend's ``backend``;
 - bit: the precision (each quantization technique at its defaults);
 - graph: nothing searched. ``compile`` changes how fast a recipe runs, not what it computes
@@ -31,13 +31,16 @@ NONE = "none"
 # The part of a cost knob's declared range that is searched: at 1 nothing is removed, and
 # under 0.1 the always-computed warm-up steps and dense steps already exceed the budget.
 KNOB_RANGE = {"budget": (0.1, 0.9), "density": (0.1, 0.9)}
-KNOB_STEP = 0.05
-FORECASTS = (0, 1)  # MagCache's forecast orders searched  # a grid, so that a resumed or repeated candidate is recognised as the same one
+KNOB_STEP = 0.05  # a grid, so that a resumed or repeated candidate is recognised as the same one
+# MagCache's forecast orders searched: order 2 lost badly before its horizon limit, and is not
+# measured with it (benchmarks/RESULTS.md, "Forecasting on MagCache's schedule").
+FORECASTS = (0, 1)
 # SDPA backends that only exist on CUDA: on the CPU they fail or fall back to the default.
 CUDA_ONLY_BACKENDS = ("cudnn", "flash", "efficient")
 # Why compile is left out on the CPU unless asked for (--compile).
 CPU_COMPILE_REASON = ("compile is left out on the CPU by default: inductor compiles each block class to C++ on the "
-                      "first call, a warm-up paid again by every candidate that holds it; --compile includes it")
+                      "first call, a warm-up paid again by every candidate that holds it; --compile adds it to the "
+                      "fastest candidates at the confirmation")
 # Techniques that do not change a recipe's output, only its speed: not searched, added to the
 # fastest candidates at the confirmation (name -> the recipe term added).
 LATE = {"compile": "compile"}
