@@ -34,7 +34,7 @@ about gap-squared times (benchmarks/RESULTS.md, "Forecasting on MagCache's sched
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,7 +42,7 @@ import torch
 from cadence.accel import calibration
 from cadence.accel.cache import traces as recording
 from cadence.accel.cache._base import Policy, StepPolicyConfig, install
-from cadence.accel.cache.taylorseer import forecast as newton_forecast
+from cadence.accel.cache.taylorseer import History
 from cadence.accel.registry import Calibration, Handle, param, register
 from cadence.models import find_transformer
 
@@ -67,13 +67,6 @@ class MagCacheConfig(StepPolicyConfig):
                                  "calibrate)")
     forecast: int = param(0, "on reused steps, forecast the residual from the last N+1 computed ones "
                              "(Newton order N; 0 = reuse the last one, as MagCache)", choices=(0, 1, 2))
-
-
-@dataclass
-class _History:
-    """The branch's last ``forecast + 1`` computed residuals: (step, residual, encoder residual)."""
-
-    points: list[tuple[int, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
 
 
 class MagCache(Policy):
@@ -118,12 +111,11 @@ class MagCache(Policy):
         return since > self.config.max_skip or probe.context.step_index < self.retained(probe.context.num_steps)
 
     def new_state(self):
-        return _History() if self.config.forecast else None
+        return History(self.config.forecast) if self.config.forecast else None
 
     def computed(self, state, probe, residual, encoder_residual):
         if state is not None:
-            state.points.append((probe.context.step_index, residual, encoder_residual))
-            del state.points[: -(self.config.forecast + 1)]
+            state.add(probe.context.step_index, residual, encoder_residual)
 
     def reuse(self, state, probe, residual, encoder_residual, since):
         if state is None or len(state.points) < 2 or any(r.shape != residual.shape for _, r, _ in state.points):
@@ -133,11 +125,7 @@ class MagCache(Policy):
         # there: a slope taken over the consecutive retained steps and carried across the long
         # gaps after them overshoots (horizons of 0.5, 1 and 2 spans did about equally on the
         # training captions, each better than no limit).
-        step = min(probe.context.step_index, last + (last - first))
-        hidden = newton_forecast([(t, r) for t, r, _ in state.points], step)
-        if encoder_residual is not None and all(e is not None for _, _, e in state.points):
-            encoder_residual = newton_forecast([(t, e) for t, _, e in state.points], step)
-        return hidden, encoder_residual
+        return state.forecast(min(probe.context.step_index, last + (last - first)), encoder_residual)
 
 
 def fit(traces: list[recording.Trace]) -> dict:

@@ -52,13 +52,28 @@ def forecast(points: list[tuple[int, torch.Tensor]], step: int) -> torch.Tensor:
 
 
 @dataclass
-class _State:
-    history: list[tuple[int, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
+class History:
+    """A branch's last ``order + 1`` computed residuals (step, residual, encoder residual), and
+    their forecast at a later step (shared with MagCache's ``forecast``)."""
+
+    order: int
+    points: list[tuple[int, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
+
+    def add(self, step: int, residual: torch.Tensor, encoder_residual: torch.Tensor | None) -> None:
+        self.points.append((step, residual, encoder_residual))
+        del self.points[: -(self.order + 1)]
+
+    def forecast(self, step: int, encoder_residual: torch.Tensor | None):
+        """(residual, encoder residual) at ``step``; the encoder one forecast where every point has one."""
+        hidden = forecast([(t, r) for t, r, _ in self.points], step)
+        if encoder_residual is not None and all(e is not None for _, _, e in self.points):
+            encoder_residual = forecast([(t, e) for t, _, e in self.points], step)
+        return hidden, encoder_residual
 
 
 class TaylorSeer(Policy):
     def new_state(self):
-        return _State()
+        return History(self.config.order)
 
     def distance(self, state, probe, since):
         return float(since)
@@ -67,15 +82,10 @@ class TaylorSeer(Policy):
         return float(self.config.interval)
 
     def computed(self, state, probe, residual, encoder_residual):
-        state.history.append((probe.context.step_index, residual, encoder_residual))
-        del state.history[: -(self.config.order + 1)]
+        state.add(probe.context.step_index, residual, encoder_residual)
 
     def reuse(self, state, probe, residual, encoder_residual, since):
-        step = probe.context.step_index
-        hidden = forecast([(t, r) for t, r, _ in state.history], step)
-        if encoder_residual is not None and all(e is not None for _, _, e in state.history):
-            encoder_residual = forecast([(t, e) for t, _, e in state.history], step)
-        return hidden, encoder_residual
+        return state.forecast(probe.context.step_index, encoder_residual)
 
 
 def apply(model: torch.nn.Module, config: TaylorSeerConfig) -> Handle:
