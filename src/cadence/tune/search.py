@@ -49,7 +49,7 @@ from cadence.tune.cost import CostModel
 from cadence.tune.evaluate import FAILURES, Evaluator, TooSlow
 from cadence.tune.prompts import PromptSplit, split_prompts
 from cadence.tune.settings import TuneSettings, duration
-from cadence.tune.space import LATE, SearchSpace, features
+from cadence.tune.space import SearchSpace, features
 
 STUDY = "cadence-tune"
 # A candidate whose median time per case is this much longer than the best found's is
@@ -217,7 +217,7 @@ class _Run:
             self.evaluator.baseline(case)
         if self.space.late:  # what a compiled recipe's warm-up costs here, for the reserve
             begin = time.monotonic()
-            self.evaluator.warm_up(Recipe.parse(" + ".join(LATE[name] for name in self.space.late)), cases[0])
+            self.evaluator.warm_up(self.space.late_recipe(), cases[0])
             self.late_warm_up = time.monotonic() - begin
             study.set_user_attr("late_warm_up_seconds", self.late_warm_up)
 
@@ -247,6 +247,15 @@ class _Run:
 
     # -- one candidate -------------------------------------------------------------------
     def objective(self, trial: optuna.Trial) -> float:
+        """A candidate's relative time; its bars become the trial's constraints once, when it
+        ends (optuna keeps the first value set, so per-case updates would leave case one's)."""
+        try:
+            return self._objective(trial)
+        finally:
+            for measure, value in zip(self.measures, trial.user_attrs.get("constraints", ())):
+                trial.set_constraint(measure.name, value)
+
+    def _objective(self, trial: optuna.Trial) -> float:
         try:
             recipe = self.space.suggest(trial)
         except ValueError as error:  # a combination of knobs the technique refuses
@@ -327,8 +336,6 @@ class _Run:
                 continue  # stopped by the end of an earlier run's budget, not by what it measured
             for key, value in attrs.items():
                 trial.set_user_attr(key, value)
-            for measure, value in zip(self.measures, attrs.get("constraints", ())):
-                trial.set_constraint(measure.name, value)
             if earlier.state == optuna.trial.TrialState.PRUNED:
                 trial.set_user_attr("rejected", f"as trial {earlier.number}, the same candidate: {attrs['rejected']}")
                 raise optuna.TrialPruned()
@@ -345,8 +352,6 @@ class _Run:
         trial.set_user_attr("per_case", [r["values"] for r in rows])
         trial.set_user_attr("compute_fraction", rows[-1]["compute_fraction"])
         trial.set_user_attr("constraints", quality.constraints(self.measures, rows))
-        for measure, value in zip(self.measures, quality.constraints(self.measures, rows)):
-            trial.set_constraint(measure.name, value)
         return relative
 
     def misses_by_margin(self, rows: list[dict]) -> bool:

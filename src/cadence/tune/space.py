@@ -97,10 +97,15 @@ class SearchSpace:
                                 if late else ""))
         return cls(choices, device, tuple(notes), late)
 
+    def late_recipe(self) -> Recipe:
+        """The late techniques alone (empty when there are none)."""
+        return Recipe.parse(" + ".join(LATE[name] for name in self.late)) if self.late else Recipe()
+
     def with_late(self, recipe: Recipe) -> Recipe | None:
         """``recipe`` with the late techniques it lacks added, or None when it has them all."""
-        missing = [LATE[name] for name in self.late if name not in {t.name for t in recipe.techniques}]
-        return Recipe.parse(" + ".join([str(recipe), *missing])) if missing and recipe else None
+        held = {t.name for t in recipe.techniques}
+        missing = [t for t in self.late_recipe().techniques if t.name not in held]
+        return Recipe([*recipe.techniques, *missing]) if missing and recipe else None
 
     def suggest(self, trial) -> Recipe:
         """One candidate from an Optuna trial (define-by-run: a knob exists only when its technique is chosen)."""
