@@ -73,3 +73,22 @@ def test_llada2_pipeline_is_accelerated_and_restored(tiny):
 def test_a_model_of_another_family_is_refused():
     with pytest.raises(ValueError, match=r"no cadence dLLM adapter for Linear; supported: EuroBertForMaskedLM"):
         dllm.accelerate(torch.nn.Linear(2, 2), "dual-cache")
+
+
+def test_the_cache_goes_by_the_keyword_the_installed_transformers_takes():
+    """transformers 5.2x takes ``cache``, 5.17 (the GPU image) ``past_key_values``: the caches pass
+    it by the name the forward declares, and a call that brings its own cache under either name
+    is left to the model."""
+    from cadence.dllm.cache import has_no_cache, with_cache
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, **kwargs): ...
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids, cache=None, **kwargs): ...
+
+    held = object()
+    assert with_cache(Old(), held) == {"past_key_values": held}
+    assert with_cache(New(), held) == {"cache": held}
+    assert has_no_cache({"attention_mask": None})
+    assert not has_no_cache({"past_key_values": held}) and not has_no_cache({"cache": held})

@@ -27,6 +27,8 @@ those from the first position still masked at the refresh to the end of the inpu
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -85,14 +87,31 @@ class Splice:
                 torch.cat((values[:, :, :self.start], value, values[:, :, self.end:]), dim=2))
 
 
+@functools.cache
+def _cache_keyword(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def with_cache(module: torch.nn.Module, cache) -> dict:
+    """``module``'s forward keyword for a KV cache: transformers renamed ``past_key_values`` to
+    ``cache`` in its 5.2x releases (the GPU image has 5.17); a model and its attention layers
+    take the same name."""
+    return {_cache_keyword(type(module)): cache}
+
+
 def split_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, tuple, bool]:
     """A model call's ``input_ids`` (popped from ``kwargs`` or first of ``args``), the other
     positional arguments, and whether a cache answers it: ids and keywords only, no cache of
     its own, no embeddings."""
     input_ids = kwargs.pop("input_ids", None) if "input_ids" in kwargs else (args[0] if args else None)
     args = args[1:] if args and input_ids is args[0] else args
-    cached = input_ids is not None and not args and kwargs.get("cache") is None and kwargs.get("inputs_embeds") is None
+    cached = input_ids is not None and not args and has_no_cache(kwargs) and kwargs.get("inputs_embeds") is None
     return input_ids, args, cached
+
+
+def has_no_cache(kwargs: dict) -> bool:
+    """Whether a call brings no KV cache of its own, under either of transformers' names."""
+    return kwargs.get("cache") is None and kwargs.get("past_key_values") is None
 
 
 def same_padding(mask: torch.Tensor | None, held: torch.Tensor | None) -> bool:
@@ -142,8 +161,8 @@ class KVCacheHook(ModelHook):
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
         sliced = {**kwargs, "position_ids": position_ids[:, start:end]}
-        output = self.fn_ref.original_forward(input_ids=input_ids[:, start:end], cache=self._splice(start, end),
-                                              **sliced)
+        output = self.fn_ref.original_forward(input_ids=input_ids[:, start:end],
+                                              **with_cache(self.model, self._splice(start, end)), **sliced)
         logits = self.logits.clone()  # (B, tokens, vocab): the refresh's rows outside [start, end)
         logits[:, start:end] = output.logits
         output.logits = logits
@@ -178,7 +197,7 @@ class KVCacheHook(ModelHook):
 
     def _refresh(self, input_ids, kwargs, key):
         record = _Record()
-        output = self.fn_ref.original_forward(input_ids=input_ids, cache=record, **kwargs)
+        output = self.fn_ref.original_forward(input_ids=input_ids, **with_cache(self.model, record), **kwargs)
         self.record, self.key, self.logits = record, key, output.logits
         self.steps_since_refresh = 0
         self.full_forwards += 1

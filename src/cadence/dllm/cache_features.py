@@ -58,7 +58,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from cadence.accel.registry import param, register
-from cadence.dllm.cache import same_padding, split_call
+from cadence.dllm.cache import has_no_cache, same_padding, split_call, with_cache
 from cadence.dllm.plan import install_term, plan_of
 from cadence.dllm.policies import DllmTerm
 from cadence.models.llada import dllm_family_of
@@ -173,7 +173,7 @@ class _FeatureLayerHook(ModelHook):
 
     def new_forward(self, layer, hidden_states, *args, **kwargs):
         step = self.owner.step
-        if not step.active or args or kwargs.get("cache") is not None:
+        if not step.active or args or not has_no_cache(kwargs):
             return self.fn_ref.original_forward(hidden_states, *args, **kwargs)
         return self.owner.layer_forward(self.index, layer, hidden_states, kwargs)
 
@@ -257,7 +257,7 @@ class FeatureCacheHook(ModelHook):
         if rows.shape[1]:
             attention, _ = layer.self_attn(
                 hidden_states=_rows_of(normed, rows, 1),
-                cache=_Splice(cache, rows),
+                **with_cache(layer.self_attn, _Splice(cache, rows)),
                 attention_mask=_rows_of(kwargs.get("attention_mask"), rows, 2),
                 position_embeddings=tuple(_rows_of(part, rows, 1) for part in kwargs["position_embeddings"]),
                 **{
@@ -302,7 +302,7 @@ class FeatureCacheHook(ModelHook):
 
     def _full(self, cache, layer, hidden_states, normed, kwargs):
         """The layer's own computation, in its own order, keeping what it computed."""
-        attention, _ = layer.self_attn(hidden_states=normed, cache=_Record(cache), **kwargs)
+        attention, _ = layer.self_attn(hidden_states=normed, **with_cache(layer.self_attn, _Record(cache)), **kwargs)
         hidden_states = hidden_states + attention
         ffn = layer.mlp(layer.post_attention_layernorm(hidden_states))
         cache.attention, cache.ffn = attention, ffn

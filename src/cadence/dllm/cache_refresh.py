@@ -26,7 +26,14 @@ import torch
 import torch.nn.functional as F
 
 from cadence.accel.registry import param, register
-from cadence.dllm.cache import KVCacheConfig, KVCacheHook, Splice, apply_hook, same_padding
+from cadence.dllm.cache import (
+    KVCacheConfig,
+    KVCacheHook,
+    Splice,
+    apply_hook,
+    same_padding,
+    with_cache,
+)
 from cadence.dllm.plan import plan_of
 from cadence.models.llada import dllm_family_of
 
@@ -114,8 +121,8 @@ class DkvCacheHook(KVCacheHook):
             if position_ids is None:
                 position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
             sliced = {**kwargs, "position_ids": position_ids[:, index]}
-            output = self.fn_ref.original_forward(input_ids=input_ids[:, index], cache=_Scatter(self.record, index),
-                                                  **sliced)
+            output = self.fn_ref.original_forward(input_ids=input_ids[:, index],
+                                                  **with_cache(self.model, _Scatter(self.record, index)), **sliced)
             logits[:, index] = output.logits
         else:  # nothing changed since the last step: the cache answers alone
             output = self.output_type()
