@@ -36,3 +36,39 @@ def test_resuming_with_another_configuration_is_refused(tmp_path):
 def test_bad_training_configurations_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**options)
+
+
+def test_a_new_run_starts_from_a_checkpoints_weights_and_counts_its_steps(tmp_path):
+    config = TrainConfig(size="tiny", gen_length=32, block_length=8, batch=2, seconds=0.5, tasks=("copy",))
+    first = train(config, tmp_path / "first", log=lambda *_: None)
+    trained, _ = dllm.load(tmp_path / "first")
+    lines = []
+    # a zero budget runs no step: the new checkpoint holds exactly the weights it started from
+    second = train(TrainConfig(**{**config.__dict__, "seconds": 0.0}), tmp_path / "second", log=lines.append,
+                   init=tmp_path / "first")
+    assert any("starting from the weights" in line for line in lines)
+    assert second["init"] == str(tmp_path / "first") and second["total_steps"] == first["steps"] + second["steps"]
+    started, _ = dllm.load(tmp_path / "second")
+    assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), started.state_dict().values()))
+
+
+def test_starting_from_another_architecture_is_refused(tmp_path):
+    train(TrainConfig(size="tiny", gen_length=32, block_length=8, batch=2, seconds=0.2, tasks=("copy",)),
+          tmp_path / "tiny", log=lambda *_: None)
+    with pytest.raises(ValueError, match="is another architecture"):
+        train(TrainConfig(size="ref-dllm", gen_length=32, block_length=8, batch=2, seconds=0.2, tasks=("copy",)),
+              tmp_path / "big", log=lambda *_: None, init=tmp_path / "tiny")
+
+
+def test_the_balanced_loss_weighs_the_answer_as_much_as_the_tail():
+    from cadence.dllm.train import balanced_loss
+
+    logits = torch.zeros(1, 4, 3)
+    logits[0, 0, 1] = 10.0  # the answer token right, the three tail tokens wrong (uniform)
+    labels = torch.tensor([[1, 2, 2, 2]])
+    answer = torch.tensor([[True, False, False, False]])
+    answer_loss = torch.nn.functional.cross_entropy(logits[0, :1], labels[0, :1])
+    tail_loss = torch.nn.functional.cross_entropy(logits[0, 1:], labels[0, 1:])
+    assert torch.allclose(balanced_loss(logits, labels, answer), (answer_loss + tail_loss) / 2)
+    labels[0, 1:] = -100  # no masked tail: the answer alone
+    assert torch.allclose(balanced_loss(logits, labels, answer), answer_loss)

@@ -38,7 +38,9 @@ def write_card(out: Path, model, tokenizer, summary: dict, command: str, prompts
         "## Training",
         f"- Command: `{command}`",
         f"- {summary['steps']} steps of batch {config['batch']} in {summary['seconds']} s on {summary['device']} "
-        f"(torch {summary['torch']}, {datetime.date.today().isoformat()}); final loss {summary['final_loss']}.",
+        f"(torch {summary['torch']}, {datetime.date.today().isoformat()}); final loss {summary['final_loss']}."
+        + (f" Started from the weights of `{summary['init']}` ({summary['total_steps'] - summary['steps']} steps "
+           f"before, a fresh optimizer): {summary['total_steps']} steps in all." if summary.get("init") else ""),
         f"- Generation canvases of {gen} tokens, and of a half and a quarter of that where an answer fits, "
         f"blocks of {block}; tasks: "
         f"{', '.join(config['tasks'])}.", "",

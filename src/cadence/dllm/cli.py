@@ -133,7 +133,10 @@ def bench(model, recipes, peers, tasks, prompts, gen_length, batch_size, device,
 @click.option("--card-prompts", default=64, show_default=True, type=int, help="prompts per task for the card; 0: no card")
 @click.option("--state", type=click.Path(path_type=Path), default=None,
               help="where the optimizer state for resuming goes (default: OUT/train_state.pt)")
-def train(size, out, seconds, device, gen_length, block_length, batch, lr, tasks, save_every, card_prompts, state):
+@click.option("--init", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="start from this checkpoint's weights (a fresh optimizer): training continued on another machine")
+def train(size, out, seconds, device, gen_length, block_length, batch, lr, tasks, save_every, card_prompts, state,
+          init):
     """Train a LLaDA-architecture dLLM on the synthetic tasks; resumable; writes a card."""
     import cadence.dllm as dllm_package
     from cadence.dllm.card import write_card
@@ -145,7 +148,7 @@ def train(size, out, seconds, device, gen_length, block_length, batch, lr, tasks
     try:
         config = TrainConfig(size=size, gen_length=gen_length, block_length=block_length, batch=batch, lr=lr,
                              seconds=seconds, tasks=tuple(tasks.split(",")) if tasks else tuple(TASKS))
-        summary = run_train(config, out, device=device, save_every=save_every, log=click.echo, state=state)
+        summary = run_train(config, out, device=device, save_every=save_every, log=click.echo, state=state, init=init)
     except ValueError as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"{summary['steps']} steps in {summary['seconds']} s, final loss {summary['final_loss']}")
