@@ -222,3 +222,49 @@ def test_a_recipe_holds_one_cache(tiny):
     with pytest.raises(ValueError, match=r"already has a KV cache, dual-cache"):
         dllm.accelerate(model, "dual-cache + dkv-cache")
     assert plan_of(model) is None
+
+
+def _drifted_step(model, recipe):
+    """A block refreshed, the same canvas once more (no drift), then the block's tokens changed:
+    -> (the stats after, the logits of the changed canvas, the full forward's logits of it)."""
+    canvas, attention = _canvas()
+    changed = canvas.clone()
+    changed[:, 12:16] = torch.randint(4, 59, (2, 4), generator=torch.Generator().manual_seed(1))
+    full = model(input_ids=changed, attention_mask=attention).logits
+    with dllm.accelerate(model, recipe) as acceleration:
+        plan = plan_of(model)
+        plan.generation, plan.block_index, plan.window = 99, 3, (12, 16)
+        model(input_ids=canvas, attention_mask=attention)
+        model(input_ids=canvas, attention_mask=attention)
+        logits = model(input_ids=changed, attention_mask=attention).logits
+        plan.window = None
+        return acceleration.stats(), logits, full
+
+
+def test_a_depth_aware_refresh_from_layer_0_is_a_full_refresh_bit_for_bit(tiny):
+    """Layer 0's input is the token embeddings, which no cached step makes stale."""
+    stats, logits, full = _drifted_step(tiny[0], "elastic-cache(threshold=0.999999, layer=0, depth_aware=true)")
+    assert stats["drift_refreshes"] == 1 and stats["depth_refreshes"] == 1 and stats["full_forwards"] == 1
+    assert torch.equal(logits, full)
+    # refresh (24) + a cached step (4) + the abandoned block through layer 0 (4 / 3) + layers 0-2 over 24
+    assert stats["compute_fraction"] == pytest.approx((24 + 4 + 4 / 3 + 24) / (3 * 24))
+
+
+def test_a_depth_aware_refresh_recomputes_the_deep_layers_and_keeps_the_shallow_cache(tiny):
+    model = tiny[0]
+    stats, logits, full = _drifted_step(model, "elastic-cache(threshold=0.999999, layer=2, depth_aware=true)")
+    assert stats["depth_refreshes"] == 1 and stats["full_forwards"] == 1
+    # the deepest layer alone: the whole block through 3 layers abandoned, then 1 of 3 layers over 24
+    assert stats["compute_fraction"] == pytest.approx((24 + 4 + 4 + 24 / 3) / (3 * 24))
+    # close to the full forward (the shallow layers' keys are one step stale), and not equal to it
+    assert not torch.equal(logits, full)
+    assert (logits.softmax(-1) - full.softmax(-1)).abs().max() < 0.05
+    # the layers below the watched one run as themselves again afterwards
+    assert torch.equal(model(input_ids=_canvas()[0], attention_mask=_canvas()[1]).logits,
+                       model(input_ids=_canvas()[0], attention_mask=_canvas()[1]).logits)
+    assert all("forward" not in vars(layer) for layer in model.model.layers)
+
+
+def test_depth_aware_must_be_a_boolean():
+    with pytest.raises(ValueError, match="depth_aware='yes' must be true or false"):
+        ElasticCacheConfig(depth_aware="yes")

@@ -27,7 +27,6 @@ those from the first position still masked at the refresh to the end of the inpu
 
 from __future__ import annotations
 
-import functools
 import inspect
 from dataclasses import dataclass
 
@@ -64,7 +63,7 @@ class DualCacheConfig(KVCacheConfig):
     reuse_suffix = True
 
 
-class _Record:
+class Record:
     """What transformers' attention calls ``cache.update`` on: at a refresh, keep the keys."""
 
     def __init__(self):
@@ -78,7 +77,7 @@ class _Record:
 class Splice:
     """Between refreshes: the recorded keys with the active tokens' fresh ones in their place."""
 
-    def __init__(self, record: _Record, start: int, end: int):
+    def __init__(self, record: Record, start: int, end: int):
         self.record, self.start, self.end = record, start, end
 
     def update(self, key, value, layer_idx, *args, **kwargs):
@@ -87,16 +86,19 @@ class Splice:
                 torch.cat((values[:, :, :self.start], value, values[:, :, self.end:]), dim=2))
 
 
-@functools.cache
-def _cache_keyword(cls: type) -> str:
-    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+_CACHE_KEYWORDS: dict[type, str] = {}
 
 
 def with_cache(module: torch.nn.Module, cache) -> dict:
     """``module``'s forward keyword for a KV cache: transformers renamed ``past_key_values`` to
-    ``cache`` in its 5.2x releases (the GPU image has 5.17); a model and its attention layers
-    take the same name."""
-    return {_cache_keyword(type(module)): cache}
+    ``cache`` in its 5.2x releases (the GPU image has 5.17). A head model (``...ForMaskedLM``)
+    may take it through ``**kwargs``: the first of its modules whose forward names one decides."""
+    cls = type(module)
+    if cls not in _CACHE_KEYWORDS:
+        names = (inspect.signature(type(m).forward).parameters for m in module.modules())
+        _CACHE_KEYWORDS[cls] = next((name for parameters in names for name in ("cache", "past_key_values")
+                                     if name in parameters), "past_key_values")
+    return {_CACHE_KEYWORDS[cls]: cache}
 
 
 def split_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, tuple, bool]:
@@ -127,7 +129,7 @@ class KVCacheHook(ModelHook):
         self.config = config
         self.model = model
         self.mask_token_id = model.config.mask_token_id
-        self.record: _Record | None = None
+        self.record: Record | None = None
         self.full_forwards = self.partial_forwards = self.computed_tokens = self.total_tokens = 0
         self.reset_state(model)
 
@@ -196,7 +198,7 @@ class KVCacheHook(ModelHook):
         return Splice(self.record, start, end)
 
     def _refresh(self, input_ids, kwargs, key):
-        record = _Record()
+        record = Record()
         output = self.fn_ref.original_forward(input_ids=input_ids, **with_cache(self.model, record), **kwargs)
         self.record, self.key, self.logits = record, key, output.logits
         self.steps_since_refresh = 0

@@ -11,7 +11,8 @@ here reuse its hook (the model's forward answered from recorded keys and values,
   be contiguous; it is the union over the batch rows, so one slice serves the batch.
 - ``elastic-cache(threshold=0.9)`` (Elastic-Cache): the dual cache, refreshed when the
   attention the current block pays to its most-attended cached token drifts from what it was
-  at the last refresh (cosine similarity below ``threshold``).
+  at the last refresh (cosine similarity below ``threshold``); with ``depth_aware=true`` the
+  refresh recomputes only the watched layer and those above it.
 
 Both take ``refresh_every`` as cache.py does; ``refresh_every=1`` (and, for elastic-cache,
 ``threshold=1.0``) refreshes on every step, which is the uncached model bit for bit.
@@ -29,6 +30,7 @@ from cadence.accel.registry import param, register
 from cadence.dllm.cache import (
     KVCacheConfig,
     KVCacheHook,
+    Record,
     Splice,
     apply_hook,
     same_padding,
@@ -154,12 +156,20 @@ class ElasticCacheConfig(KVCacheConfig):
     (its key is not recomputed) while the block's queries are computed anyway, so the
     attention to it is the one signal available without extra tokens; one layer is watched
     (``layer``, the deepest by default, where the paper finds drift largest), not every layer.
-    Depth-aware refresh (recomputing only from the first drifting layer upward) is NOT done:
-    the hook sees the model's forward, not each layer's hidden states, which a partial-depth
-    recompute would need cached; a drift refreshes every layer. The cached step is abandoned at
-    the watched layer when it drifts, and its work up to there is counted in the compute
-    fraction. The sliding window and the block-wise caching of far MASK tokens are the
-    engine's blocks here.
+    The cached step is abandoned at the watched layer when it drifts, and its work up to there
+    is counted in the compute fraction. The sliding window and the block-wise caching of far
+    MASK tokens are the engine's blocks here.
+
+    Depth-aware refresh (``depth_aware=true``; the paper's "where to refresh"): a drift at the
+    watched layer recomputes that layer and every deeper one for all tokens, and keeps the
+    shallower layers' cached keys and values. The deep layers need every token's input at the
+    watched layer, and a cached token's is not computed in a cached step. So each full refresh
+    keeps that input, the residual stream entering the watched layer, and a depth-aware refresh
+    feeds the layers the kept input of the cached tokens with the active tokens' fresh one in
+    their place. The paper, as we read it, recomputes from the drifting layer with what its
+    forward has at hand. Here the cached tokens' inputs are the last full refresh's, which the
+    paper's premise (shallow layers drift least) makes a small error. At ``layer=0`` that input is
+    the token embeddings, which never go stale, so the refresh equals a full one bit for bit.
     """
 
     name = "elastic-cache"
@@ -171,10 +181,13 @@ class ElasticCacheConfig(KVCacheConfig):
                              why="a cosine similarity of non-negative weights lies in (0, 1]; 0 would never refresh")
     layer: int = param(-1, "the layer whose attention is watched; -1: the deepest (where the paper finds drift "
                            "largest)", low=-1)
+    depth_aware: bool = param(False, "on a drift, recompute only the watched layer and the deeper ones, keeping the "
+                                     "shallower layers' cache; false: refresh every layer")
 
     def validate(self):
         self.require(isinstance(self.layer, int) and not isinstance(self.layer, bool),
                      f"layer={self.layer!r} must be an integer >= -1 (a layer index; -1: the deepest)")
+        self.require(isinstance(self.depth_aware, bool), f"depth_aware={self.depth_aware!r} must be true or false")
 
 
 class _Drifted(Exception):
@@ -190,7 +203,8 @@ def _rotate(x, cos, sin):
 
 class _Watch:
     """The watched layer's attention: a forward pre-hook catches its input (hidden states and
-    rotary tables) so the queries can be rebuilt where the cache sees only keys."""
+    rotary tables) so the queries can be rebuilt where the cache sees only keys; another
+    catches the layer's own input (the residual stream), which a depth-aware refresh starts from."""
 
     def __init__(self, model, config: ElasticCacheConfig):
         family = dllm_family_of(model)
@@ -201,8 +215,9 @@ class _Watch:
                              f"(the deepest) or 0..{depth - 1}")
         self.layer = depth - 1 if config.layer == -1 else config.layer
         self.depth = depth
+        self.layers = layers
         self.attention = getattr(layers[self.layer], family.attention)
-        self.hidden = self.rotary = self.padding = None
+        self.hidden = self.rotary = self.padding = self.layer_input = None
 
     @contextmanager
     def catching(self, padding):
@@ -213,12 +228,42 @@ class _Watch:
             self.hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             self.rotary = kwargs["position_embeddings"] if "position_embeddings" in kwargs else args[1]
 
-        handle = self.attention.register_forward_pre_hook(catch, with_kwargs=True)
+        def catch_layer_input(module, args, kwargs):
+            self.layer_input = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+        handles = (self.attention.register_forward_pre_hook(catch, with_kwargs=True),
+                   self.layers[self.layer].register_forward_pre_hook(catch_layer_input, with_kwargs=True))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.hidden = self.rotary = self.layer_input = None
+
+    @contextmanager
+    def from_watched_layer(self, hidden: torch.Tensor):
+        """For one forward: the layers below the watched one pass their input through, and the
+        watched one starts from ``hidden`` (B, tokens, width) instead of what reaches it."""
+        below = self.layers[:self.layer]
+        own = [vars(layer).get("forward") for layer in below]  # a hook's forward, where one wraps the layer
+        for layer in below:
+            layer.forward = lambda hidden_states, *args, **kwargs: hidden_states
+
+        def start(module, args, kwargs):
+            if "hidden_states" in kwargs:
+                return args, {**kwargs, "hidden_states": hidden}
+            return (hidden, *args[1:]), kwargs
+
+        handle = self.layers[self.layer].register_forward_pre_hook(start, with_kwargs=True, prepend=True)
         try:
             yield
         finally:
             handle.remove()
-            self.hidden = self.rotary = None
+            for layer, forward in zip(below, own):
+                if forward is None:
+                    del layer.forward
+                else:
+                    layer.forward = forward
 
     @torch.no_grad()  # a measurement: it takes no part in the output
     def weights(self, keys: torch.Tensor, start: int, end: int) -> torch.Tensor:
@@ -263,13 +308,14 @@ class ElasticCacheHook(KVCacheHook):
     def __init__(self, config: ElasticCacheConfig, model):
         self.watch = _Watch(model, config)
         super().__init__(config, model)
-        self.drift_refreshes = 0
+        self.drift_refreshes = self.depth_refreshes = 0
 
     def reset_state(self, module):
         super().reset_state(module)
         self.watched = None  # (B,) canvas position of each row's most-attended cached token at the refresh
         self.reference = None  # (B, heads, active): the block's attention to it then
         self.similarity = None
+        self.layer_input = None  # (B, tokens, width): every token's input to the watched layer at the refresh
         return module
 
     def new_forward(self, module, *args, **kwargs):
@@ -287,6 +333,12 @@ class ElasticCacheHook(KVCacheHook):
         output = super()._refresh(input_ids, kwargs, key)
         if self.config.threshold >= 1.0:
             return output
+        self.layer_input = self.watch.layer_input if self.config.depth_aware else None
+        self._watch_most_attended(input_ids, key)
+        return output
+
+    def _watch_most_attended(self, input_ids, key):
+        """After a refresh: each row's most-attended cached token, and the block's attention to it."""
         start, end = self._active(input_ids, None if key[0] == "pipeline" else plan_of(self.model).window)
         weights = self.watch.weights(self.record.keys[self.watch.layer], start, end)  # (B, heads, active, tokens)
         received = weights.sum((1, 2))  # (B, tokens): attention each token receives from the block
@@ -298,6 +350,24 @@ class ElasticCacheHook(KVCacheHook):
         else:
             self.watched = received.argmax(-1)
             self.reference = weights.gather(3, self.watched[:, None, None, None].expand(*weights.shape[:3], 1))[..., 0]
+
+    def _refresh_from_watched_layer(self, input_ids, kwargs, window):
+        """A depth-aware refresh: the watched layer and the deeper ones over every token, from the
+        kept inputs of the cached tokens and the fresh ones of the active tokens."""
+        start, end = self._active(input_ids, window)
+        hidden = self.layer_input.clone()
+        hidden[:, start:end] = self.watch.layer_input  # the abandoned step caught the active tokens' input
+        record = Record()
+        with self.watch.from_watched_layer(hidden):
+            output = self.fn_ref.original_forward(input_ids=input_ids, **with_cache(self.model, record), **kwargs)
+        self.record.keys.update(record.keys)  # the watched layer and deeper; the shallower ones stay
+        self.record.values.update(record.values)
+        self.logits, self.layer_input = output.logits, hidden
+        self.steps_since_refresh = 0
+        self.partial_forwards += 1
+        self.depth_refreshes += 1
+        self.computed_tokens += input_ids.numel() * (self.watch.depth - self.watch.layer) / self.watch.depth
+        self._watch_most_attended(input_ids, self.key)
         return output
 
     def _cached_forward(self, input_ids, kwargs, window):
@@ -308,10 +378,13 @@ class ElasticCacheHook(KVCacheHook):
             # the abandoned step's work up to and including the watched layer
             self.computed_tokens += input_ids.shape[0] * (end - start) * (self.watch.layer + 1) / self.watch.depth
             self.drift_refreshes += 1
+            if self.config.depth_aware:
+                return self._refresh_from_watched_layer(input_ids, kwargs, window)
             return self._refresh(input_ids, kwargs, self.key)
 
     def stats(self) -> dict:
-        return {**super().stats(), "drift_refreshes": self.drift_refreshes, "last_similarity": self.similarity}
+        return {**super().stats(), "drift_refreshes": self.drift_refreshes, "depth_refreshes": self.depth_refreshes,
+                "last_similarity": self.similarity}
 
 
 def apply_dkv(model, config: DkvCacheConfig):
