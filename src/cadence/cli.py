@@ -212,7 +212,8 @@ def main():
               help="a .gif, .mp4 or .png file")
 @click.option("--device", default=None, callback=_device, help="cpu or cuda (default: cuda when available)")
 @click.option("--parallel", default=None, help="spread the generation over the processes torchrun starts: "
-              "'ulysses=N, ring=N, cfg=2', degrees multiplying to --nproc-per-node")
+              "'ulysses=N, ring=N, cfg=2', degrees multiplying to --nproc-per-node; add 'vae=1' to split the "
+              "VAE decode over them too")
 @click.option("--gen-length", default=64, show_default=True, type=int,
               help="diffusion LMs (--model ref-dllm): tokens to generate")
 @click.pass_context

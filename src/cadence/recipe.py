@@ -322,7 +322,7 @@ def accelerate(target, recipe, parallel=None) -> Acceleration:
 
     ``parallel`` (a ``cadence.parallel.ParallelConfig``, in processes started by torchrun)
     spreads each generation over the ranks once the recipe is on, so its split and gather
-    hooks wrap the techniques' hooks.
+    hooks wrap the techniques' hooks; with ``vae=1`` the pipeline's VAE decode is split too.
 
     Returns an :class:`Acceleration`; ``.remove()`` gives back the exact model."""
     recipe = as_recipe(recipe)
@@ -342,7 +342,7 @@ def accelerate(target, recipe, parallel=None) -> Acceleration:
         from cadence.parallel import parallelize
 
         try:
-            spread = parallelize(model, parallel, recipe.techniques)
+            spread = parallelize(model, parallel, recipe.techniques, vae=getattr(target, "vae", None))
         except Exception:
             for handle in reversed(handles):
                 handle.remove()

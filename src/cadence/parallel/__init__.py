@@ -1,5 +1,5 @@
 """Several GPUs for one generation: sequence (Ulysses, Ring) and CFG parallelism, with every
-cadence technique on. ``cadence.accelerate(pipe, recipe, parallel=ParallelConfig(...))``
+cadence technique on, and a patch-parallel VAE decode. ``cadence.accelerate(pipe, recipe, parallel=ParallelConfig(...))``
 applies it, in processes started by ``torchrun``."""
 
 from cadence.parallel.config import ParallelConfig
@@ -8,10 +8,10 @@ from cadence.parallel.mesh import device_for_rank, init
 __all__ = ["ParallelConfig", "device_for_rank", "init", "parallelize", "start"]
 
 
-def parallelize(model, config, techniques=()):
+def parallelize(model, config, techniques=(), vae=None):
     from cadence.parallel.apply import parallelize as apply
 
-    return apply(model, config, techniques)
+    return apply(model, config, techniques, vae)
 
 
 def start(text: str | None, device: str) -> tuple[ParallelConfig | None, str, bool]:

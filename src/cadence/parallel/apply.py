@@ -19,6 +19,9 @@ What each technique does under it, and why:
   rank computes what one process computes on its tokens.
 - compile: the blocks' graphs run between diffusers' split and gather hooks; the all-to-all
   inside attention is traced into them.
+
+With ``vae=1`` the pipeline's VAE decodes a band of the frame on each rank of the whole
+world (``parallel/vae.py``); the techniques act on the transformer only and are unaffected.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from cadence.accel.cache.peers import PeerConfig
 from cadence.accel.registry import TechniqueConfig
 from cadence.context import CONTEXT_HOOK
 from cadence.parallel import cfg as cfg_branches
+from cadence.parallel import vae as vae_bands
 from cadence.parallel.config import ParallelConfig
 from cadence.parallel.mesh import build_mesh
 from cadence.parallel.sequence import SequenceParallel, arrival_order, check_layout
@@ -88,14 +92,18 @@ def _reregister_last(model: torch.nn.Module, name: str) -> None:
 class Parallel:
     """The handle of one parallel application; ``remove()`` gives back the one-process model."""
 
-    def __init__(self, model: torch.nn.Module, config: ParallelConfig, techniques=()):
+    def __init__(self, model: torch.nn.Module, config: ParallelConfig, techniques=(), vae=None):
         check_techniques(config, tuple(techniques))
+        if config.vae:  # before any collective: every rank refuses alike
+            vae_bands.check(vae, config.vae_halo)
         self.model, self.config = model, config
         self.device = next(model.parameters()).device
         self.mesh = build_mesh(config, self.device)
-        self.sequence = self.cfg = None
+        self.sequence = self.cfg = self.vae = None
         try:
             self._apply(model, config)
+            if config.vae:
+                self.vae = vae_bands.apply(vae, halo=config.vae_halo)  # None on one process: nothing to split
         except Exception:
             self.remove()
             raise
@@ -129,6 +137,9 @@ class Parallel:
     def remove(self) -> None:
         model = self.model
         registry = HookRegistry.check_if_exists_or_initialize(model)
+        if self.vae is not None:
+            self.vae.remove()
+            self.vae = None
         if self.cfg is not None:
             cfg_branches.remove(model)
             self.cfg = None
@@ -148,5 +159,6 @@ class Parallel:
             self.sequence = None
 
 
-def parallelize(model: torch.nn.Module, config: ParallelConfig, techniques=()) -> Parallel:
-    return Parallel(model, config, techniques)
+def parallelize(model: torch.nn.Module, config: ParallelConfig, techniques=(), vae=None) -> Parallel:
+    """``vae``: the pipeline's VAE, needed (and only read) with ``config.vae``."""
+    return Parallel(model, config, techniques, vae)

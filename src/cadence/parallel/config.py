@@ -15,6 +15,10 @@ Three degrees multiply to the number of processes (``torchrun --nproc-per-node``
 
 ``ulysses`` and ``ring`` run on diffusers' context-parallel hooks (``ContextParallelConfig``,
 the model's ``_cp_plan``); ``cfg`` is cadence's own (diffusers 0.42 has none).
+
+``vae`` (off by default) adds no degree: the VAE decode after the denoising loop is split
+into horizontal bands over *all* the ranks (``parallel/vae.py``), each decoded with
+``vae_halo`` latent rows of context on its inner edges, and gathered on every rank.
 """
 
 from __future__ import annotations
@@ -22,6 +26,11 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 DEGREES = ("ulysses", "ring", "cfg")
+OPTIONS = ("vae", "vae_halo")
+SWITCH = {"1": True, "true": True, "on": True, "0": False, "false": False, "off": False}
+# 8 latent rows: the seam error measured small with random weights (benchmarks/RESULTS.md);
+# parallel/vae.py's exact_halo (15 for Wan 2.1) decodes as one process does, at more duplicated rows
+DEFAULT_VAE_HALO = 8
 
 
 @dataclass(frozen=True)
@@ -29,6 +38,8 @@ class ParallelConfig:
     ulysses: int = 1
     ring: int = 1
     cfg: int = 1
+    vae: bool = False
+    vae_halo: int = DEFAULT_VAE_HALO
 
     def __post_init__(self) -> None:
         for name in DEGREES:
@@ -37,6 +48,10 @@ class ParallelConfig:
                 raise ValueError(f"parallel {name}={value!r} must be a positive integer")
         if self.cfg not in (1, 2):
             raise ValueError(f"parallel cfg={self.cfg} must be 1 or 2: classifier-free guidance has two branches")
+        if not isinstance(self.vae, bool):  # a ValueError like every refusal here, not TypeError
+            raise ValueError(f"parallel vae={self.vae!r} must be True or False (vae=1 or vae=0)")  # noqa: TRY004
+        if not isinstance(self.vae_halo, int) or isinstance(self.vae_halo, bool) or self.vae_halo < 0:
+            raise ValueError(f"parallel vae_halo={self.vae_halo!r} must be an integer >= 0 (latent rows)")
 
     @property
     def sequence(self) -> int:
@@ -49,20 +64,34 @@ class ParallelConfig:
         return self.sequence * self.cfg
 
     def __str__(self) -> str:
-        return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
+        shown = DEGREES + (OPTIONS if self.vae else ())  # vae off: printed as before it existed
+        return ", ".join(f"{f.name}={int(getattr(self, f.name))}" for f in fields(self) if f.name in shown)
 
     @classmethod
     def parse(cls, text: str) -> ParallelConfig:
-        """``"ulysses=2, cfg=2"`` (the CLI's ``--parallel``); degrees left out are 1."""
-        values = {}
+        """``"ulysses=2, cfg=2, vae=1"`` (the CLI's ``--parallel``); degrees left out are 1,
+        options left out their defaults."""
+        values: dict = {}
         for term in filter(str.strip, text.split(",")):
             name, equals, value = (part.strip() for part in term.partition("="))
-            if not equals or name not in DEGREES:
+            if not equals or name not in DEGREES + OPTIONS:
                 raise ValueError(f"--parallel term {term.strip()!r}: expected name=value with name one of "
-                                 f"{', '.join(DEGREES)}, e.g. 'ulysses=2, cfg=2'")
+                                 f"{', '.join(DEGREES + OPTIONS)}, e.g. 'ulysses=2, cfg=2, vae=1'")
+            if name == "vae":
+                if value.lower() not in SWITCH:
+                    raise ValueError(f"--parallel vae={value!r} must be one of {', '.join(SWITCH)}")
+                values[name] = SWITCH[value.lower()]
+                continue
+            if name == "vae_halo":
+                if not value.isdigit():
+                    raise ValueError(f"--parallel vae_halo={value!r} must be an integer >= 0 (latent rows)")
+                values[name] = int(value)
+                continue
             if not value.isdigit():
                 raise ValueError(f"--parallel {name}={value!r} must be a positive integer")
             values[name] = int(value)
         if not values:
             raise ValueError(f"--parallel {text!r} names no degree; e.g. 'ulysses=2, cfg=2'")
+        if "vae_halo" in values and not values.get("vae"):
+            raise ValueError(f"--parallel vae_halo={values['vae_halo']} is set but vae is off; add vae=1")
         return cls(**values)
