@@ -271,26 +271,36 @@ def test_the_cli_names_a_damaged_checkpoint_in_one_line_and_writes_nothing(damag
 
 
 def test_a_packed_reference_checkpoint_is_unpacked_once_into_the_cache(tmp_path, monkeypatch):
-    """ref-video-hd ships its transformer as transformer.tar.xz (what travels to the GPU
-    machine is bounded); cadence.load unpacks it into the cache and reads it from there."""
-    import shutil
-    import tarfile
+    """The reference checkpoints ship their weights xz-compressed (what travels to the GPU
+    machine is bounded); cadence.load unpacks them into the cache once, links the checkpoint's
+    calibration folder there, and prefers unpacked weights (a fresh `cadence train`)."""
+    import lzma
 
     from conftest import tiny_wan
 
     from cadence import loading
     from cadence.reference import models
 
-    folder = tmp_path / "checkpoints" / "ref-video"
-    tiny_wan().save_pretrained(folder / "transformer")
-    with tarfile.open(folder / "transformer.tar.xz", "w:xz") as tar:
-        tar.add(folder / "transformer", arcname="transformer")
-    shutil.rmtree(folder / "transformer")
+    folder = tmp_path / "checkpoints" / "ref-video" / "transformer"
+    model = tiny_wan()
+    model.save_pretrained(folder)
+    weights_file = folder / "diffusion_pytorch_model.safetensors"
+    (folder / "diffusion_pytorch_model.safetensors.xz").write_bytes(lzma.compress(weights_file.read_bytes()))
+    weights_file.unlink()
+    (folder / "calibration").mkdir()
+    (folder / "calibration" / "magcache.json").write_text("{}")
     monkeypatch.setattr(models, "CHECKPOINTS", tmp_path / "checkpoints")
     monkeypatch.setenv("CADENCE_CACHE", str(tmp_path / "cache"))
 
     weights = loading.reference_weights("ref-video")
-    assert (weights / "config.json").is_file() and weights.is_relative_to(tmp_path / "cache")
+    assert weights.is_relative_to(tmp_path / "cache") and (weights / "config.json").is_file()
+    unpacked = type(model).from_pretrained(str(weights))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), unpacked.state_dict().values()))
+    assert (weights / "calibration" / "magcache.json").read_text() == "{}"  # the checkpoint's own folder
+    (weights / "calibration" / "teacache.json").write_text("{}")
+    assert (folder / "calibration" / "teacache.json").is_file()  # a new calibration lands beside the checkpoint
     modified = (weights / "config.json").stat().st_mtime_ns
     assert loading.reference_weights("ref-video") == weights
     assert (weights / "config.json").stat().st_mtime_ns == modified  # found, not unpacked again
+    weights_file.write_bytes((weights / "diffusion_pytorch_model.safetensors").read_bytes())
+    assert loading.reference_weights("ref-video") == folder  # unpacked weights in the checkpoint win

@@ -103,26 +103,44 @@ def load_pipeline_dir(path: Path):
 
 
 def reference_weights(name: str) -> Path:
-    """A reference model's transformer folder. A checkpoint may ship it packed as
-    ``transformer.tar.xz`` (ref-video-hd: 18 MB of bf16 shards are 13 MB packed, and what
-    travels to the GPU machine, the tracked tree included, is at most 64 MiB): unpacked once
-    into the cache, keyed by the archive's digest."""
+    """A reference model's transformer folder, its packed weights unpacked (:func:`transformer_folder`)."""
+    return transformer_folder(reference_model(name).checkpoint)
+
+
+def transformer_folder(checkpoint: Path) -> Path:
+    """A checkpoint's ``transformer/`` folder, readable by ``from_pretrained``. Its weights may
+    ship xz-compressed (``*.safetensors.xz``: the reference checkpoints' 18 MB of weights are
+    13 MB packed, and what travels to the GPU machine, the tracked tree included, is at most
+    64 MiB). They are unpacked once into the cache, keyed by the digest of the packed files and
+    the JSON beside them, with the JSON copied and the ``calibration`` folder linked, so that
+    calibrations are still read from and written to the checkpoint. Unpacked weights in the
+    folder (a fresh ``cadence train``) win over packed ones."""
     import hashlib
+    import lzma
     import os
     import shutil
-    import tarfile
 
-    model = reference_model(name)
-    folder, archive = model.checkpoint / "transformer", model.checkpoint / "transformer.tar.xz"
-    if (folder / "config.json").is_file() or not archive.is_file():
+    folder = Path(checkpoint) / "transformer"
+    packed = sorted(folder.glob("*.safetensors.xz"))
+    if not packed or any(folder.glob("*.safetensors")):
         return folder
-    digest = hashlib.sha256(archive.read_bytes()).hexdigest()[:16]
-    target = Path(os.environ.get("CADENCE_CACHE", Path.home() / ".cache" / "cadence")) / "checkpoints" / f"{name}-{digest}"
+    configs = sorted(folder.glob("*.json"))
+    digest = hashlib.sha256()
+    for path in (*packed, *configs):
+        digest.update(path.name.encode() + path.read_bytes())
+    cache = Path(os.environ.get("CADENCE_CACHE", Path.home() / ".cache" / "cadence"))
+    target = cache / "checkpoints" / f"{Path(checkpoint).name}-{digest.hexdigest()[:16]}"
     if not (target / "transformer" / "config.json").is_file():
         partial = target.with_name(f"{target.name}.partial")  # an interrupted unpack is never used
         shutil.rmtree(partial, ignore_errors=True)
-        with tarfile.open(archive, "r:xz") as tar:
-            tar.extractall(partial, filter="data")
+        (partial / "transformer").mkdir(parents=True)
+        for path in packed:
+            with lzma.open(path) as source, open(partial / "transformer" / path.stem, "wb") as out:
+                shutil.copyfileobj(source, out, length=2**22)
+        for path in configs:
+            shutil.copy2(path, partial / "transformer" / path.name)
+        if (folder / "calibration").is_dir():
+            (partial / "transformer" / "calibration").symlink_to((folder / "calibration").resolve())
         shutil.rmtree(target, ignore_errors=True)
         os.replace(partial, target)
     return target / "transformer"

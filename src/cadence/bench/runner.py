@@ -157,7 +157,7 @@ def _checkpoint_digest(model: str) -> str:
     root = reference_model(model).checkpoint if model in REFERENCE_MODELS else Path(model)
     digest = hashlib.sha256()
     for path in sorted(root.rglob("*")):
-        if not path.is_file() or path.suffix not in (".safetensors", ".json") or "calibration" in path.parts:
+        if not path.is_file() or path.suffix not in (".safetensors", ".xz", ".json") or "calibration" in path.parts:
             continue
         digest.update(str(path.relative_to(root)).encode())
         stat = path.stat()

@@ -224,7 +224,9 @@ def train(name: str, embeddings: Path, out: Path, settings: TrainSettings, devic
 def _initial(model: ReferenceModel, init: Path | None) -> torch.nn.Module:
     if init is None:
         return model.build()
-    return model.transformer_cls.from_pretrained(str(Path(init) / "transformer"), torch_dtype=torch.float32)
+    from cadence.loading import transformer_folder
+
+    return model.transformer_cls.from_pretrained(str(transformer_folder(Path(init))), torch_dtype=torch.float32)
 
 
 def _init_summary(init: Path | None) -> dict | None:
