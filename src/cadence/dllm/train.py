@@ -121,8 +121,11 @@ def balanced_loss(logits: torch.Tensor, labels: torch.Tensor, answer: torch.Tens
     losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
                              reduction="none").view_as(labels)
     scored = labels != -100
-    parts = [losses[scored & part].mean() for part in (answer, ~answer) if (scored & part).any()]
-    return sum(parts) / len(parts)
+    # tensor arithmetic only: asking whether a part holds a token would wait for the GPU every step
+    counts = torch.stack([(scored & answer).sum(), (scored & ~answer).sum()])
+    sums = torch.stack([(losses * (scored & answer)).sum(), (losses * (scored & ~answer)).sum()])
+    present = (counts > 0).float()
+    return (sums / counts.clamp_min(1) * present).sum() / present.sum().clamp_min(1)
 
 
 def _lr(config: TrainConfig, step: int, elapsed: float) -> float:
@@ -231,7 +234,7 @@ def train(config: TrainConfig, out: Path, device: str = "cpu", save_every: float
     batches = _Batches(config, tokenizer, rng, generator)
     started, last_save = time.perf_counter() - elapsed, time.perf_counter()
     last_log = (time.perf_counter(), 0.0)  # (clock, seconds waited for batches) at the last log line
-    saved_at = None
+    saved_at, pending = None, []
     try:
         while elapsed < config.seconds:
             input_ids, labels, attention, answer = batches.next(device)
@@ -244,9 +247,12 @@ def train(config: TrainConfig, out: Path, device: str = "cpu", save_every: float
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            losses.append(loss.item())
+            pending.append(loss.detach())  # read back every 100 steps: .item() would wait for the GPU each step
             step += 1
             elapsed = time.perf_counter() - started
+            if step % 100 == 0 or elapsed >= config.seconds or time.perf_counter() - last_save > save_every:
+                losses.extend(torch.stack(pending).tolist())
+                pending.clear()
             if step % 100 == 0:
                 now = time.perf_counter()
                 waiting = (batches.waited - last_log[1]) / (now - last_log[0])
