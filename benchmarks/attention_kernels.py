@@ -5,7 +5,10 @@ For each density of kept 128 x 128 blocks (random masks, the diagonal always kep
 "local window" mask keeping each query block's nearest key blocks), the same mask feeds
 FlexAttention (torch.compile, a BlockMask from the same kv_num_blocks / kv_indices; default
 kernel options and a couple of variants) and cadence's Triton kernel; dense SDPA (cuDNN,
-flash) is the baseline and ``ideal = density x cuDNN dense``. Also timed: turning a
+flash) is the baseline and ``ideal = density x cuDNN dense``. The low-bit pair (issue 21,
+item 2) is timed on the same masks: cadence's block-sparse SageAttention kernel with INT8 or
+FP8 Q·K and FP8 P·V (``sage-sparse int8`` / ``fp8``, quantization included), next to the
+dense sage kernel (``sage_int8`` / ``sage_fp8`` under "dense"); its ideal is density x dense sage. Also timed: turning a
 (B, H, nq, nk) bool block mask into kv_num_blocks / kv_indices and a BlockMask. Each sparse
 kernel is checked against the other (and the Triton kernel against the PyTorch reference
 on one head) so speed is not bought with wrong results. ``--sweep`` also times a table of
@@ -38,6 +41,16 @@ FLEX_VARIANTS = {
     "flex[128x128,w8,s3]": {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
     "flex[128x64,w8,s3]": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
 }
+
+
+SAGE_FORMATS = ("int8", "fp8")  # the Q·K format; P·V in FP8 for both
+
+
+def load_sage():
+    """cadence's SageAttention kernels (dense and block-sparse), where the GPU runs them."""
+    from cadence.accel.attention import _sage_triton
+
+    return _sage_triton if _sage_triton.supported(torch.device("cuda"), qk_format="fp8") else None
 
 
 def load_kernel():
@@ -158,6 +171,12 @@ def main():
             result["dense"][name] = timed(name, dense)
             print(f"{name}: {result['dense'][name]} ms", flush=True)
         cudnn = result["dense"]["sdpa_cudnn"] or result["dense"]["sdpa_flash"]
+        sage = load_sage() if device.type == "cuda" else None
+        if sage is not None:
+            for fmt in SAGE_FORMATS:
+                result["dense"][f"sage_{fmt}"] = timed(f"sage_{fmt}", lambda fmt=fmt: sage.sage_attention(
+                    q, k, v, qk_format=fmt, pv_format="fp8"))
+                print(f"sage_{fmt}: {result['dense'][f'sage_{fmt}']} ms", flush=True)
 
         from torch.nn.attention.flex_attention import flex_attention
         flex = torch.compile(flex_attention, dynamic=False)
@@ -180,11 +199,27 @@ def main():
             if tuned:
                 row["triton[tuned]"] = timed(f"triton[tuned] {label}",
                                              lambda: kernel._launch(q, k, v, num, idx, block, config=tuned))
+            if sage is not None:
+                for fmt in SAGE_FORMATS:
+                    row[f"sage-sparse {fmt}"] = timed(f"sage-sparse {fmt} {label}", lambda fmt=fmt: (
+                        sage.sparse_sage_attention(q, k, v, num, idx, block, qk_format=fmt, pv_format="fp8")))
+                    dense_sage = result["dense"].get(f"sage_{fmt}")
+                    if row[f"sage-sparse {fmt}"] and dense_sage:
+                        row[f"sage-sparse {fmt}_vs_sage_ideal"] = round(row[f"sage-sparse {fmt}"] / (density * dense_sage),
+                                                                        2)
             bm = block_mask_for_flex(num, idx, seq, block)
             for name, options in variants.items():
                 t0 = time.time()
                 row[name] = timed(f"{name} {label}", lambda: flex(q, k, v, block_mask=bm, kernel_options=options))
                 compile_s[name] = round(time.time() - t0, 1)
+            if label == "random 0.1" and sage is not None:  # the low-bit pair against its float32 reference, head 0
+                for fmt in SAGE_FORMATS:
+                    got = sage.sparse_sage_attention(q, k, v, num, idx, block, qk_format=fmt, pv_format="fp8")
+                    want = sage.reference_sparse_sage_attention(q[:, :1], k[:, :1], v[:, :1], num[:, :1],
+                                                                idx[:, :1], block, qk_format=fmt, pv_format="fp8",
+                                                                block_m=min(64, block), block_n=min(128, block))
+                    error = (got[:, :1].float() - want.float()).norm() / want.float().norm()
+                    result["checks"][f"sage-sparse {fmt} vs reference (rel. L2, head 0)"] = round(error.item(), 5)
             if label == "random 0.1":
                 # Layout as attention processors hold it: (B, S, H, D) permuted to (B, H, S, D).
                 qp, kp, vp = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))

@@ -60,7 +60,17 @@ class AttentionConfig(TechniqueConfig):
 @dataclass(frozen=True)
 class SparseAttentionConfig(AttentionConfig):
     """Parameters every sparse pattern shares. Subclasses add their own and build the
-    block mask in ``pattern``."""
+    block mask in ``pattern``.
+
+    ``precision`` pairs the pattern with a number format (SpargeAttn, Zhang et al. 2025, runs
+    its kept blocks on SageAttention's kernel, SageAttention2, Zhang et al. 2025): "int8" and
+    "fp8" run the kept blocks with K smoothed, Q and K per tile in that format and P V in FP8
+    (_sage_triton.sparse_sage_attention), and the dense steps, dense layers and
+    cross-attention on the dense sage backend of the same format, so one setting covers all
+    of the technique's attention. Where it differs from SpargeAttn: the mask is the pattern's
+    (any of cadence's), not SpargeAttn's own prediction, and no kept block is skipped inside
+    the kernel for a negligible P (its second filter), so the kept set is exactly the mask
+    the statistics report. FlexAttention has no low-bit path: backend='flex' is refused."""
 
     # A mask that depends only on the layout and the density is built once and reused by
     # every layer and step; dynamic patterns (top-k, head classification) set False.
@@ -78,8 +88,17 @@ class SparseAttentionConfig(AttentionConfig):
                                  "reference", choices=kernels.BACKENDS)
     mask_every: int = param(1, "dynamic patterns: build each layer's block mask (per CFG branch) every N steps and "
                                "reuse it in between; 1 = every call", low=1)
+    precision: str = param("bf16", "number format of Q·K and P·V: bf16 (the model's own dtype), int8 (Q·K in INT8, "
+                                   "P·V in FP8: SageAttention on the kept blocks, SpargeAttn style) or fp8 (both FP8); "
+                                   "the dense steps and cross-attention take the same format",
+                           choices=tuple(kernels.PRECISIONS))
 
     def validate(self):
+        self.require(self.precision == "bf16" or self.backend != "flex",
+                     f"precision={self.precision!r} with backend='flex': the low-bit kept blocks run on cadence's "
+                     "sparse sage kernel; valid backends with it: auto, triton, reference (or precision='bf16')")
+        self.require(self.precision == "bf16" or kernels.triton_available(),
+                     f"precision={self.precision!r} needs the triton package; use precision='bf16'")
         self.require(self.backend != "triton" or kernels.triton_available(),
                      "backend='triton' needs the triton package; use 'flex' or 'auto'")
         self.require(self.mask_every == 1 or not self.static,
@@ -104,6 +123,11 @@ class SparseAttentionConfig(AttentionConfig):
             progress = (step - dense_steps) / (steps - dense_steps - 1)  # 0 at the first sparse step
             return 1 - (1 - self.density) * progress
         return self.density
+
+    @property
+    def dense_backend(self) -> str:
+        """The dense calls (dense steps and layers, cross-attention) at the kept blocks' precision."""
+        return kernels.PRECISIONS[self.precision]
 
     def pattern(self, geometry: Geometry, density: float, query, key, scale) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The block mask over the pattern blocks, (1 or B, 1 or H, blocks, blocks) bool, and
@@ -298,7 +322,7 @@ class AttentionControl:
         if key_valid is not None:
             key_valid = key_valid.index_select(-1, order)
         sparse, choice = self.block_sparse(geometry, density, query, key, scale, layer)
-        output = kernels.attend(query, key, value, sparse, scale, key_valid, config.backend)
+        output = kernels.attend(query, key, value, sparse, scale, key_valid, config.backend, config.precision)
 
         # Summed on the device and read in stats(): no host sync per attention call.
         blocks = geometry.pattern_blocks

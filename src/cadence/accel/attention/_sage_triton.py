@@ -18,9 +18,17 @@ per (query tile, batch * head). Quantization is four small Triton kernels (one p
 K's column means and V's column maxima, then one read and one write per tensor), timed as
 part of the call.
 
+sparse_sage_attention is its block-sparse form (SpargeAttn, Zhang et al. 2025: sparse
+attention on SageAttention's kernel): the same quantization and the same per-tile update
+(_scores, _update), each query tile looping over its kept key blocks only, given as the
+(kv_num_blocks, kv_indices) lists of _triton.block_sparse_attention. Its tiles are the dense
+kernel's capped at the mask's block size, so a Q or K scale never spans two mask blocks;
+with every block kept it is the dense kernel, bit for bit.
+
 This module imports triton: the leading underscore keeps cadence's auto-import away from
-it, and it imports nothing from cadence, so it also loads by path where cadence's own
-dependencies are missing (benchmarks/quant_attention.py does that on the GPU machine).
+it. The dense kernel imports nothing from cadence, so it also loads by path where cadence's
+own dependencies are missing (benchmarks/quant_attention.py does that on the GPU machine);
+the block-sparse entry points import _triton's block-list contract when called.
 """
 
 from __future__ import annotations
@@ -409,6 +417,89 @@ def _sage_fwd(Q, K, V, QS, KS, VS, O, seq_q, seq_kv, seq_q_pad, seq_kv_pad, head
              mask=offs_m[:, None] < seq_q)
 
 
+@triton.jit
+def _attend_kept(acc, l_i, m_i, q, q_scale, k_base, ks_base, v_base, idx_row, stride_ii, t_lo, t_hi, seq_kv,
+                 stride_vs, stride_vd,
+                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                 QK_INT8: tl.constexpr, PV_FP8: tl.constexpr, MAGIC_INT8: tl.constexpr, EXP: tl.constexpr,
+                 EXACT_FP8: tl.constexpr, TWO_LEVEL: tl.constexpr, MASK_KEYS: tl.constexpr):
+    """Steps t_lo..t_hi over the kept key blocks listed at idx_row, BLOCK_SIZE // BLOCK_N steps
+    per block, each step the dense kernel's _scores and _update on one tile of BLOCK_N keys
+    (and one K scale): one flat loop, as _triton._attend, so the pipeliner prefetches across
+    blocks."""
+    SUB: tl.constexpr = BLOCK_SIZE // BLOCK_N
+    for t in tl.range(t_lo, t_hi):
+        block = tl.load(idx_row + (t // SUB) * stride_ii)
+        start_n = tl.multiple_of(block * BLOCK_SIZE + (t % SUB) * BLOCK_N, BLOCK_N)
+        x, scale = _scores(q, q_scale, k_base, ks_base, start_n, HEAD_DIM, BLOCK_M, BLOCK_N, QK_INT8, MAGIC_INT8)
+        acc, l_i, m_i = _update(acc, l_i, m_i, x, scale, start_n, v_base, seq_kv, stride_vs, stride_vd,
+                                HEAD_DIM, BLOCK_N, QK_INT8, PV_FP8, MAGIC_INT8, EXP, EXACT_FP8, TWO_LEVEL,
+                                MASK_KEYS)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _sparse_sage_fwd(Q, K, V, QS, KS, VS, O, NUM, IDX, seq, seq_pad_q, seq_pad_kv, heads, num_kv_blocks,
+                     stride_vb, stride_vh, stride_vs, stride_vd,
+                     stride_ob, stride_oh, stride_os, stride_od,
+                     stride_nb, stride_nh, stride_nq,
+                     stride_ib, stride_ih, stride_iq, stride_ii,
+                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                     QK_INT8: tl.constexpr, PV_FP8: tl.constexpr, MAGIC_INT8: tl.constexpr, EXP: tl.constexpr,
+                     EXACT_FP8: tl.constexpr, TWO_LEVEL: tl.constexpr, HAS_TAIL: tl.constexpr):
+    """_sage_fwd over the kept key blocks only: one program per (query tile, batch * head),
+    the tile inside query block (pid_m * BLOCK_M) // BLOCK_SIZE of the block mask."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // heads
+    h = bh % heads
+    q_block = (pid_m * BLOCK_M) // BLOCK_SIZE
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    # Quantized Q and K are (B*H, S_pad, D) with zero rows past S: no load masks.
+    q = tl.load(Q + bh.to(tl.int64) * seq_pad_q * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :])
+    q_scale = tl.load(QS + bh * (seq_pad_q // BLOCK_M) + pid_m)
+    k_base = K + bh.to(tl.int64) * seq_pad_kv * HEAD_DIM
+    ks_base = KS + bh * (seq_pad_kv // BLOCK_N)
+    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    num = tl.load(NUM + b * stride_nb + h * stride_nh + q_block * stride_nq)
+    idx_row = IDX + b * stride_ib + h * stride_ih + q_block * stride_iq
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)  # (BLOCK_M, D)
+    SUB: tl.constexpr = BLOCK_SIZE // BLOCK_N
+    n_full = num
+    tail_steps = 0
+    if HAS_TAIL:
+        # The indices ascend, so the partial last key block, if kept, is listed last: every
+        # other block runs unmasked, that one alone with the key mask, and only over the
+        # steps that hold a real key (_update's mask needs one per step for a finite max).
+        last = tl.load(idx_row + tl.maximum(num - 1, 0) * stride_ii)
+        tail_kept = (num > 0) & (last == num_kv_blocks - 1)
+        n_full = num - tail_kept.to(tl.int32)
+        tail_len = seq - (num_kv_blocks - 1) * BLOCK_SIZE
+        tail_steps = tl.where(tail_kept, tl.cdiv(tail_len, BLOCK_N), 0)
+    acc, l_i, m_i = _attend_kept(acc, l_i, m_i, q, q_scale, k_base, ks_base, v_base, idx_row, stride_ii,
+                                 0, n_full * SUB, seq, stride_vs, stride_vd, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_SIZE,
+                                 QK_INT8, PV_FP8, MAGIC_INT8, EXP, EXACT_FP8, TWO_LEVEL, False)
+    if HAS_TAIL:
+        acc, l_i, m_i = _attend_kept(acc, l_i, m_i, q, q_scale, k_base, ks_base, v_base, idx_row, stride_ii,
+                                     n_full * SUB, n_full * SUB + tail_steps, seq, stride_vs, stride_vd,
+                                     HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_SIZE, QK_INT8, PV_FP8, MAGIC_INT8, EXP,
+                                     EXACT_FP8, TWO_LEVEL, True)
+    # A query block with no kept key block has l_i = 0 and acc = 0: it writes zeros.
+    inverse = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
+    if PV_FP8:  # V's channel scales come back here, once per output element
+        v_scale = tl.load(VS + bh * HEAD_DIM + offs_d)
+        out = acc * v_scale[None, :] * inverse[:, None]
+    else:
+        out = acc * inverse[:, None]
+    o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od, out.to(O.dtype.element_ty),
+             mask=offs_m[:, None] < seq)
+
+
 # ----------------------------------------------------------------------------------------
 # Host side
 
@@ -608,6 +699,88 @@ def sage_attention(q, k, v, scale: float | None = None, *, qk_format: str = "int
     return _launch(q, k, v, scale, qk_format=qk_format, pv_format=pv_format)
 
 
+def _check_sparse(q, k, v, kv_num_blocks, kv_indices, block_size, scale, qk_format, pv_format,
+                  kernel: bool = True) -> None:
+    """Both kernels' contracts: the sage one on q, k, v and formats, the block-sparse one
+    (self-attention, the block lists' shapes and dtype) on the blocks."""
+    from cadence.accel.attention._triton import _check as _check_block_sparse
+
+    _check(q, k, v, scale, qk_format, pv_format, kernel=kernel)
+    if kernel:
+        _check_block_sparse(q, k, v, kv_num_blocks, kv_indices, block_size)
+    elif k.shape != q.shape:
+        raise ValueError(f"q, k, v shapes differ: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+
+
+def sparse_config(head_dim: int, block_size: int, device: torch.device, qk_format: str = "int8",
+                  pv_format: str = "fp8") -> KernelConfig:
+    """The dense kernel's tiles, each capped at the mask's block_size: a query tile lies in one
+    query block and a key tile in one key block (both powers of two, so the caps divide)."""
+    config = default_config(head_dim, device, qk_format, pv_format)
+    return dataclasses.replace(config, block_m=min(config.block_m, block_size),
+                               block_n=min(config.block_n, block_size))
+
+
+def _sparse_launch(q, k, v, kv_num_blocks, kv_indices, block_size=128, scale=None, *, qk_format="int8",
+                   pv_format="fp8", config=None, out=None):
+    """sparse_sage_attention with a chosen KernelConfig and output buffer (tests, tuning)."""
+    _check_sparse(q, k, v, kv_num_blocks, kv_indices, block_size, scale, qk_format, pv_format)
+    batch, heads, seq, head_dim = q.shape
+    config = config or sparse_config(head_dim, block_size, q.device, qk_format, pv_format)
+    if block_size % config.block_m or block_size % config.block_n:
+        raise ValueError(f"config tiles {config.block_m} x {config.block_n} must divide block_size={block_size}")
+    quantized = quantize_qkv(q, k, v, scale, qk_format=qk_format, pv_format=pv_format,
+                             block_m=config.block_m, block_n=config.block_n)
+    out = torch.empty_like(q) if out is None else out  # keeps q's strides, e.g. a (B, S, H, D) layout
+    blocks = triton.cdiv(seq, block_size)
+    num = kv_num_blocks.expand(batch, heads, blocks)  # broadcast batch / head with stride 0
+    idx = kv_indices.expand(batch, heads, blocks, blocks)
+    seq_q_pad, seq_kv_pad = quantized.q.shape[1], quantized.k.shape[1]
+    pv_fp8 = pv_format == "fp8"
+    if pv_fp8:  # V^T (B*H, D, S_kv_pad)
+        v_strides = (heads * head_dim * seq_kv_pad, head_dim * seq_kv_pad, 1, seq_kv_pad)
+    else:
+        v_strides = quantized.v.stride()
+    exp = EXP_MODES.index(config.exp)
+    if exp == 2 and not pv_fp8:  # f16x2 exp2 is meant for (and measured with) an fp8 P only
+        exp = 1
+    v_scale = quantized.v_scale if pv_fp8 else quantized.q_scale  # unread when not pv_fp8
+    grid = (triton.cdiv(seq, config.block_m), batch * heads)
+    with _device_context(out):
+        _sparse_sage_fwd[grid](
+            quantized.q, quantized.k, quantized.v, quantized.q_scale, quantized.k_scale, v_scale, out, num, idx,
+            seq, seq_q_pad, seq_kv_pad, heads, blocks, *v_strides, *out.stride(), *num.stride(), *idx.stride(),
+            HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_SIZE=block_size,
+            QK_INT8=qk_format == "int8", PV_FP8=pv_fp8, MAGIC_INT8=config.magic_int8, EXP=exp,
+            EXACT_FP8=_interpreting(), TWO_LEVEL=config.two_level, HAS_TAIL=seq % block_size != 0,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+            **({} if config.maxnreg is None else {"maxnreg": config.maxnreg}))
+    return out
+
+
+def sparse_sage_attention(q, k, v, kv_num_blocks, kv_indices, block_size: int = 128, scale: float | None = None, *,
+                          qk_format: str = "int8", pv_format: str = "fp8") -> torch.Tensor:
+    """Block-sparse attention with sage_attention's numerics (SpargeAttn, Zhang et al. 2025,
+    which runs its kept blocks on SageAttention's kernel): each query tile attends only its
+    kept key blocks, with Q, K in int8 / fp8 and P V in fp8 / bf16, quantization included.
+    q, k, v: (B, H, S, D) as sage_attention takes them (self-attention: one S).
+    kv_num_blocks (B, H, num_q_blocks) and kv_indices (B, H, num_q_blocks, num_kv_blocks),
+    int32, B and H may be 1: the kept key blocks of each block_size x block_size query block,
+    ascending and first, as _triton.block_sparse_attention and FlexAttention's BlockMask take
+    them (values unchecked on the device). The kernel's tiles are sage_attention's, capped at
+    block_size (sparse_config): the Q / K scale blocks are then the tiles, never wider than a
+    mask block. K is smoothed by its mean over all S keys, kept or not: softmax ignores the
+    per-query shift either way. Returns (B, H, S, D) in q's dtype, with q's strides; a query
+    block with no kept key block returns zeros.
+
+    Where it differs from SpargeAttn: the mask is given, not predicted inside the call (the
+    patterns of cadence.accel.attention build it), and there is no in-kernel skipping of
+    blocks whose P is negligible (SpargeAttn's second stage): the kept set is exactly the mask,
+    so the block-sparse reference bounds it."""
+    return _sparse_launch(q, k, v, kv_num_blocks, kv_indices, block_size, scale, qk_format=qk_format,
+                          pv_format=pv_format)
+
+
 # ----------------------------------------------------------------------------------------
 # Reference
 
@@ -660,14 +833,48 @@ def reference_sage_attention(q, k, v, scale: float | None = None, *, qk_format: 
     if block_m is None or block_n is None:
         config = default_config(q.shape[-1], q.device, qk_format, pv_format)
         block_m, block_n = block_m or config.block_m, block_n or config.block_n
-    q_deq, k_deq, v_deq = reference_quantize(q, k, v, scale, qk_format=qk_format, pv_format=pv_format,
-                                             block_m=block_m, block_n=block_n)
+    quantized = reference_quantize(q, k, v, scale, qk_format=qk_format, pv_format=pv_format,
+                                   block_m=block_m, block_n=block_n)
+    return _reference_attend(*quantized, None, pv_format, v.dtype).to(q.dtype)
+
+
+def _reference_attend(q_deq, k_deq, v_deq, keep: torch.Tensor | None, pv_format: str, v_dtype) -> torch.Tensor:
+    """Softmax attention on reference_quantize's output, P quantized as the kernel does;
+    keep: (B or 1, H or 1, S_q, S_kv) bool, the logits attended (None: all). A row that
+    keeps nothing gives zeros, as the sparse kernel writes. Float32 (B, H, S_q, D)."""
     logits = q_deq @ k_deq.transpose(-1, -2)  # (B, H, S_q, S_kv), log2 units
-    logits = logits - logits.amax(dim=-1, keepdim=True)
+    if keep is not None:
+        logits = logits.masked_fill(~keep, float("-inf"))
+    row_max = logits.amax(dim=-1, keepdim=True)
+    logits = logits - torch.where(torch.isfinite(row_max), row_max, 0.0)
     if pv_format == "fp8":
         p = torch.exp2(logits + P_LOG2_SCALE)
         p_used = p.clamp(max=FP8_MAX).to(torch.float8_e4m3fn).float()
     else:
         p = torch.exp2(logits)
-        p_used = p.to(v.dtype).float()
-    return ((p_used @ v_deq) / p.sum(dim=-1, keepdim=True)).to(q.dtype)
+        p_used = p.to(v_dtype).float()
+    total = p.sum(dim=-1, keepdim=True)
+    return (p_used @ v_deq) / torch.where(total == 0, 1.0, total)
+
+
+def reference_sparse_sage_attention(q, k, v, kv_num_blocks, kv_indices, block_size: int = 128,
+                                    scale: float | None = None, *, qk_format: str = "int8", pv_format: str = "fp8",
+                                    block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
+    """Plain PyTorch, float32: reference_sage_attention's quantization (blocks of block_m
+    query rows and block_n key rows, K smoothed over all keys) with the block mask of
+    (kv_num_blocks, kv_indices) applied to the logits; query rows that keep no key are zeros.
+    Like the dense reference, it rounds P against the final row max over the kept keys.
+    block_m / block_n default to sparse_config's tiles on q's device (give them off it)."""
+    from cadence.accel.attention._triton import kv_blocks_to_dense
+
+    _check_sparse(q, k, v, kv_num_blocks, kv_indices, block_size, scale, qk_format, pv_format,
+                  kernel=block_m is None or block_n is None)
+    if block_m is None or block_n is None:
+        config = sparse_config(q.shape[-1], block_size, q.device, qk_format, pv_format)
+        block_m, block_n = block_m or config.block_m, block_n or config.block_n
+    seq = q.shape[2]
+    kept = kv_blocks_to_dense(kv_num_blocks, kv_indices)  # (B or 1, H or 1, blocks, blocks)
+    keep = kept.repeat_interleave(block_size, -2).repeat_interleave(block_size, -1)[..., :seq, :seq]
+    quantized = reference_quantize(q, k, v, scale, qk_format=qk_format, pv_format=pv_format,
+                                   block_m=block_m, block_n=block_n)
+    return _reference_attend(*quantized, keep, pv_format, v.dtype).to(q.dtype)

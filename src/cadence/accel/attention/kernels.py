@@ -30,6 +30,10 @@ DENSE_BACKENDS = {
     "sage": ("int8", "fp8"),
     "sage-fp8": ("fp8", "fp8"),
 }
+# A sparse pattern's number format -> the dense backend of the same numerics, which runs the
+# pattern's dense steps and cross-attention; the kept blocks run on the block-sparse form of
+# that kernel (_sage_triton.sparse_sage_attention). "bf16" is the inputs' own dtype.
+PRECISIONS = {"bf16": "auto", "int8": "sage", "fp8": "sage-fp8"}
 
 
 def triton_available() -> bool:
@@ -74,9 +78,13 @@ def attend(
     scale: float | None = None,
     key_valid: torch.Tensor | None = None,
     backend: str = "auto",
+    precision: str = "bf16",
 ) -> torch.Tensor:
     """Block-sparse attention. query, key, value: (B, H, tokens, D); key_valid: (B, tokens)
-    bool, keys a padding mask hides (HunyuanVideo's padded text) -> (B, H, tokens, D)."""
+    bool, keys a padding mask hides (HunyuanVideo's padded text) -> (B, H, tokens, D).
+    precision: one of PRECISIONS; other than "bf16", Q K^T and P V run in low bit (_sparse_sage)."""
+    if precision != "bf16":
+        return _sparse_sage(query, key, value, sparse, scale, key_valid, backend, precision)
     batch, heads = query.shape[:2]
     backend = resolve_backend(backend, query, key_valid)
     if backend == "reference":
@@ -92,6 +100,46 @@ def attend(
         count, indices = sparse.kv_blocks(batch, heads)
         return block_sparse_attention(query, key, value, count, indices, sparse.block, scale=scale)
     raise ValueError(f"unknown attention backend {backend!r}; valid: {', '.join(BACKENDS)}")
+
+
+def _sparse_sage(query, key, value, sparse: BlockSparse, scale, key_valid, backend: str, precision: str):
+    """The kept blocks with SageAttention's numerics (_sage_triton.sparse_sage_attention): the
+    Triton kernel on a GPU that runs its formats (a float32 model's tensors cast to bf16, as
+    the dense sage backend does), its plain PyTorch emulation elsewhere (same numerics, float32,
+    slow; a warning once) or for backend="reference". What the kernel cannot take (a key
+    padding mask, a head size other than 64 / 128) runs at the inputs' precision, with a
+    warning once."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}; valid: {', '.join(PRECISIONS)}")
+    if backend not in ("auto", "triton", "reference"):
+        raise ValueError(f"precision={precision!r} runs on cadence's sparse sage kernel or its reference; "
+                         f"backend={backend!r} has no low-bit path (valid: auto, triton, reference)")
+    reason = ("a key padding mask" if key_valid is not None
+              else f"head size {query.shape[-1]}" if query.shape[-1] not in (64, 128) else None)
+    if reason is not None:
+        _warn_once(f"precision={precision!r}: the sparse sage kernel takes no {reason}; those calls run at the "
+                   f"inputs' precision ({query.dtype})")
+        return attend(query, key, value, sparse, scale, key_valid, "auto" if backend == "reference" else backend)
+    if not triton_available():
+        raise ValueError(f"precision={precision!r} needs triton; install it or use precision='bf16'")
+    from cadence.accel.attention import _sage_triton as sage
+
+    qk_format, pv_format = DENSE_BACKENDS[PRECISIONS[precision]]
+    batch, heads = query.shape[:2]
+    count, indices = sparse.kv_blocks(batch, heads)
+    on_gpu = query.is_cuda and sage.supported(query.device, qk_format=qk_format, pv_format=pv_format)
+    if backend == "triton" or (backend == "auto" and on_gpu):
+        low = query.dtype if query.dtype in (torch.bfloat16, torch.float16) or not on_gpu else torch.bfloat16
+        out = sage.sparse_sage_attention(query.to(low), key.to(low), value.to(low), count, indices, sparse.block,
+                                         scale, qk_format=qk_format, pv_format=pv_format)
+        return out.to(query.dtype)
+    if backend == "auto":
+        _warn_once(f"precision={precision!r}: no {qk_format}/{pv_format} sparse attention kernel on {query.device}; "
+                   "its PyTorch emulation runs (same numerics, slower than bf16)")
+    block_m, block_n = min(64, sparse.block), min(128, sparse.block)  # the H100 tiles, capped at the block
+    return sage.reference_sparse_sage_attention(query, key, value, count, indices, sparse.block, scale,
+                                                qk_format=qk_format, pv_format=pv_format, block_m=block_m,
+                                                block_n=block_n)
 
 
 def dense(query, key, value, attn_mask=None, scale=None, backend: str = "auto", **kwargs) -> torch.Tensor:
