@@ -74,6 +74,18 @@ def test_suggested_candidates_are_valid_recipes_and_known_ones_map_back():
                 assert 0.1 <= getattr(config, knob, 0.5) <= 0.9
 
 
+def test_a_sparse_patterns_precision_is_searched_on_a_gpu_only():
+    low_bit = Recipe.parse("sparse-window(density=0.5, precision='int8')")
+    gpu = SearchSpace.from_registry(include=("sparse-window",), device="cuda")
+    assert gpu.params_of(low_bit)["precision"] == "int8"
+    assert gpu.suggest(optuna.trial.FixedTrial(gpu.params_of(low_bit))) == low_bit
+    assert features(low_bit)["precision:int8"] == 1.0 and "precision" in gpu.describe()
+    cpu = SearchSpace.from_registry(include=("sparse-window",), device="cpu")
+    assert "precision" not in cpu.params_of(low_bit) and "precision" not in cpu.describe()
+    suggested = cpu.suggest(optuna.trial.FixedTrial({**cpu.params_of(low_bit), "precision": "int8"}))
+    assert suggested == Recipe.parse("sparse-window(density=0.5)")  # the CPU runs its emulation: never searched
+
+
 def test_restrict_drops_what_the_space_leaves_out():
     space = SearchSpace.from_registry(device="cpu")
     assert str(space.restrict(Recipe.parse("magcache(budget=0.3) + compile"))) == "magcache(budget=0.3)"

@@ -7,7 +7,9 @@ range its ``param`` declares, every other parameter stays at its default:
 - step: the policy and its ``budget`` (budget mode: every policy spends at most that share
   of the block work, so policies are compared at equal cost), ``cfg_reuse``, and MagCache's
   ``forecast`` (0 or 1, ``FORECASTS``);
-- token: the attention pattern and its ``density``, or a dense backend's ``backend``;
+- token: the attention pattern, its ``density`` and (on a GPU) its ``precision`` (bf16 or
+  int8: the kept blocks on the sparse sage kernel; on the CPU that kernel is an emulation,
+  slower than bf16, so precision is not searched there), or a dense backend's ``backend``;
 - bit: the precision (each quantization technique at its defaults);
 - graph: nothing searched. ``compile`` changes how fast a recipe runs, not what it computes
   (one bf16 rounding step at most), so the search would pay its warm-up (15-20 s a new
@@ -35,6 +37,9 @@ KNOB_STEP = 0.05  # a grid, so that a resumed or repeated candidate is recognise
 # MagCache's forecast orders searched: order 2 lost badly before its horizon limit, and is not
 # measured with it (benchmarks/RESULTS.md, "Forecasting on MagCache's schedule").
 FORECASTS = (0, 1)
+# A sparse pattern's number formats searched on a GPU: fp8 Q·K measured slower than int8
+# on Hopper (9.9 against 8.9 ms) and less exact (benchmarks/RESULTS.md, "Low-precision attention kernel").
+PRECISIONS = ("bf16", "int8")
 # SDPA backends that only exist on CUDA: on the CPU they fail or fall back to the default.
 CUDA_ONLY_BACKENDS = ("cudnn", "flash", "efficient")
 # Why compile is left out on the CPU unless asked for (--compile).
@@ -129,6 +134,8 @@ class SearchSpace:
             params["cfg_reuse"] = trial.suggest_categorical("cfg_reuse", (False, True))
         if "forecast" in fields:
             params["forecast"] = trial.suggest_categorical("forecast", FORECASTS)
+        if "precision" in fields and self.device.startswith("cuda") and _accepts(config, {"precision": "int8"}):
+            params["precision"] = trial.suggest_categorical("precision", PRECISIONS)
         if config.level == "token" and "density" not in fields and fields.get("backend") is not None:
             backends = [b for b in fields["backend"].metadata["choices"]
                         if self.device.startswith("cuda") or b not in CUDA_ONLY_BACKENDS]
@@ -150,6 +157,8 @@ class SearchSpace:
                 params["cfg_reuse"] = config.cfg_reuse
             if getattr(config, "forecast", None) in FORECASTS:
                 params["forecast"] = config.forecast
+            if getattr(config, "precision", None) in PRECISIONS and self.device.startswith("cuda"):
+                params["precision"] = config.precision
             if config.level == "token" and not hasattr(config, "density"):
                 params["backend"] = config.backend
         return params
@@ -165,6 +174,8 @@ class SearchSpace:
             lines.append(f"- added at the confirmation: {', '.join(self.late)}")
         knobs = ", ".join(f"{knob} in [{low}, {high}] by {KNOB_STEP}" for knob, (low, high) in KNOB_RANGE.items())
         knobs += "; cfg_reuse true/false; MagCache's forecast 0/1; a dense backend's backend"
+        if self.device.startswith("cuda"):
+            knobs += f"; a sparse pattern's precision {'/'.join(PRECISIONS)}"
         return "\n".join([*lines, f"- knobs: {knobs}"])
 
 
@@ -183,6 +194,8 @@ def features(recipe: Recipe) -> dict[str, float]:
             found["cfg_reuse"] = 1.0
         if getattr(config, "forecast", 0):
             found["forecast"] = 1.0
+        if getattr(config, "precision", "bf16") != "bf16":
+            found[f"precision:{config.precision}"] = 1.0
     return found
 
 
