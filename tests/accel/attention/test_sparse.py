@@ -253,3 +253,30 @@ def test_a_processor_with_weights_is_refused_and_left_in_place():
         cadence.accelerate(pipe, WindowConfig(block=16))
     assert pipe.transformer.blocks[1].attn1.processor is processor
     assert not any(type(block.attn1.processor).__name__.startswith("Routed") for block in pipe.transformer.blocks)
+
+
+@pytest.mark.parametrize("config_class", [TopKConfig, RouterConfig])
+def test_mask_drift_rebuilds_a_held_mask_once_queries_or_keys_moved(config_class):
+    """The two bounds: a drift threshold nothing stays under rebuilds on every call (the
+    output of no reuse), one nothing crosses reuses for mask_every steps (the output of
+    mask_every alone); in between, some builds come early."""
+    pipe = tiny_pipe("video")
+    options = dict(density=0.25, block=16, dense_fraction=0)
+    outputs, builds = {}, {}
+    for label, extra in (("every call", {}), ("every 3", dict(mask_every=3)),
+                         ("any drift", dict(mask_every=3, mask_drift=1e-9)),
+                         ("no drift", dict(mask_every=3, mask_drift=1e9))):
+        with cadence.accelerate(pipe, config_class(**options, **extra)) as acceleration:
+            outputs[label] = _video(pipe)
+            builds[label] = (acceleration.stats()["mask_builds"], acceleration.stats()["drift_rebuilds"])
+    assert torch.equal(outputs["any drift"], outputs["every call"])
+    assert builds["any drift"] == (2 * 3 * STEPS, 2 * 3 * (STEPS - 1))  # every build after the first held one
+    assert torch.equal(outputs["no drift"], outputs["every 3"]) and builds["no drift"] == (2 * 3 * 2, 0)
+    assert torch.equal(_video(pipe), _video(pipe))  # removed: the model as it was
+
+
+def test_mask_drift_needs_a_held_mask():
+    with pytest.raises(ValueError, match="mask_drift=0.1 refreshes a held mask, and with mask_every=1 none is held"):
+        TopKConfig(mask_drift=0.1)
+    with pytest.raises(ValueError, match="mask_drift=-1.0 must be >= 0"):
+        TopKConfig(mask_every=2, mask_drift=-1.0)

@@ -34,7 +34,7 @@ from torch.overrides import TorchFunctionMode
 
 from cadence.accel.attention import kernels
 from cadence.accel.attention.block_mask import BlockSparse
-from cadence.accel.attention.patterns import BLOCK_SIZES, Geometry
+from cadence.accel.attention.patterns import BLOCK_SIZES, Geometry, pooled
 from cadence.accel.registry import Handle, TechniqueConfig, param
 from cadence.context import StepContext, attach_context, detach_context
 from cadence.models import TokenLayout, adapter_for
@@ -88,6 +88,9 @@ class SparseAttentionConfig(AttentionConfig):
                                  "reference", choices=kernels.BACKENDS)
     mask_every: int = param(1, "dynamic patterns: build each layer's block mask (per CFG branch) every N steps and "
                                "reuse it in between; 1 = every call", low=1)
+    mask_drift: float = param(0.0, "with mask_every > 1: rebuild a held mask early once the layer's block-pooled "
+                                   "queries or keys moved by more than this (relative L2) since it was built; 0 = the "
+                                   "step count alone decides", low=0)
     precision: str = param("bf16", "number format of Q·K and P·V: bf16 (the model's own dtype), int8 (Q·K in INT8, "
                                    "P·V in FP8: SageAttention on the kept blocks, SpargeAttn style) or fp8 (both FP8); "
                                    "the dense steps and cross-attention take the same format",
@@ -104,6 +107,9 @@ class SparseAttentionConfig(AttentionConfig):
         self.require(self.mask_every == 1 or not self.static,
                      f"mask_every={self.mask_every}: {self.name}'s mask depends only on the layout and is built once; "
                      "mask_every applies to the dynamic patterns (sparse-topk, sparse-svg, sparse-router)")
+        self.require(self.mask_drift == 0 or self.mask_every > 1,
+                     f"mask_drift={self.mask_drift} refreshes a held mask, and with mask_every=1 none is held; set "
+                     "mask_every > 1 (the longest a mask is reused) or mask_drift=0")
 
     def density_at(self, context: StepContext, layer: int) -> float | None:
         if layer < self.dense_layers:
@@ -149,7 +155,7 @@ ARRIVAL = "_cadence_token_arrival"
 # The applications alive now, by handle. The compiled graph holds only the handle (a small
 # int, reused after remove(), so a new application passes the old graph's guards); the
 # state of each call (step context, counters, mask caches) stays in the control, outside.
-_CONTROLS: dict[int, "AttentionControl"] = {}
+_CONTROLS: dict[int, AttentionControl] = {}
 
 
 @torch.library.custom_op("cadence::attention", mutates_args=())
@@ -265,9 +271,10 @@ class AttentionControl:
         self.layout: TokenLayout | None = None
         self.geometries: dict[TokenLayout, Geometry] = {}
         self.static_masks: dict[tuple, BlockSparse] = {}
-        # dynamic masks held for reuse (mask_every > 1): (layer, branch, layout, density, batch) -> (step, mask, choice)
-        self.held_masks: dict[tuple, tuple[int, BlockSparse, torch.Tensor | None]] = {}
-        self.mask_builds = 0
+        # dynamic masks held for reuse (mask_every > 1): (layer, branch, layout, density, batch) ->
+        # (step, mask, choice, the block-pooled queries and keys it was built from when mask_drift is set)
+        self.held_masks: dict[tuple, tuple] = {}
+        self.mask_builds = self.drift_rebuilds = 0
         self.context = attach_context(model)
         self.context.add_interceptor(self)
         self.context.add_generation_listener(self.held_masks.clear)
@@ -347,16 +354,21 @@ class AttentionControl:
         step = self.context.step_index
         held_key = (layer, self.context.branch, geometry.layout, density, query.shape[0])
         held = self.held_masks.get(held_key) if config.mask_every > 1 else None
-        if held is not None and 0 <= step - held[0] < config.mask_every:
-            return held[1], held[2]
         tokens = min(geometry.pattern_blocks * geometry.block, geometry.layout.tokens)
+        summary = None
+        if config.mask_drift:  # what the mask was built from, block by block
+            summary = tuple(pooled(x[..., :tokens, :], geometry.block) for x in (query, key))
+        if held is not None and 0 <= step - held[0] < config.mask_every:
+            if summary is None or _drift(summary, held[3]) <= config.mask_drift:
+                return held[1], held[2]
+            self.drift_rebuilds += 1
         pattern, choice = config.pattern(geometry, density, query[..., :tokens, :], key[..., :tokens, :], scale)
         sparse = BlockSparse(geometry.full_mask(pattern.to(query.device)), geometry.block, geometry.layout.tokens)
         self.mask_builds += 1
         if config.static:
             self.static_masks[cache_key] = sparse
         elif config.mask_every > 1:
-            self.held_masks[held_key] = (step, sparse, choice)
+            self.held_masks[held_key] = (step, sparse, choice, summary)
         return sparse, choice
 
     def _warn(self, reason: str) -> None:
@@ -377,6 +389,7 @@ class AttentionControl:
             # its inverse
             "attention_fraction": float(self.work_sum) / calls if calls else 1.0,
             "mask_builds": self.mask_builds,
+            "drift_rebuilds": self.drift_rebuilds,  # of the builds, those a drift brought forward
         }
         if self.choice_counts:
             stats["heads"] = {name: int(count) for name, count in self.choice_counts.items()}
@@ -389,6 +402,12 @@ class AttentionControl:
         self.context.remove_generation_listener(self.held_masks.clear)
         detach_context(self.model)
         _CONTROLS.pop(self.handle, None)
+
+
+def _drift(now: tuple[torch.Tensor, ...], then: tuple[torch.Tensor, ...]) -> float:
+    """How far the block-pooled queries and keys moved since a mask was built: the larger
+    relative L2 change of the two (one host sync, on the steps a held mask would serve)."""
+    return max(float((a - b).norm() / b.norm().clamp_min(1e-12)) for a, b in zip(now, then))
 
 
 def _key_padding(attn_mask, batch: int, tokens: int) -> torch.Tensor | None:

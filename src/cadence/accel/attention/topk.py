@@ -3,7 +3,9 @@ Xu et al. 2025): mean-pool Q and K over each block, score every block pair, and 
 query block the key blocks that hold the most estimated attention mass, until ``mass``
 of it is covered or the density budget is spent. The diagonal is always kept. The mask
 follows the content, so it is rebuilt on every call (a few block-level matmuls), or with
-``mask_every=N`` once every N steps per layer and CFG branch, reused in between.
+``mask_every=N`` once every N steps per layer and CFG branch, reused in between; with
+``mask_drift=d`` too, a held mask is rebuilt early once the layer's block-pooled queries or
+keys moved by more than ``d`` (relative L2) since it was built.
 """
 
 from __future__ import annotations
