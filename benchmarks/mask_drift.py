@@ -3,8 +3,13 @@
 unaccelerated output per prompt, and the masks built for the second prompt (per layer, branch
 and step). CPU: `PYTHONPATH=src python benchmarks/mask_drift.py` (a few minutes).
 """
-import time, torch, cadence
+import time
+
+import torch
+
+import cadence
 from cadence.reference import data
+
 pipe = cadence.load("ref-video")
 pipe.set_progress_bar_config(disable=True)
 prompts = data.heldout_prompts(2, video=True)
