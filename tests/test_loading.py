@@ -272,13 +272,14 @@ def test_the_cli_names_a_damaged_checkpoint_in_one_line_and_writes_nothing(damag
 
 def test_a_packed_reference_checkpoint_is_unpacked_once_into_the_cache(tmp_path, monkeypatch):
     """The reference checkpoints ship their weights xz-compressed (what travels to the GPU
-    machine is bounded); cadence.load unpacks them into the cache once, links the checkpoint's
-    calibration folder there, and prefers unpacked weights (a fresh `cadence train`)."""
+    machine is bounded); cadence.load unpacks them into the cache once, reads calibrations from
+    the checkpoint, and prefers unpacked weights (a fresh `cadence train`)."""
     import lzma
 
     from conftest import tiny_wan
 
     from cadence import loading
+    from cadence.accel import calibration
     from cadence.reference import models
 
     folder = tmp_path / "checkpoints" / "ref-video" / "transformer"
@@ -287,8 +288,6 @@ def test_a_packed_reference_checkpoint_is_unpacked_once_into_the_cache(tmp_path,
     weights_file = folder / "diffusion_pytorch_model.safetensors"
     (folder / "diffusion_pytorch_model.safetensors.xz").write_bytes(lzma.compress(weights_file.read_bytes()))
     weights_file.unlink()
-    (folder / "calibration").mkdir()
-    (folder / "calibration" / "magcache.json").write_text("{}")
     monkeypatch.setattr(models, "CHECKPOINTS", tmp_path / "checkpoints")
     monkeypatch.setenv("CADENCE_CACHE", str(tmp_path / "cache"))
 
@@ -296,11 +295,35 @@ def test_a_packed_reference_checkpoint_is_unpacked_once_into_the_cache(tmp_path,
     assert weights.is_relative_to(tmp_path / "cache") and (weights / "config.json").is_file()
     unpacked = type(model).from_pretrained(str(weights))
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), unpacked.state_dict().values()))
-    assert (weights / "calibration" / "magcache.json").read_text() == "{}"  # the checkpoint's own folder
-    (weights / "calibration" / "teacache.json").write_text("{}")
-    assert (folder / "calibration" / "teacache.json").is_file()  # a new calibration lands beside the checkpoint
     modified = (weights / "config.json").stat().st_mtime_ns
     assert loading.reference_weights("ref-video") == weights
     assert (weights / "config.json").stat().st_mtime_ns == modified  # found, not unpacked again
+    loaded = loading.load_reference("ref-video", text_encoder=False).transformer
+    assert calibration.default_path(loaded, "magcache") == folder / "calibration" / "magcache.json"
     weights_file.write_bytes((weights / "diffusion_pytorch_model.safetensors").read_bytes())
-    assert loading.reference_weights("ref-video") == folder  # unpacked weights in the checkpoint win
+    assert loading.reference_weights("ref-video") == folder.resolve()  # unpacked weights in the checkpoint win
+
+
+def test_processes_unpacking_one_checkpoint_at_once_all_get_it_whole(tmp_path):
+    """torchrun's ranks load the same reference model at the same moment on a fresh machine."""
+    import lzma
+    import subprocess
+    import sys
+
+    from conftest import tiny_wan
+
+    folder = tmp_path / "checkpoint" / "transformer"
+    tiny_wan().save_pretrained(folder)
+    weights_file = folder / "diffusion_pytorch_model.safetensors"
+    (folder / "diffusion_pytorch_model.safetensors.xz").write_bytes(lzma.compress(weights_file.read_bytes()))
+    weights_file.unlink()
+    script = ("import sys; from cadence.loading import transformer_folder; "
+              "print((transformer_folder(sys.argv[1]) / 'diffusion_pytorch_model.safetensors').stat().st_size)")
+    environment = {**os.environ, "CADENCE_CACHE": str(tmp_path / "cache")}
+    runs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "checkpoint")], env=environment,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [run.communicate(timeout=120) for run in runs]
+    assert all(run.returncode == 0 for run in runs), [error for _, error in results]
+    assert len({out for out, _ in results}) == 1
+    assert [path.name for path in (tmp_path / "cache" / "checkpoints").iterdir()][0].startswith("checkpoint-")
+    assert not list((tmp_path / "cache" / "checkpoints").glob("*.partial"))

@@ -111,38 +111,45 @@ def transformer_folder(checkpoint: Path) -> Path:
     """A checkpoint's ``transformer/`` folder, readable by ``from_pretrained``. Its weights may
     ship xz-compressed (``*.safetensors.xz``: the reference checkpoints' 18 MB of weights are
     13 MB packed, and what travels to the GPU machine, the tracked tree included, is at most
-    64 MiB). They are unpacked once into the cache, keyed by the digest of the packed files and
-    the JSON beside them, with the JSON copied and the ``calibration`` folder linked, so that
-    calibrations are still read from and written to the checkpoint. Unpacked weights in the
-    folder (a fresh ``cadence train``) win over packed ones."""
+    64 MiB). They are unpacked once into the cache with the JSON beside them, keyed by the
+    checkpoint's place and its files' names, sizes and times (no file read on a cache hit).
+    Several processes may unpack at once (torchrun's ranks): each into its own folder, and
+    the first to finish is the one kept. Unpacked weights in the folder (a fresh ``cadence
+    train``) win over packed ones. Calibrations stay with the checkpoint: ``load_reference``
+    points the model at this folder, not at the cache."""
     import hashlib
     import lzma
     import os
     import shutil
 
-    folder = Path(checkpoint) / "transformer"
+    folder = (Path(checkpoint) / "transformer").resolve()
     packed = sorted(folder.glob("*.safetensors.xz"))
     if not packed or any(folder.glob("*.safetensors")):
         return folder
-    configs = sorted(folder.glob("*.json"))
-    digest = hashlib.sha256()
-    for path in (*packed, *configs):
-        digest.update(path.name.encode() + path.read_bytes())
+    files = (*packed, *sorted(folder.glob("*.json")))
+    stamp = hashlib.sha256(str(folder).encode())
+    for path in files:
+        stat = path.stat()
+        stamp.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     cache = Path(os.environ.get("CADENCE_CACHE", Path.home() / ".cache" / "cadence"))
-    target = cache / "checkpoints" / f"{Path(checkpoint).name}-{digest.hexdigest()[:16]}"
-    if not (target / "transformer" / "config.json").is_file():
-        partial = target.with_name(f"{target.name}.partial")  # an interrupted unpack is never used
-        shutil.rmtree(partial, ignore_errors=True)
-        (partial / "transformer").mkdir(parents=True)
-        for path in packed:
+    target = cache / "checkpoints" / f"{folder.parent.name}-{stamp.hexdigest()[:16]}"
+    if (target / "transformer" / "config.json").is_file():
+        return target / "transformer"
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")  # never read before it is whole
+    shutil.rmtree(partial, ignore_errors=True)
+    (partial / "transformer").mkdir(parents=True)
+    for path in files:
+        if path.suffix == ".xz":
             with lzma.open(path) as source, open(partial / "transformer" / path.stem, "wb") as out:
                 shutil.copyfileobj(source, out, length=2**22)
-        for path in configs:
+        else:
             shutil.copy2(path, partial / "transformer" / path.name)
-        if (folder / "calibration").is_dir():
-            (partial / "transformer" / "calibration").symlink_to((folder / "calibration").resolve())
-        shutil.rmtree(target, ignore_errors=True)
+    if target.exists() and not (target / "transformer" / "config.json").is_file():
+        shutil.rmtree(target, ignore_errors=True)  # a damaged copy, not one being written (those are partial)
+    try:
         os.replace(partial, target)
+    except OSError:  # another process finished first: its copy is the same
+        shutil.rmtree(partial, ignore_errors=True)
     return target / "transformer"
 
 
@@ -156,6 +163,8 @@ def load_reference(name: str, text_encoder: bool = True):
     check_safetensors_only(weights.parent)
     check_files(weights.parent)
     transformer = model.transformer_cls.from_pretrained(str(weights), use_safetensors=True, torch_dtype=torch.float32)
+    # calibrations are read from and written beside the checkpoint, also when its weights were unpacked into the cache
+    transformer.register_to_config(_name_or_path=str(model.checkpoint / "transformer"))
     tokenizer = encoder = None
     if text_encoder:
         from cadence.reference.text import load_text_encoder
