@@ -252,6 +252,8 @@ def test_a_depth_aware_refresh_from_layer_0_is_a_full_refresh_bit_for_bit(tiny):
 
 def test_a_depth_aware_refresh_recomputes_the_deep_layers_and_keeps_the_shallow_cache(tiny):
     model = tiny[0]
+    canvas, attention = _canvas()
+    before = model(input_ids=canvas, attention_mask=attention).logits
     stats, logits, full = _drifted_step(model, "elastic-cache(threshold=0.999999, layer=2, depth_aware=true)")
     assert stats["depth_refreshes"] == 1 and stats["full_forwards"] == 1
     # the deepest layer alone: the whole block through 3 layers abandoned, then 1 of 3 layers over 24
@@ -260,8 +262,7 @@ def test_a_depth_aware_refresh_recomputes_the_deep_layers_and_keeps_the_shallow_
     assert not torch.equal(logits, full)
     assert (logits.softmax(-1) - full.softmax(-1)).abs().max() < 0.05
     # the layers below the watched one run as themselves again afterwards
-    assert torch.equal(model(input_ids=_canvas()[0], attention_mask=_canvas()[1]).logits,
-                       model(input_ids=_canvas()[0], attention_mask=_canvas()[1]).logits)
+    assert torch.equal(model(input_ids=canvas, attention_mask=attention).logits, before)
     assert all("forward" not in vars(layer) for layer in model.model.layers)
 
 

@@ -72,3 +72,34 @@ def test_the_balanced_loss_weighs_the_answer_as_much_as_the_tail():
     assert torch.allclose(balanced_loss(logits, labels, answer), (answer_loss + tail_loss) / 2)
     labels[0, 1:] = -100  # no masked tail: the answer alone
     assert torch.allclose(balanced_loss(logits, labels, answer), answer_loss)
+
+
+def test_an_error_making_a_batch_reaches_the_loop_and_the_producer_stops(monkeypatch):
+    import random
+    import time
+
+    from cadence.dllm import train as training
+    from cadence.dllm.tokenizer import build_tokenizer
+
+    made = []
+
+    def make_batch(*args):
+        if len(made) == 3:
+            raise ValueError("bad draw")
+        made.append(len(made))
+        return (torch.tensor(len(made)),)
+
+    monkeypatch.setattr(training, "make_batch", make_batch)
+    batches = training._Batches(TrainConfig(size="tiny", gen_length=32, block_length=8), build_tokenizer(),
+                                random.Random(0), torch.Generator(), ahead=1)
+    assert [int(batches.next("cpu")[0]) for _ in range(3)] == [1, 2, 3]  # in order
+    with pytest.raises(ValueError, match="bad draw"):
+        batches.next("cpu")
+    batches.close()
+    assert not batches.thread.is_alive()
+    made[:] = [0, 0]  # one batch fills the queue, the next draw fails while it is full
+    stuck = training._Batches(TrainConfig(size="tiny", gen_length=32, block_length=8), build_tokenizer(),
+                              random.Random(0), torch.Generator(), ahead=1)
+    time.sleep(0.3)  # the producer now waits to hand over its error
+    stuck.close()  # the loop stopped taking: close returns all the same
+    assert not stuck.thread.is_alive()

@@ -27,6 +27,7 @@ those from the first position still masked at the refresh to the end of the inpu
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -86,19 +87,18 @@ class Splice:
                 torch.cat((values[:, :, :self.start], value, values[:, :, self.end:]), dim=2))
 
 
-_CACHE_KEYWORDS: dict[type, str] = {}
+@functools.cache
+def _cache_keyword(classes: tuple[type, ...]) -> str:
+    signatures = (inspect.signature(cls.forward).parameters for cls in classes)
+    return next((name for parameters in signatures for name in ("cache", "past_key_values") if name in parameters),
+                "past_key_values")
 
 
 def with_cache(module: torch.nn.Module, cache) -> dict:
     """``module``'s forward keyword for a KV cache: transformers renamed ``past_key_values`` to
     ``cache`` in its 5.2x releases (the GPU image has 5.17). A head model (``...ForMaskedLM``)
     may take it through ``**kwargs``: the first of its modules whose forward names one decides."""
-    cls = type(module)
-    if cls not in _CACHE_KEYWORDS:
-        names = (inspect.signature(type(m).forward).parameters for m in module.modules())
-        _CACHE_KEYWORDS[cls] = next((name for parameters in names for name in ("cache", "past_key_values")
-                                     if name in parameters), "past_key_values")
-    return {_CACHE_KEYWORDS[cls]: cache}
+    return {_cache_keyword(tuple(type(m) for m in module.modules())): cache}
 
 
 def split_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, tuple, bool]:

@@ -124,7 +124,7 @@ class _LayerCache:
     keys = values = attention = ffn = indicator = None
 
 
-class _Record:
+class _LayerRecord:
     """transformers' ``cache.update`` contract: at a full step keep the keys and values."""
 
     def __init__(self, cache: _LayerCache):
@@ -302,7 +302,7 @@ class FeatureCacheHook(ModelHook):
 
     def _full(self, cache, layer, hidden_states, normed, kwargs):
         """The layer's own computation, in its own order, keeping what it computed."""
-        attention, _ = layer.self_attn(hidden_states=normed, **with_cache(layer.self_attn, _Record(cache)), **kwargs)
+        attention, _ = layer.self_attn(hidden_states=normed, **with_cache(layer.self_attn, _LayerRecord(cache)), **kwargs)
         hidden_states = hidden_states + attention
         ffn = layer.mlp(layer.post_attention_layernorm(hidden_states))
         cache.attention, cache.ffn = attention, ffn

@@ -23,8 +23,10 @@ stays on the machine that trains; ``--init`` starts a new run from a checkpoint'
 alone (a fresh optimizer and warm-up), which is how training continues on another machine:
 only the 10 MB of bf16 weights travel.
 
-Batches are made on the CPU by a producer thread, one ahead of the step that uses them; the
-log gives the share of the time the loop waited for them.
+Batches are made on the CPU by a producer thread, up to two ahead of the step that uses
+them; the log gives the share of the time the loop waited for them. (``make_batch`` is
+Python-bound and shares the interpreter lock with the loop's kernel launches: whether the
+thread pays on the GPU is not measured yet.)
 """
 
 from __future__ import annotations
@@ -143,8 +145,8 @@ def save_checkpoint(model, tokenizer, out: Path) -> None:
 
 
 class _Batches:
-    """``make_batch`` on a producer thread, ``ahead`` batches in advance, in the order one
-    thread would make them (so a resumed run sees the batches it would have seen)."""
+    """``make_batch`` on a producer thread, ``ahead`` batches in advance, in the order the loop
+    would make them itself. An error in ``make_batch`` reaches the loop at its next batch."""
 
     def __init__(self, config, tokenizer, rng, generator, ahead: int = 2):
         self.queue, self.stop = queue.Queue(maxsize=ahead), threading.Event()
@@ -155,15 +157,18 @@ class _Batches:
     def _produce(self, config, tokenizer, rng, generator):
         try:
             while not self.stop.is_set():
-                batch = make_batch(config, tokenizer, rng, generator, "cpu")
-                while not self.stop.is_set():
-                    try:
-                        self.queue.put(batch, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                self._put(make_batch(config, tokenizer, rng, generator, "cpu"))
         except Exception as error:  # noqa: BLE001 - handed to the training loop, which raises it
-            self.queue.put(error)
+            self._put(error)
+
+    def _put(self, item):
+        """Into the queue, unless the loop has stopped taking (close() must not wait on a full queue)."""
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
     def next(self, device: str):
         began = time.perf_counter()
@@ -233,7 +238,7 @@ def train(config: TrainConfig, out: Path, device: str = "cpu", save_every: float
     model.train()
     batches = _Batches(config, tokenizer, rng, generator)
     started, last_save = time.perf_counter() - elapsed, time.perf_counter()
-    last_log = (time.perf_counter(), 0.0)  # (clock, seconds waited for batches) at the last log line
+    last_log = (time.perf_counter(), 0.0, step)  # (clock, seconds waited for batches, step) at the last log line
     saved_at, pending = None, []
     try:
         while elapsed < config.seconds:
@@ -250,16 +255,18 @@ def train(config: TrainConfig, out: Path, device: str = "cpu", save_every: float
             pending.append(loss.detach())  # read back every 100 steps: .item() would wait for the GPU each step
             step += 1
             elapsed = time.perf_counter() - started
-            if step % 100 == 0 or elapsed >= config.seconds or time.perf_counter() - last_save > save_every:
+            save = time.perf_counter() - last_save > save_every or elapsed >= config.seconds
+            if step % 100 == 0 or save:
                 losses.extend(torch.stack(pending).tolist())
                 pending.clear()
             if step % 100 == 0:
                 now = time.perf_counter()
                 waiting = (batches.waited - last_log[1]) / (now - last_log[0])
                 log(f"step {step}  loss {sum(losses[-100:]) / 100:.4f}  {elapsed:.0f}/{config.seconds:.0f} s  "
-                    f"{100 / (now - last_log[0]):.1f} steps/s, {waiting:.0%} of it waiting for batches")
-                last_log = (now, batches.waited)
-            if time.perf_counter() - last_save > save_every or elapsed >= config.seconds:
+                    f"{(step - last_log[2]) / (now - last_log[0]):.1f} steps/s, {waiting:.0%} of it waiting for "
+                    "batches")
+                last_log = (now, batches.waited, step)
+            if save:
                 save_checkpoint(model, tokenizer, out)
                 torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                             "elapsed": elapsed, "losses": losses, "config": asdict(config), "earlier": earlier,
