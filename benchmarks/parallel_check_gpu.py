@@ -66,17 +66,19 @@ def main():
     def generate() -> torch.Tensor:
         return pipe(steps=args.steps, guidance_scale=4.0, seed=0, **call).frames[0]
 
-    rows, singles = [], {}
+    rows, singles, single_stats = [], {}, {}
     for recipe, parallel in checks:
         if recipe not in singles:  # the same recipe in this process alone, on this rank's GPU
-            with cadence.accelerate(pipe, recipe):
+            with cadence.accelerate(pipe, recipe) as acceleration:
                 singles[recipe] = generate()
+                single_stats[recipe] = acceleration.stats()
         with cadence.accelerate(pipe, recipe, parallel=ParallelConfig.parse(parallel)) as acceleration:
             output = generate()
             stats = acceleration.stats()
         row = {"recipe": recipe, "parallel": parallel, "psnr_db": psnr(output, singles[recipe]),
                "max_abs_diff": (output.float() - singles[recipe].float()).abs().max().item(),
-               "compute_fraction": stats.get("compute_fraction")}
+               "compute_fraction": stats.get("compute_fraction"),
+               "compute_fraction_one_process": single_stats[recipe].get("compute_fraction")}
         rows.append(row)
         if rank == 0:
             print(json.dumps(row), flush=True)

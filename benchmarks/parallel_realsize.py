@@ -96,7 +96,7 @@ def build(args, device: torch.device):
 def calibrations(pipe, call, args, rank: int) -> dict[str, str]:
     """MagCache's calibration, fitted once on rank 0 and read by every rank; a later run in the
     same call (the other GPU count) reads the one already fitted for its size."""
-    folder = f"{args.calibration_dir}/{args.size if not args.tiny else 'tiny'}"
+    folder = f"{args.calibration_dir}/{args.size if not args.tiny else 'tiny'}-{args.calibration_steps}"
     if rank == 0 and not os.path.isfile(f"{folder}/magcache.json"):
         calibrate(pipe, call, args.calibration_steps, {"magcache"}, folder)
     if dist.is_initialized():

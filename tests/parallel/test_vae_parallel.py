@@ -129,6 +129,8 @@ def test_parallel_config_vae_option_parses_validates_and_prints():
         ParallelConfig.parse("cfg=2, vae=yes")
     with pytest.raises(ValueError, match="vae_halo=4 is set but vae is off"):
         ParallelConfig.parse("cfg=2, vae_halo=4")
+    with pytest.raises(ValueError, match="vae_halo=3 is set but vae is off"):
+        ParallelConfig(cfg=2, vae_halo=3)  # as the parser refuses it: printed without vae, the halo would be lost
     with pytest.raises(ValueError, match="vae=2 must be True or False"):
         ParallelConfig(vae=2)
     with pytest.raises(ValueError, match="vae_halo=-3 must be an integer >= 0"):

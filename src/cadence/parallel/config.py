@@ -52,6 +52,8 @@ class ParallelConfig:
             raise ValueError(f"parallel vae={self.vae!r} must be True or False (vae=1 or vae=0)")  # noqa: TRY004
         if not isinstance(self.vae_halo, int) or isinstance(self.vae_halo, bool) or self.vae_halo < 0:
             raise ValueError(f"parallel vae_halo={self.vae_halo!r} must be an integer >= 0 (latent rows)")
+        if self.vae_halo != DEFAULT_VAE_HALO and not self.vae:
+            raise ValueError(f"parallel vae_halo={self.vae_halo} is set but vae is off; add vae=1")
 
     @property
     def sequence(self) -> int:
@@ -92,6 +94,4 @@ class ParallelConfig:
             values[name] = int(value)
         if not values:
             raise ValueError(f"--parallel {text!r} names no degree; e.g. 'ulysses=2, cfg=2'")
-        if "vae_halo" in values and not values.get("vae"):
-            raise ValueError(f"--parallel vae_halo={values['vae_halo']} is set but vae is off; add vae=1")
         return cls(**values)

@@ -119,7 +119,7 @@ def _sparse_sage(query, key, value, sparse: BlockSparse, scale, key_valid, backe
     if reason is not None:
         _warn_once(f"precision={precision!r}: the sparse sage kernel takes no {reason}; those calls run at the "
                    f"inputs' precision ({query.dtype})")
-        return attend(query, key, value, sparse, scale, key_valid, "auto" if backend == "reference" else backend)
+        return attend(query, key, value, sparse, scale, key_valid, backend)
     if not triton_available():
         raise ValueError(f"precision={precision!r} needs triton; install it or use precision='bf16'")
     from cadence.accel.attention import _sage_triton as sage
@@ -128,6 +128,10 @@ def _sparse_sage(query, key, value, sparse: BlockSparse, scale, key_valid, backe
     batch, heads = query.shape[:2]
     count, indices = sparse.kv_blocks(batch, heads)
     on_gpu = query.is_cuda and sage.supported(query.device, qk_format=qk_format, pv_format=pv_format)
+    if query.is_cuda and not on_gpu and backend != "reference":
+        # the emulation builds (B, H, S, S) logits: at a video's token count it would run out of memory
+        raise ValueError(f"precision={precision!r}: this GPU ({torch.cuda.get_device_name(query.device)}) has no FP8 "
+                         "for P·V (compute capability 8.9 or later); use precision='bf16'")
     if backend == "triton" or (backend == "auto" and on_gpu):
         low = query.dtype if query.dtype in (torch.bfloat16, torch.float16) or not on_gpu else torch.bfloat16
         out = sage.sparse_sage_attention(query.to(low), key.to(low), value.to(low), count, indices, sparse.block,
