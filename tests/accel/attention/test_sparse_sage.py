@@ -237,5 +237,9 @@ def test_head_size_the_kernel_cannot_take_runs_at_model_precision_with_a_warning
 def test_bad_precision_refused(settings, message):
     with pytest.raises(ValueError, match=message):
         WindowConfig(**settings)
+
+
+def test_the_dense_calls_take_the_patterns_precision():
     assert WindowConfig(precision="fp8", backend="triton").dense_backend == "sage-fp8"
+    assert WindowConfig(precision="int8").dense_backend == "sage"
     assert WindowConfig().dense_backend == "auto"  # today's default: unchanged
