@@ -5,9 +5,8 @@ and step). CPU: `PYTHONPATH=src python benchmarks/mask_drift.py` (a few minutes)
 """
 import time
 
-import torch
-
 import cadence
+from cadence.bench.metrics import psnr
 from cadence.reference import data
 
 pipe = cadence.load("ref-video")
@@ -21,9 +20,6 @@ def run(recipe=None):
         with cadence.accelerate(pipe, recipe) as a:
             outs.append(pipe(prompt=p, steps=20, seed=0).frames[0]); stats = a.stats()
     return outs, stats
-def psnr(a, b):
-    mse = ((a.float() - b.float()) ** 2).mean().item()
-    return 10 * torch.log10(torch.tensor(4.0 / mse)).item()  # pixels in [-1, 1]: peak-to-peak 2
 base, _ = run()
 for recipe in ["sparse-topk(density=0.5)", "sparse-topk(density=0.5, mask_every=5)",
                "sparse-topk(density=0.5, mask_every=5, mask_drift=0.05)", "sparse-topk(density=0.5, mask_every=5, mask_drift=0.1)",

@@ -5,7 +5,8 @@ recipe compiled by inductor, each against the same recipe in one process on the 
 The CPU tests (tests/parallel, gloo) cover every technique family but cannot run Ring (it needs
 attention that returns its log-sum-exp: diffusers' cuDNN backend) nor inductor's kernels. Here
 both run. In bf16 a sequence split changes the order of sums, so the outputs differ in the last
-bits; the figure is PSNR against one process (inf where bit-identical).
+bits; the figure is PSNR against one process over the frames' [-1, 1] range (cadence.bench.metrics.psnr,
+as everywhere in RESULTS.md; inf where bit-identical).
 
     torchrun --nproc-per-node 2 benchmarks/parallel_check_gpu.py --out $OUT/parallel_check_gpu.json
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from datetime import date
 
 import torch
@@ -22,6 +22,7 @@ import torch.distributed as dist
 from wan_realsize import cast_like_from_pretrained
 
 import cadence
+from cadence.bench.metrics import psnr
 from cadence.loading import load_reference
 from cadence.models.defaults import VIDEO_RECIPE
 from cadence.parallel import ParallelConfig, init
@@ -34,11 +35,6 @@ CHECKS = (
     (VIDEO_RECIPE, "cfg=2"),
     ("magcache(budget=0.3)", "ring=2"),
 )
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = (a.float() - b.float()).pow(2).mean().item()
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
 def main():

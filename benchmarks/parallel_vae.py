@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from diffusers import AutoencoderKLWan
 
+from cadence.bench.metrics import psnr
 from cadence.parallel import device_for_rank, init
 from cadence.parallel import vae as vae_bands
 
@@ -52,10 +53,10 @@ def timed(fn, device: torch.device) -> tuple[torch.Tensor, float]:
     return out, start.elapsed_time(end) / 1000
 
 
-def psnr(got: torch.Tensor, expected: torch.Tensor) -> float | None:
+def psnr_db(got: torch.Tensor, expected: torch.Tensor) -> float | None:
     """dB over the decoder's [-1, 1] range; None where the two are equal (JSON has no inf)."""
-    mse = (got.float() - expected.float()).pow(2).mean().item()
-    return None if mse == 0 else 10 * math.log10(2.0**2 / mse)
+    value = psnr(got, expected)
+    return None if math.isinf(value) else value
 
 
 def main() -> None:
@@ -101,7 +102,7 @@ def main() -> None:
             entry = {"seconds": float(slowest), "speedup": one_process / float(slowest),
                      "rows_per_rank": max(min(end + halo, latent_shape[2]) - max(start - halo, 0)
                                           for start, end in vae_bands.band_bounds(latent_shape[2], world)),
-                     "psnr_db": psnr(video, reference),
+                     "psnr_db": psnr_db(video, reference),
                      "max_abs_diff": (video.float() - reference.float()).abs().max().item()}
             result["bands"][halo] = entry
             print(f"halo={halo}: {entry}", flush=True)
