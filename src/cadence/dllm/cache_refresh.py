@@ -167,8 +167,9 @@ class ElasticCacheConfig(KVCacheConfig):
     keeps that input, the residual stream entering the watched layer, and a depth-aware refresh
     feeds the layers the kept input of the cached tokens with the active tokens' fresh one in
     their place. The paper, as we read it, recomputes from the drifting layer with what its
-    forward has at hand. Here the cached tokens' inputs are the last full refresh's, which the
-    paper's premise (shallow layers drift least) makes a small error. At ``layer=0`` that input is
+    forward has at hand. Here the cached tokens' inputs are the last full refresh's: by the
+    paper's premise (shallow layers drift least) a small error, not measured here (the
+    test bounds it on a random tiny model only). At ``layer=0`` that input is
     the token embeddings, which never go stale, so the refresh equals a full one bit for bit.
     """
 

@@ -7,7 +7,8 @@ integers allow) plus ``halo`` rows above and below where it has a neighbour, wit
 model's own ``_decode``: Wan's decoder still runs frame by frame with its causal feature
 cache, so the time axis is untouched. The halo rows are cropped off in pixel space and the
 bands all-gathered (every rank gets the video: the pipeline goes on to post-process it on
-every rank, and an all-gather costs the same as a gather to rank 0 over NVLink).
+every rank, and an all-gather moves each band once to every rank, as many bytes per link as a
+gather to rank 0; neither is timed yet).
 
 Which of AutoencoderKLWan's decoder ops see more than a pixel's neighbourhood:
 
@@ -22,8 +23,8 @@ Which of AutoencoderKLWan's decoder ops see more than a pixel's neighbourhood:
   first mid-block residual block before it), attends over the whole frame as one process
   does, and keeps its band's rows (its halo rows too, so they leave the attention exact).
   It costs one all-gather per frame chunk at latent resolution (C x H x W per rank) and
-  the attention repeated on every rank, small next to the decoder's convolutions at 2x to
-  8x resolution. A halo under 3 rows feeds the attention a wrong seam, and the attention
+  the attention repeated on every rank, at latent resolution where the decoder's convolutions
+  run at 2x to 8x (expected small; not timed). A halo under 3 rows feeds the attention a wrong seam, and the attention
   spreads that error over the whole frame (measured: 33 dB at halo 1 on the tiny config,
   the error no longer confined to the seam).
 
