@@ -79,7 +79,7 @@ def test_the_cache_goes_by_the_keyword_the_installed_transformers_takes():
     """transformers 5.2x takes ``cache``, 5.17 (the GPU image) ``past_key_values``: the caches pass
     it by the name the forward declares, and a call that brings its own cache under either name
     is left to the model."""
-    from cadence.dllm.cache import has_no_cache, with_cache
+    from cadence.dllm.cache import cache_keyword, has_no_cache
 
     class Old(torch.nn.Module):
         def forward(self, input_ids, past_key_values=None, **kwargs): ...
@@ -87,8 +87,15 @@ def test_the_cache_goes_by_the_keyword_the_installed_transformers_takes():
     class New(torch.nn.Module):
         def forward(self, input_ids, cache=None, **kwargs): ...
 
+    class Head(torch.nn.Module):  # a head model taking it through **kwargs: its inner model decides
+        def __init__(self):
+            super().__init__()
+            self.model = New()
+
+        def forward(self, input_ids, **kwargs): ...
+
     held = object()
-    assert with_cache(Old(), held) == {"past_key_values": held}
-    assert with_cache(New(), held) == {"cache": held}
+    assert cache_keyword(Old()) == "past_key_values" and cache_keyword(New()) == "cache"
+    assert cache_keyword(Head()) == "cache"
     assert has_no_cache({"attention_mask": None})
     assert not has_no_cache({"past_key_values": held}) and not has_no_cache({"cache": held})

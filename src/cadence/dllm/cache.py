@@ -27,7 +27,6 @@ those from the first position still masked at the refresh to the end of the inpu
 
 from __future__ import annotations
 
-import functools
 import inspect
 from dataclasses import dataclass
 
@@ -87,18 +86,14 @@ class Splice:
                 torch.cat((values[:, :, :self.start], value, values[:, :, self.end:]), dim=2))
 
 
-@functools.cache
-def _cache_keyword(classes: tuple[type, ...]) -> str:
-    signatures = (inspect.signature(cls.forward).parameters for cls in classes)
-    return next((name for parameters in signatures for name in ("cache", "past_key_values") if name in parameters),
-                "past_key_values")
-
-
-def with_cache(module: torch.nn.Module, cache) -> dict:
+def cache_keyword(module: torch.nn.Module) -> str:
     """``module``'s forward keyword for a KV cache: transformers renamed ``past_key_values`` to
     ``cache`` in its 5.2x releases (the GPU image has 5.17). A head model (``...ForMaskedLM``)
-    may take it through ``**kwargs``: the first of its modules whose forward names one decides."""
-    return {_cache_keyword(tuple(type(m) for m in module.modules())): cache}
+    may take it through ``**kwargs``: the first of its modules whose forward names one decides.
+    Read once, when a cache is installed."""
+    signatures = (inspect.signature(type(m).forward).parameters for m in module.modules())
+    return next((name for parameters in signatures for name in ("cache", "past_key_values") if name in parameters),
+                "past_key_values")
 
 
 def split_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, tuple, bool]:
@@ -128,6 +123,7 @@ class KVCacheHook(ModelHook):
         super().__init__()
         self.config = config
         self.model = model
+        self.cache_keyword = cache_keyword(model)
         self.mask_token_id = model.config.mask_token_id
         self.record: Record | None = None
         self.full_forwards = self.partial_forwards = self.computed_tokens = self.total_tokens = 0
@@ -164,7 +160,7 @@ class KVCacheHook(ModelHook):
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
         sliced = {**kwargs, "position_ids": position_ids[:, start:end]}
         output = self.fn_ref.original_forward(input_ids=input_ids[:, start:end],
-                                              **with_cache(self.model, self._splice(start, end)), **sliced)
+                                              **{self.cache_keyword: self._splice(start, end)}, **sliced)
         logits = self.logits.clone()  # (B, tokens, vocab): the refresh's rows outside [start, end)
         logits[:, start:end] = output.logits
         output.logits = logits
@@ -199,7 +195,7 @@ class KVCacheHook(ModelHook):
 
     def _refresh(self, input_ids, kwargs, key):
         record = Record()
-        output = self.fn_ref.original_forward(input_ids=input_ids, **with_cache(self.model, record), **kwargs)
+        output = self.fn_ref.original_forward(input_ids=input_ids, **{self.cache_keyword: record}, **kwargs)
         self.record, self.key, self.logits = record, key, output.logits
         self.steps_since_refresh = 0
         self.full_forwards += 1

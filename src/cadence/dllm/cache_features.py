@@ -58,7 +58,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from cadence.accel.registry import param, register
-from cadence.dllm.cache import has_no_cache, same_padding, split_call, with_cache
+from cadence.dllm.cache import cache_keyword, has_no_cache, same_padding, split_call
 from cadence.dllm.plan import install_term, plan_of
 from cadence.dllm.policies import DllmTerm
 from cadence.models.llada import dllm_family_of
@@ -186,6 +186,7 @@ class FeatureCacheHook(ModelHook):
     def __init__(self, config, model, layers):
         super().__init__()
         self.config, self.model, self.layers = config, model, layers
+        self.cache_keyword = cache_keyword(layers[0].self_attn)
         self.mask_token_id = model.config.mask_token_id
         self.step = _Step()
         self.proxies = _singular_proxies(layers, config.rank) if isinstance(config, SpaCacheConfig) else None
@@ -257,7 +258,7 @@ class FeatureCacheHook(ModelHook):
         if rows.shape[1]:
             attention, _ = layer.self_attn(
                 hidden_states=_rows_of(normed, rows, 1),
-                **with_cache(layer.self_attn, _Splice(cache, rows)),
+                **{self.cache_keyword: _Splice(cache, rows)},
                 attention_mask=_rows_of(kwargs.get("attention_mask"), rows, 2),
                 position_embeddings=tuple(_rows_of(part, rows, 1) for part in kwargs["position_embeddings"]),
                 **{
@@ -302,7 +303,7 @@ class FeatureCacheHook(ModelHook):
 
     def _full(self, cache, layer, hidden_states, normed, kwargs):
         """The layer's own computation, in its own order, keeping what it computed."""
-        attention, _ = layer.self_attn(hidden_states=normed, **with_cache(layer.self_attn, _LayerRecord(cache)), **kwargs)
+        attention, _ = layer.self_attn(hidden_states=normed, **{self.cache_keyword: _LayerRecord(cache)}, **kwargs)
         hidden_states = hidden_states + attention
         ffn = layer.mlp(layer.post_attention_layernorm(hidden_states))
         cache.attention, cache.ffn = attention, ffn

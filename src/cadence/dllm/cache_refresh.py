@@ -34,7 +34,6 @@ from cadence.dllm.cache import (
     Splice,
     apply_hook,
     same_padding,
-    with_cache,
 )
 from cadence.dllm.plan import plan_of
 from cadence.models.llada import dllm_family_of
@@ -124,7 +123,7 @@ class DkvCacheHook(KVCacheHook):
                 position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
             sliced = {**kwargs, "position_ids": position_ids[:, index]}
             output = self.fn_ref.original_forward(input_ids=input_ids[:, index],
-                                                  **with_cache(self.model, _Scatter(self.record, index)), **sliced)
+                                                  **{self.cache_keyword: _Scatter(self.record, index)}, **sliced)
             logits[:, index] = output.logits
         else:  # nothing changed since the last step: the cache answers alone
             output = self.output_type()
@@ -360,7 +359,7 @@ class ElasticCacheHook(KVCacheHook):
         hidden[:, start:end] = self.watch.layer_input  # the abandoned step caught the active tokens' input
         record = Record()
         with self.watch.from_watched_layer(hidden):
-            output = self.fn_ref.original_forward(input_ids=input_ids, **with_cache(self.model, record), **kwargs)
+            output = self.fn_ref.original_forward(input_ids=input_ids, **{self.cache_keyword: record}, **kwargs)
         self.record.keys.update(record.keys)  # the watched layer and deeper; the shallower ones stay
         self.record.values.update(record.values)
         self.logits, self.layer_input = output.logits, hidden
