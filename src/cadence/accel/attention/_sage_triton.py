@@ -439,26 +439,6 @@ def _attend_kept(acc, l_i, m_i, q, q_scale, k_base, ks_base, v_base, idx_row, st
 
 
 @triton.jit
-def kept_steps(idx_row, stride_ii, num, num_kv_blocks, seq, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-               HAS_TAIL: tl.constexpr):
-    """A query block's kept key blocks (``num`` indices at ``idx_row``) as steps of BLOCK_N keys:
-    -> (end of the unmasked steps, end of the steps of the partial last key block). The indices
-    ascend, so that block, if kept, is listed last: every other block runs unmasked, it alone
-    with the key mask and only over the steps that hold a real key (a masked step needs one for
-    a finite row max). Both block-sparse kernels (this module's and _triton's) count with it."""
-    SUB: tl.constexpr = BLOCK_SIZE // BLOCK_N
-    n_full = num
-    tail_steps = 0
-    if HAS_TAIL:
-        last = tl.load(idx_row + tl.maximum(num - 1, 0) * stride_ii)
-        tail_kept = (num > 0) & (last == num_kv_blocks - 1)
-        n_full = num - tail_kept.to(tl.int32)
-        tail_len = seq - (num_kv_blocks - 1) * BLOCK_SIZE
-        tail_steps = tl.where(tail_kept, tl.cdiv(tail_len, BLOCK_N), 0)
-    return n_full * SUB, n_full * SUB + tail_steps
-
-
-@triton.jit
 def _sparse_sage_fwd(Q, K, V, QS, KS, VS, O, NUM, IDX, seq, seq_pad_q, seq_pad_kv, heads, num_kv_blocks,
                      stride_vb, stride_vh, stride_vs, stride_vd,
                      stride_ob, stride_oh, stride_os, stride_od,
@@ -488,13 +468,24 @@ def _sparse_sage_fwd(Q, K, V, QS, KS, VS, O, NUM, IDX, seq, seq_pad_q, seq_pad_k
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)  # (BLOCK_M, D)
-    full_end, tail_end = kept_steps(idx_row, stride_ii, num, num_kv_blocks, seq, BLOCK_SIZE, BLOCK_N, HAS_TAIL)
+    SUB: tl.constexpr = BLOCK_SIZE // BLOCK_N
+    n_full = num
+    tail_steps = 0
+    if HAS_TAIL:
+        # The indices ascend, so the partial last key block, if kept, is listed last: every
+        # other block runs unmasked, that one alone with the key mask, and only over the
+        # steps that hold a real key (_update's mask needs one per step for a finite max).
+        last = tl.load(idx_row + tl.maximum(num - 1, 0) * stride_ii)
+        tail_kept = (num > 0) & (last == num_kv_blocks - 1)
+        n_full = num - tail_kept.to(tl.int32)
+        tail_len = seq - (num_kv_blocks - 1) * BLOCK_SIZE
+        tail_steps = tl.where(tail_kept, tl.cdiv(tail_len, BLOCK_N), 0)
     acc, l_i, m_i = _attend_kept(acc, l_i, m_i, q, q_scale, k_base, ks_base, v_base, idx_row, stride_ii,
-                                 0, full_end, seq, stride_vs, stride_vd, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_SIZE,
+                                 0, n_full * SUB, seq, stride_vs, stride_vd, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_SIZE,
                                  QK_INT8, PV_FP8, MAGIC_INT8, EXP, EXACT_FP8, TWO_LEVEL, False)
     if HAS_TAIL:
         acc, l_i, m_i = _attend_kept(acc, l_i, m_i, q, q_scale, k_base, ks_base, v_base, idx_row, stride_ii,
-                                     full_end, tail_end, seq, stride_vs, stride_vd,
+                                     n_full * SUB, n_full * SUB + tail_steps, seq, stride_vs, stride_vd,
                                      HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_SIZE, QK_INT8, PV_FP8, MAGIC_INT8, EXP,
                                      EXACT_FP8, TWO_LEVEL, True)
     # A query block with no kept key block has l_i = 0 and acc = 0: it writes zeros.

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from cadence.accel.attention._sage_triton import kept_steps
 from cadence.accel.attention.block_mask import BlockSparse
 
 HEAD_DIMS = (16, 32, 64, 128)
@@ -151,12 +150,23 @@ def _block_sparse_fwd(Q, K, V, O, NUM, IDX, seq, heads, num_kv_blocks, qk_scale,
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running row sum of exp2
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)  # (BLOCK_M, D)
 
-    full_end, tail_end = kept_steps(idx_row, stride_ii, num, num_kv_blocks, seq, BLOCK_SIZE, BLOCK_N, HAS_TAIL)
-    acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_src, v_src, idx_row, stride_ii, 0, full_end, seq, qk_scale,
+    SUB: tl.constexpr = BLOCK_SIZE // BLOCK_N
+    n_full = num
+    tail_steps = 0
+    if HAS_TAIL:
+        # The indices ascend, so the partial last key block, if kept, is listed last: run
+        # every other block unmasked and that one alone with the key mask.
+        last = tl.load(idx_row + tl.maximum(num - 1, 0) * stride_ii)
+        tail_kept = (num > 0) & (last == num_kv_blocks - 1)
+        n_full = num - tail_kept.to(tl.int32)
+        tail_len = seq - (num_kv_blocks - 1) * BLOCK_SIZE
+        tail_steps = tl.where(tail_kept, tl.cdiv(tail_len, BLOCK_N), 0)
+    acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_src, v_src, idx_row, stride_ii, 0, n_full * SUB, seq, qk_scale,
                             stride_ks, stride_kd, stride_vs, stride_vd,
                             HEAD_DIM, BLOCK_N, BLOCK_SIZE, False, USE_TMA)
     if HAS_TAIL:
-        acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_src, v_src, idx_row, stride_ii, full_end, tail_end, seq, qk_scale,
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_src, v_src, idx_row, stride_ii, n_full * SUB,
+                                n_full * SUB + tail_steps, seq, qk_scale,
                                 stride_ks, stride_kd, stride_vs, stride_vd,
                                 HEAD_DIM, BLOCK_N, BLOCK_SIZE, True, USE_TMA)
 
