@@ -108,21 +108,26 @@ def reference_weights(name: str) -> Path:
 
 
 def transformer_folder(checkpoint: Path) -> Path:
-    """A checkpoint's ``transformer/`` folder, readable by ``from_pretrained``. Its weights may
-    ship xz-compressed (``*.safetensors.xz``: the reference checkpoints' 18 MB of weights are
-    13 MB packed, and what travels to the GPU machine, the tracked tree included, is at most
-    64 MiB). They are unpacked once into the cache with the JSON beside them, keyed by the
-    checkpoint's place and its files' names, sizes and times (no file read on a cache hit).
-    Several processes may unpack at once (torchrun's ranks): each into its own folder, and
-    the first to finish is the one kept. Unpacked weights in the folder (a fresh ``cadence
-    train``) win over packed ones. Calibrations stay with the checkpoint: ``load_reference``
-    points the model at this folder, not at the cache."""
+    """A checkpoint's ``transformer/`` folder, readable by ``from_pretrained`` (:func:`unpacked`).
+    Calibrations stay with the checkpoint: ``load_reference`` points the model at this folder,
+    not at the cache."""
+    return unpacked(Path(checkpoint) / "transformer")
+
+
+def unpacked(folder: Path) -> Path:
+    """``folder`` with its xz-compressed weights (``*.safetensors.xz``) unpacked: ref-video's
+    17.5 MiB of weights are 12.2 MiB packed, ref-dllm's 9.8 MiB are 7.0 MiB, and what travels
+    to the GPU machine, the tracked tree included, is at most 64 MiB. They are unpacked once into the cache with the
+    folder's JSON (configs, tokenizer) beside them, keyed by the folder's place and its files'
+    names, sizes and times (no file read on a cache hit). Several processes may unpack at once
+    (torchrun's ranks): each into its own folder, and the first to finish is the one kept.
+    Unpacked weights in the folder (a fresh ``cadence train``) win over packed ones."""
     import hashlib
     import lzma
     import os
     import shutil
 
-    folder = (Path(checkpoint) / "transformer").resolve()
+    folder = Path(folder).resolve()
     packed = sorted(folder.glob("*.safetensors.xz"))
     if not packed or any(folder.glob("*.safetensors")):
         return folder
@@ -132,25 +137,25 @@ def transformer_folder(checkpoint: Path) -> Path:
         stat = path.stat()
         stamp.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     cache = Path(os.environ.get("CADENCE_CACHE", Path.home() / ".cache" / "cadence"))
-    target = cache / "checkpoints" / f"{folder.parent.name}-{stamp.hexdigest()[:16]}"
-    if (target / "transformer" / "config.json").is_file():
-        return target / "transformer"
+    target = cache / "checkpoints" / f"{folder.parent.name}-{folder.name}-{stamp.hexdigest()[:16]}"
+    if (target / "config.json").is_file():
+        return target
     partial = target.with_name(f"{target.name}.{os.getpid()}.partial")  # never read before it is whole
     shutil.rmtree(partial, ignore_errors=True)
-    (partial / "transformer").mkdir(parents=True)
+    partial.mkdir(parents=True)
     for path in files:
         if path.suffix == ".xz":
-            with lzma.open(path) as source, open(partial / "transformer" / path.stem, "wb") as out:
+            with lzma.open(path) as source, open(partial / path.stem, "wb") as out:
                 shutil.copyfileobj(source, out, length=2**22)
         else:
-            shutil.copy2(path, partial / "transformer" / path.name)
-    if target.exists() and not (target / "transformer" / "config.json").is_file():
+            shutil.copy2(path, partial / path.name)
+    if target.exists() and not (target / "config.json").is_file():
         shutil.rmtree(target, ignore_errors=True)  # a damaged copy, not one being written (those are partial)
     try:
         os.replace(partial, target)
     except OSError:  # another process finished first: its copy is the same
         shutil.rmtree(partial, ignore_errors=True)
-    return target / "transformer"
+    return target
 
 
 def load_reference(name: str, text_encoder: bool = True):

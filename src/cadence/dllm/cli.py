@@ -29,6 +29,14 @@ def _device(value: str | None) -> str:
     return value
 
 
+def _command_line() -> str:
+    """The command as a user types it: as typed under ``cadence``; ``cadence dllm`` and the
+    arguments when started as a script (benchmarks/dllm_cli.py, which runs this group)."""
+    if Path(sys.argv[0]).name == "cadence":
+        return shlex.join(["cadence", *sys.argv[1:]])
+    return shlex.join(["cadence", "dllm", *sys.argv[1:]])
+
+
 @click.group()
 def dllm():
     """Masked-diffusion language models: decode, benchmark and train ref-dllm."""
@@ -113,7 +121,7 @@ def bench(model, recipes, peers, tasks, prompts, gen_length, batch_size, device,
     except ValueError as error:
         raise click.ClickException(str(error)) from None
     if out is not None:
-        meta = {"command": shlex.join(["cadence", *sys.argv[1:]]), "device": str(
+        meta = {"command": _command_line(), "device": str(
             torch.cuda.get_device_name() if device.startswith("cuda") else "CPU"), "torch": torch.__version__}
         write_report(rows, out, meta)
         click.echo(f"wrote {out}/table.md, rows.json, frontier.png")
@@ -154,6 +162,6 @@ def train(size, out, seconds, device, gen_length, block_length, batch, lr, tasks
     click.echo(f"{summary['steps']} steps in {summary['seconds']} s, final loss {summary['final_loss']}")
     if card_prompts:
         model, tokenizer = dllm_package.load(out, device=device)
-        card = write_card(Path(out), model, tokenizer, summary, "cadence dllm " + shlex.join(sys.argv[2:]),
+        card = write_card(Path(out), model, tokenizer, summary, _command_line(),
                           prompts_per_task=card_prompts)
         click.echo("plain decoding accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in card["accuracy"].items()))

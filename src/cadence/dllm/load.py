@@ -11,14 +11,23 @@ from cadence.dllm.tokenizer import check_tokenizer, load_tokenizer
 CHECKPOINT = Path(__file__).resolve().parents[1] / "reference" / "checkpoints" / "ref-dllm"
 
 
+def checkpoint_directory(path: str | Path | None = None) -> Path:
+    """The directory of ``path``: ref-dllm's shipped checkpoint for None or "ref-dllm"."""
+    return Path(path) if path is not None and str(path) != "ref-dllm" else CHECKPOINT
+
+
 def load(path: str | Path | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) of ref-dllm, or of the checkpoint directory ``path``, checked to match."""
+    """(model, tokenizer) of ref-dllm, or of the checkpoint directory ``path``, checked to match.
+    Weights shipped xz-packed (ref-dllm's) are unpacked once into the cache (``loading.unpacked``)."""
     from transformers import EuroBertForMaskedLM
 
-    directory = Path(path) if path is not None and str(path) != "ref-dllm" else CHECKPOINT
+    from cadence.loading import unpacked
+
+    directory = checkpoint_directory(path)
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"no dLLM checkpoint in {str(directory)!r} (config.json missing); ref-dllm is made by "
                                 "`cadence dllm train --out src/cadence/reference/checkpoints/ref-dllm`")
+    directory = unpacked(directory)
     model = EuroBertForMaskedLM.from_pretrained(directory, dtype=dtype, attn_implementation="sdpa").to(device).eval()
     tokenizer = load_tokenizer(directory)
     check_tokenizer(model, tokenizer)

@@ -30,8 +30,9 @@ def build_tokenizer():
     core.decoder = decoders.Fuse()  # characters join back without spaces between them
     # a prompt starts with [BOS], as in training, whoever tokenizes it (LLaDA2Pipeline does)
     core.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, vocab[BOS])])
+    # left padding, as generation wants it: a batch's answers start in one column (LLaDA2Pipeline)
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, bos_token=BOS, eos_token=EOS,
-                                   mask_token=MASK, unk_token=UNK)
+                                   mask_token=MASK, unk_token=UNK, padding_side="left")
 
 
 def load_tokenizer(directory: str | Path):

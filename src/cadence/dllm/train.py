@@ -186,7 +186,7 @@ class _Batches:
 def _initial_weights(model, init: Path, log) -> int:
     """Load a checkpoint's weights into ``model`` (refusing another architecture); returns the
     steps that checkpoint had been trained for (0 where its train.json is missing)."""
-    from cadence.dllm.load import load
+    from cadence.dllm.load import checkpoint_directory, load
 
     source, _ = load(init)
     keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
@@ -195,7 +195,7 @@ def _initial_weights(model, init: Path, log) -> int:
     if ours != theirs:
         raise ValueError(f"--init {str(init)!r} is another architecture: {theirs}; this size is {ours}")
     model.load_state_dict(source.state_dict())
-    record = Path(init) / "train.json"
+    record = checkpoint_directory(init) / "train.json"
     trained = json.loads(record.read_text()) if record.is_file() else {}
     steps = trained.get("total_steps", trained.get("steps", 0))
     log(f"starting from the weights of {init} ({steps} steps), with a fresh optimizer")
