@@ -2,12 +2,21 @@
 
 import optuna
 import pytest
+import torch
 
+from cadence.accel.attention import kernels
 from cadence.accel.registry import LEVELS, load_builtin
 from cadence.recipe import Recipe
 from cadence.tune.cost import CostModel
 from cadence.tune.prompts import split_prompts
-from cadence.tune.space import NONE, SearchSpace, features, is_peer
+from cadence.tune.space import (
+    CUDA_ONLY_BACKENDS,
+    NONE,
+    SearchSpace,
+    features,
+    is_peer,
+    unusable_backends,
+)
 
 
 def test_every_registered_technique_but_the_peers_is_searched_at_its_level():
@@ -131,3 +140,70 @@ def test_a_prompt_file_too_short_to_split_is_refused(tmp_path):
     prompts.write_text("a red square\n")
     with pytest.raises(ValueError, match="holds 1 prompt.*at least 2"):
         split_prompts(str(prompts), video=True, tuning=2, check=2, seeds=1)
+
+
+class _TinyAttention(torch.nn.Module):
+    """What the probe reads off a model: its first attention module's heads and Q projection
+    (diffusers' Attention), here 2 heads of 64."""
+
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        self.heads = 2
+        self.to_q = torch.nn.Linear(8, 128, dtype=dtype)
+
+
+def _failing(monkeypatch, failing: set[str]) -> list:
+    """kernels.dense as the H200 answered a float32 model for ``failing``; the calls it saw."""
+    from cadence.tune import space as space_module
+
+    calls = []
+
+    def dense(query, key, value, backend="auto", **kwargs):
+        calls.append((backend, query.shape, query.dtype))
+        if backend in failing:
+            raise RuntimeError("No available kernel. Aborting execution.\nmore detail")
+        return query
+
+    monkeypatch.setattr(space_module.kernels, "dense", dense)
+    return calls
+
+
+def test_a_dense_backend_that_fails_on_the_model_is_left_out_with_its_error(monkeypatch):
+    calls = _failing(monkeypatch, {"flash", "cudnn"})
+    space = SearchSpace.from_registry(include=("attention-backend", "magcache"), device="cuda", model=_TinyAttention())
+    assert {backend for backend, _, _ in calls} == set(kernels.DENSE_BACKENDS)  # every backend the device has
+    assert all(shape[-1] == 64 and dtype == torch.float32 for _, shape, dtype in calls)  # the model's head size
+    assert "attention-backend backend 'flash' left out: it fails on this model's float32 attention: RuntimeError: " \
+           "No available kernel. Aborting execution." in space.notes
+    assert set(space.backends) == set(kernels.DENSE_BACKENDS) - {"flash", "cudnn"}
+    assert "attention-backend" in space.choices["token"] and "cudnn/flash left out" in space.describe()
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    proposed = {getattr(config, "backend", None) for _ in range(40) for config in space.suggest(study.ask()).techniques}
+    assert proposed - {None} <= set(space.backends) and len(proposed - {None}) > 1
+
+
+def test_a_recipe_on_a_failing_default_backend_is_not_enqueued_or_compared(monkeypatch):
+    _failing(monkeypatch, {"cudnn"})  # attention-backend's default
+    space = SearchSpace.from_registry(include=("attention-backend", "magcache"), device="cuda", model=_TinyAttention())
+    default_backend = Recipe.parse("magcache(budget=0.3) + attention-backend")
+    assert space.params_of(default_backend)["token"] == NONE and "backend" not in space.params_of(default_backend)
+    assert space.restrict(default_backend) == Recipe.parse("magcache(budget=0.3)")
+    sage = Recipe.parse("magcache(budget=0.3) + attention-backend(backend='sage')")
+    assert space.restrict(sage) == sage and space.suggest(optuna.trial.FixedTrial(space.params_of(sage))) == sage
+
+
+def test_a_dense_technique_with_no_backend_left_is_left_out_and_the_level_keeps_the_others(monkeypatch):
+    _failing(monkeypatch, set(kernels.DENSE_BACKENDS))
+    space = SearchSpace.from_registry(include=("attention-backend", "sparse-window"), model=_TinyAttention())
+    assert space.choices["token"] == (NONE, "sparse-window")
+    assert "attention-backend left out: none of its backends runs on this model" in space.notes
+    with pytest.raises(ValueError, match="search space is empty"):
+        SearchSpace.from_registry(include=("attention-backend",), model=_TinyAttention())
+
+
+def test_the_probe_runs_the_real_kernels_and_keeps_every_cpu_backend_on_a_float32_model():
+    space = SearchSpace.from_registry(include=("attention-backend",), device="cpu", model=_TinyAttention())
+    assert set(space.backends) == set(kernels.DENSE_BACKENDS) - set(CUDA_ONLY_BACKENDS)
+    assert not any("left out: it fails" in note for note in space.notes) and "left out: they" not in space.describe()
+    failing = unusable_backends(_TinyAttention(), ("auto", "efficient"))  # no efficient kernel on the CPU
+    assert set(failing) == {"efficient"} and failing["efficient"].startswith("RuntimeError: ")

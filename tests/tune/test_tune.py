@@ -29,9 +29,12 @@ def pipe():
 def _confirm_on_quality():
     """The confirmation asks for the bars and for a speedup over the baseline timed beside it;
     on a busy CI machine a single confirmation case of a 3-s generation can time a 1.8x
-    candidate at 0.8x. These tests check the search's logic: the speed rule is tested alone
-    (test_holds_asks_for_the_bars_and_a_speedup)."""
+    candidate at 0.8x, and the search stops or rejects a sub-second generation that times
+    twice the baseline's. These tests check the search's logic, so neither time rule applies
+    here: the speed rule is tested alone (test_holds_asks_for_the_bars_and_a_speedup)."""
     with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(search_module, "STOP_FACTOR", 1e6)
+        patch.setattr(search_module, "SLOW_MARGIN", 1e6)
         patch.setattr(search_module, "holds", lambda measures, entry: entry["quality"] is not None and
                       quality_module.meets(measures, entry["quality"], within_margin=False))
         yield
@@ -238,3 +241,47 @@ def test_a_candidate_the_sampler_proposes_again_is_not_run_again(pipe, tmp_path,
     assert trials[1].user_attrs["repeat_of"] == 0 and trials[1].value == trials[0].value
     # trial 0, its confirmation, then the check
     assert len(runs) == len(result.split.tuning_cases) + len(result.split.confirm_cases) + len(result.split.check_cases)
+
+
+def test_a_failed_candidate_proposed_again_is_answered_from_its_failure_not_run(pipe, tmp_path, monkeypatch):
+    from cadence.tune import space as space_module
+
+    original = space_module.kernels.dense
+
+    def no_sage(query, key, value, backend="auto", **kwargs):
+        if backend == "sage":  # as SDPA's flash answers a float32 model on an H200 (the CPU has no flash to probe)
+            raise RuntimeError("No available kernel. Aborting execution.")
+        return original(query, key, value, backend=backend, **kwargs)
+
+    monkeypatch.setattr(space_module.kernels, "dense", no_sage)
+    asked = settings(tmp_path, trials=2, include=("fixed-interval", "attention-backend"))
+    enqueue(asked, "fixed-interval(budget=0.3)", "fixed-interval(budget=0.3)")
+    runs = []
+
+    def failing(self, recipe, case, deadline=None):
+        runs.append(case)
+        raise RuntimeError("No available kernel. Aborting execution.")
+
+    monkeypatch.setattr(evaluate_module.Evaluator, "run", failing)
+    with pytest.raises(TuneRefused, match="no candidate was measured in 2 trial"):
+        tune(pipe, asked)
+    trials = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{tmp_path / 'study.db'}").trials
+    assert len(runs) == 1  # the first trial's first case; the second trial is answered from it
+    assert trials[0].state == optuna.trial.TrialState.FAIL
+    assert trials[0].user_attrs["rejected"] == "RuntimeError: No available kernel. Aborting execution."
+    assert trials[1].state == optuna.trial.TrialState.PRUNED and trials[1].user_attrs["repeat_of"] == 0
+    assert trials[1].user_attrs["rejected"] == ("as trial 0, the same candidate: RuntimeError: No available kernel. "
+                                                "Aborting execution.")
+    report = (tmp_path / "report.md").read_text()
+    assert "as trial 0, the same candidate: RuntimeError" in report
+    assert "attention-backend backend 'sage' left out: it fails on this model's float32 attention" in report
+
+
+def test_an_interrupted_trial_is_not_taken_for_a_failure_of_its_candidate():
+    study = optuna.create_study()
+    interrupted = study.ask()
+    interrupted.set_user_attr("candidate", "fixed-interval(budget=0.3)")
+    interrupted.set_user_attr("rejected", search_module.INTERRUPTED)
+    study.tell(interrupted, state=optuna.trial.TrialState.FAIL)
+    again = study.ask()
+    assert search_module._Run.repeat(object.__new__(search_module._Run), again, "fixed-interval(budget=0.3)") is None

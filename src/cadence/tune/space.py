@@ -7,9 +7,10 @@ range its ``param`` declares, every other parameter stays at its default:
 - step: the policy and its ``budget`` (budget mode: every policy spends at most that share
   of the block work, so policies are compared at equal cost), ``cfg_reuse``, and MagCache's
   ``forecast`` (0 or 1, ``FORECASTS``);
-- token: the attention pattern, its ``density`` and (on a GPU) its ``precision`` (bf16 or
-  int8: the kept blocks on the sparse sage kernel; on the CPU that kernel is an emulation,
-  slower than bf16, so precision is not searched there), or a dense backend's ``backend``;
+- token: the attention pattern, its ``density`` and (on a GPU) its ``precision`` (bf16,
+  int8 or fp8: the kept blocks on the sparse sage kernel; on the CPU that kernel is an emulation,
+  slower than bf16, so precision is not searched there), or a dense backend's ``backend``
+  among those the model runs (``unusable_backends``: probed on the model before the study);
 - bit: the precision (each quantization technique at its defaults);
 - graph: nothing searched. ``compile`` changes how fast a recipe runs, not what it computes
   (one bf16 rounding step at most), so the search would pay its warm-up (15-20 s a new
@@ -24,10 +25,15 @@ kept for the bench's comparisons) are left out unless named in ``include``.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
+import torch
+
+from cadence.accel.attention import kernels
 from cadence.accel.registry import LEVELS, TechniqueConfig, load_builtin
 from cadence.recipe import Recipe
+from cadence.tune.evaluate import FAILURES
 
 NONE = "none"
 # The part of a cost knob's declared range that is searched: at 1 nothing is removed, and
@@ -37,11 +43,18 @@ KNOB_STEP = 0.05  # a grid, so that a resumed or repeated candidate is recognise
 # MagCache's forecast orders searched: order 2 lost badly before its horizon limit, and is not
 # measured with it (benchmarks/RESULTS.md, "Forecasting on MagCache's schedule").
 FORECASTS = (0, 1)
-# A sparse pattern's number formats searched on a GPU: fp8 Q·K measured slower than int8
-# on Hopper (9.9 against 8.9 ms) and less exact (benchmarks/RESULTS.md, "Low-precision attention kernel").
-PRECISIONS = ("bf16", "int8")
+# A sparse pattern's number formats searched on a GPU. On the block-sparse sage kernel FP8 Q·K
+# ran 6-9 % faster than INT8 at every density on the H200 (2.69 against 2.91 ms at 0.25), the
+# reverse of the dense kernels, with the same error against the reference (0.025 relative L2):
+# benchmarks/RESULTS.md, "Speed on the H200: the two savings multiply".
+PRECISIONS = ("bf16", "int8", "fp8")
 # SDPA backends that only exist on CUDA: on the CPU they fail or fall back to the default.
 CUDA_ONLY_BACKENDS = ("cudnn", "flash", "efficient")
+# The probe's query length: one 128-token tile, the block the sage kernels' tiles are cut from.
+PROBE_TOKENS = 128
+# A head size for the probe when the model's attention modules do not say theirs (diffusers'
+# Attention: ``heads`` and ``to_q``); 128 is the video families' (Wan, HunyuanVideo).
+PROBE_HEAD_DIM = 128
 # Why compile is left out on the CPU unless asked for (--compile).
 CPU_COMPILE_REASON = ("compile is left out on the CPU by default: inductor compiles each block class to C++ on the "
                       "first call, a warm-up paid again by every candidate that holds it; --compile adds it to the "
@@ -55,6 +68,40 @@ LATE_REASON = ("{names} not searched (no change to the output, a warm-up per can
 
 def is_peer(config: type[TechniqueConfig]) -> bool:
     return config.__module__.rsplit(".", 1)[-1] == "peers"
+
+
+def is_dense_backend(config: type[TechniqueConfig]) -> bool:
+    """A token technique that chooses a dense kernel (``backend``) rather than a sparse pattern."""
+    fields = {f.name for f in config.fields()}
+    return config.level == "token" and "density" not in fields and "backend" in fields
+
+
+def unusable_backends(model: torch.nn.Module, backends: tuple[str, ...]) -> dict[str, str]:
+    """The dense attention backends of ``backends`` that fail on ``model``'s attention -> their error.
+
+    Why: SDPA's flash and cuDNN kernels take only fp16 / bf16, so on a float32 model (ref-video
+    on an H200) every candidate holding them failed at once with "No available kernel", and
+    TPE, which ignores failed trials, kept proposing them: 909 of 1012 trials of a 9-minute
+    run failed. One call of each backend on small random tensors of the model's dtype, device
+    and head size finds this before the study (FlexAttention on a GPU pays one compilation at
+    the probe's shape). Only what the evaluator counts as a candidate's failure (``FAILURES``)
+    leaves a backend out; anything else stops the run, as it would in a trial."""
+    parameter = next(model.parameters())
+    attention = next((m for m in model.modules() if hasattr(m, "heads") and hasattr(m, "to_q")), None)
+    head_dim = attention.to_q.out_features // attention.heads if attention is not None else PROBE_HEAD_DIM
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(1, 2, PROBE_TOKENS, head_dim, generator=generator)
+                         .to(parameter.device, parameter.dtype) for _ in range(3))
+    failing = {}
+    for backend in backends:
+        try:
+            with warnings.catch_warnings():  # SDPA warns once per kernel it skips: the error says enough
+                warnings.simplefilter("ignore")
+                kernels.dense(query, key, value, backend=backend)
+        except FAILURES as error:
+            message = str(error).strip().splitlines()
+            failing[backend] = f"{type(error).__name__}: {message[0] if message else ''}"
+    return failing
 
 
 def _check_names(names: tuple[str, ...], what: str, known: dict) -> None:
@@ -72,12 +119,15 @@ class SearchSpace:
     device: str = "cpu"
     notes: tuple[str, ...] = field(default_factory=tuple)
     late: tuple[str, ...] = ()  # LATE's names this search adds at the confirmation
+    backends: tuple[str, ...] = tuple(kernels.DENSE_BACKENDS)  # the dense backends a dense technique may take
 
     @classmethod
     def from_registry(cls, include: tuple[str, ...] = (), exclude: tuple[str, ...] = (), device: str = "cpu",
-                      compile: bool | None = None) -> SearchSpace:
+                      compile: bool | None = None, model: torch.nn.Module | None = None) -> SearchSpace:
         """Every registered technique, less the peers; ``include`` narrows to the named ones
-        (peers may be named), ``exclude`` removes some. ``compile=None``: on CUDA only."""
+        (peers may be named), ``exclude`` removes some. ``compile=None``: on CUDA only.
+        ``model``: the dense backends that fail on it are left out (``unusable_backends``), and
+        a dense technique left with none is left out."""
         techniques = load_builtin()
         _check_names(include, "include", techniques)
         _check_names(exclude, "exclude", techniques)
@@ -92,6 +142,19 @@ class SearchSpace:
                            and (name in include if include else not is_peer(technique.config))
                            and name not in exclude)
             choices[level] = (NONE, *names)
+        backends = tuple(b for b in kernels.DENSE_BACKENDS if device.startswith("cuda") or b not in CUDA_ONLY_BACKENDS)
+        dense = [name for name in choices["token"] if name != NONE and is_dense_backend(techniques[name].config)]
+        if model is not None and dense:
+            # A resumed study builds the same space: the probe gives the same answer on the same machine.
+            failing = unusable_backends(model, backends)
+            backends = tuple(b for b in backends if b not in failing)
+            dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+            notes += [f"{name} backend {backend!r} left out: it fails on this model's {dtype} attention: {error}"
+                      for name in dense for backend, error in failing.items()]
+            for name in dense:
+                if not set(backends) & set(_backend_choices(techniques[name].config)):
+                    choices["token"] = tuple(n for n in choices["token"] if n != name)
+                    notes.append(f"{name} left out: none of its backends runs on this model")
         late = tuple(name for names in choices.values() for name in names if name in LATE)
         choices = {level: tuple(name for name in names if name not in late) for level, names in choices.items()}
         if late:
@@ -100,7 +163,7 @@ class SearchSpace:
             raise ValueError("the search space is empty: --include/--exclude leave no technique to try"
                              + (f" ({', '.join(late)} alone is not searched: it is added to the fastest candidates)"
                                 if late else ""))
-        return cls(choices, device, tuple(notes), late)
+        return cls(choices, device, tuple(notes), late, backends)
 
     def late_recipe(self) -> Recipe:
         """The late techniques alone (empty when there are none)."""
@@ -136,10 +199,9 @@ class SearchSpace:
             params["forecast"] = trial.suggest_categorical("forecast", FORECASTS)
         if "precision" in fields and self.device.startswith("cuda") and _accepts(config, {"precision": "int8"}):
             params["precision"] = trial.suggest_categorical("precision", PRECISIONS)
-        if config.level == "token" and "density" not in fields and fields.get("backend") is not None:
-            backends = [b for b in fields["backend"].metadata["choices"]
-                        if self.device.startswith("cuda") or b not in CUDA_ONLY_BACKENDS]
-            params["backend"] = trial.suggest_categorical("backend", tuple(backends))
+        if is_dense_backend(config):
+            backends = tuple(b for b in _backend_choices(config) if b in self.backends)
+            params["backend"] = trial.suggest_categorical("backend", backends)
         return params
 
     def params_of(self, recipe: Recipe) -> dict:
@@ -147,7 +209,7 @@ class SearchSpace:
         default); techniques or knobs outside this space are left out."""
         params = {level: NONE for level in LEVELS}
         for config in recipe.techniques:
-            if config.name not in self.choices.get(config.level, ()):
+            if not self._holds(config):
                 continue
             params[config.level] = config.name
             for knob in KNOB_RANGE:
@@ -159,21 +221,32 @@ class SearchSpace:
                 params["forecast"] = config.forecast
             if getattr(config, "precision", None) in PRECISIONS and self.device.startswith("cuda"):
                 params["precision"] = config.precision
-            if config.level == "token" and not hasattr(config, "density"):
+            if is_dense_backend(type(config)):
                 params["backend"] = config.backend
         return params
 
     def restrict(self, recipe: Recipe) -> Recipe:
         """``recipe`` without the techniques this space leaves out (the shipped default as this
         search could have found it, e.g. without compile on the CPU)."""
-        return Recipe(t for t in recipe.techniques if t.name in self.choices.get(t.level, ()) or t.name in self.late)
+        return Recipe(t for t in recipe.techniques if self._holds(t) or t.name in self.late)
+
+    def _holds(self, config: TechniqueConfig) -> bool:
+        """Whether this space can propose ``config``: its technique is searched, and a dense
+        technique's backend (its default when the recipe names none) is one the model runs."""
+        if config.name not in self.choices.get(config.level, ()):
+            return False
+        return not is_dense_backend(type(config)) or config.backend in self.backends
 
     def describe(self) -> str:
         lines = [f"- {level}: {', '.join(names)}" for level, names in self.choices.items()]
         if self.late:
             lines.append(f"- added at the confirmation: {', '.join(self.late)}")
         knobs = ", ".join(f"{knob} in [{low}, {high}] by {KNOB_STEP}" for knob, (low, high) in KNOB_RANGE.items())
-        knobs += "; cfg_reuse true/false; MagCache's forecast 0/1; a dense backend's backend"
+        knobs += f"; cfg_reuse true/false; MagCache's forecast 0/1; a dense backend's backend {'/'.join(self.backends)}"
+        left_out = [b for b in kernels.DENSE_BACKENDS if b not in self.backends
+                    and (self.device.startswith("cuda") or b not in CUDA_ONLY_BACKENDS)]
+        if left_out:
+            knobs += f" ({'/'.join(left_out)} left out: they fail on this model, see the notes)"
         if self.device.startswith("cuda"):
             knobs += f"; a sparse pattern's precision {'/'.join(PRECISIONS)}"
         return "\n".join([*lines, f"- knobs: {knobs}"])
@@ -184,7 +257,7 @@ def features(recipe: Recipe) -> dict[str, float]:
     for a dense one), the log of its budget and density (0 when nothing is removed), cfg_reuse."""
     found: dict[str, float] = {}
     for config in recipe.techniques:
-        backend = getattr(config, "backend", None) if config.level == "token" and not hasattr(config, "density") else None
+        backend = config.backend if is_dense_backend(type(config)) else None
         found[f"{config.name}:{backend}" if backend else config.name] = 1.0
         for knob in KNOB_RANGE:
             value = getattr(config, knob, 0) or 0
@@ -197,6 +270,10 @@ def features(recipe: Recipe) -> dict[str, float]:
         if getattr(config, "precision", "bf16") != "bf16":
             found[f"precision:{config.precision}"] = 1.0
     return found
+
+
+def _backend_choices(config: type[TechniqueConfig]) -> tuple[str, ...]:
+    return next(f for f in config.fields() if f.name == "backend").metadata["choices"]
 
 
 def _accepts(config: type[TechniqueConfig], params: dict) -> bool:
