@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu/tune.sh BUDGET MODEL...     e.g.  bash benchmarks/gpu/tune.sh 4.3m ref-video ref-image
 #
 # Carry `.whl`, `.carry/whl-tune` (optuna and what it needs that the machine's image lacks:
-# sqlalchemy, alembic, mako, colorlog; benchmarks/README.md) and `.carry/tune-embeddings.safetensors`
+# sqlalchemy (its pure-Python wheel), alembic, mako, colorlog; benchmarks/README.md) and `.carry/tune-embeddings.safetensors`
 # (the prompts' embeddings: the machine has no text encoder; made by the README's command).
 # Per model, one after the other:
 #   cadence tune --model MODEL --min-psnr 35 --steps 50 --device cuda --time-budget BUDGET --embeddings ...

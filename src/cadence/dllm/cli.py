@@ -108,6 +108,7 @@ def bench(model, recipes, peers, tasks, prompts, gen_length, batch_size, device,
     plain = PLAIN.format(block=32)
     chosen = list(recipes) or [
         "semi-ar(block_length=32) + parallel(threshold=0.9)",
+        "semi-ar(block_length=32) + parallel(threshold=0.9) + eos-stop",
         "semi-ar(block_length=32) + parallel(threshold=0.9) + prefix-cache",
         "semi-ar(block_length=32) + parallel(threshold=0.9) + dual-cache",
         "semi-ar(block_length=32) + parallel(threshold=0.9) + dual-cache + eos-stop",
