@@ -1,4 +1,4 @@
-"""cadence generate | bench | train | calibrate | quantize | recipes | demo"""
+"""cadence generate | bench | train | distill | calibrate | quantize | recipes | demo"""
 
 from __future__ import annotations
 
@@ -177,6 +177,7 @@ PACKAGE_COMMANDS: dict[str, str] = {
     "prompts": "cadence.judge.cli:prompts",
     "tune": "cadence.tune.cli:tune",
     "dllm": "cadence.dllm.cli:dllm",
+    "distill": "cadence.distill.cli:distill",
 }
 
 
@@ -204,8 +205,9 @@ def main():
 @click.option("--model", "model", default="ref-video", show_default=True, help="ref-video, ref-image, or a local diffusers checkpoint dir")
 @click.option("--prompt", required=True, help="the caption")
 @click.option("--recipe", default="baseline", show_default=True, help="e.g. 'fixed-interval(interval=3)' or a .toml file")
-@click.option("--steps", default=20, show_default=True, type=int)
-@click.option("--guidance-scale", default=4.0, show_default=True, type=float)
+@click.option("--steps", default=None, type=int, help="default: the model's own (a distilled student's K), else 20")
+@click.option("--guidance-scale", default=None, type=float,
+              help="default: the model's own (1 for a distilled student: no CFG), else 4.0")
 @click.option("--seed", default=0, show_default=True, type=int)
 @_size_options
 @click.option("--out", default="cadence-out.gif", show_default=True, type=click.Path(dir_okay=False, path_type=Path),
@@ -239,7 +241,7 @@ def generate(ctx, model, prompt, recipe, steps, guidance_scale, seed, height, wi
     try:
         _check_out(out)
         (parsed,) = _recipes((recipe,))
-        check_generation_args(prompt, None, steps, guidance_scale)
+        check_generation_args(prompt, None, *generation.sampling(None, steps, guidance_scale))  # what is given
         generation.check_seed(seed)
         _check_size(model, height, width, frames)
         _check_model(model)
@@ -249,6 +251,7 @@ def generate(ctx, model, prompt, recipe, steps, guidance_scale, seed, height, wi
         spread, device, writer = start(parallel, device)
         pipe = cadence.load(model, device=device)
         size = generation.resolve_size(pipe, height, width, frames)
+        steps, guidance_scale = generation.sampling(pipe, steps, guidance_scale)
         generation.check_steps(steps, generation.step_limit(pipe))
         with cadence.accelerate(pipe, parsed, parallel=spread) as acceleration:
             output = generation.generate(pipe, prompt, steps=steps, seed=seed, guidance_scale=guidance_scale, size=size)

@@ -315,6 +315,14 @@ def calibration_runs(pipe, count: int, *, steps: int, guidance_scale: float, siz
                            decode=False) for seed, caption in enumerate(captions)]
 
 
+def sampling(pipe, steps: int | None = None, guidance_scale: float | None = None) -> tuple[int, float]:
+    """The step count and guidance a generation runs at: those given, else the pipeline's own
+    (a distilled student's K steps and guidance 1: ``cadence.distill``), else 20 steps at 4.0."""
+    if hasattr(pipe, "sampling_defaults"):
+        return pipe.sampling_defaults(steps, guidance_scale)
+    return (20 if steps is None else steps, 4.0 if guidance_scale is None else guidance_scale)
+
+
 def call_arguments(pipe, prompt: str, *, steps: int, seed: int, guidance_scale: float, size: Size,
                    decode: bool = True) -> dict:
     """The keyword arguments of ``pipe(...)`` for one generation, in the pipeline's own names.

