@@ -21,12 +21,10 @@ from wan_realsize import SAGE, attention_time, linear_time
 
 import cadence
 from cadence.bench.metrics import ForwardShares, work_fraction
+from cadence.models.real_configs import FLUX_DEV, FLUX_SIDE, FLUX_TEXT_TOKENS
 
-FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-                axes_dims_rope=(16, 56, 56))
-SIDE = 64  # 1024 px / 8 (VAE) / 2 (2x2 packing)
-TEXT_TOKENS = 512
+SIDE = FLUX_SIDE  # 1024 px / 8 (VAE) / 2 (2x2 packing)
+TEXT_TOKENS = FLUX_TEXT_TOKENS
 RECIPES = ["baseline", "compile", f"compile + fp8 + {SAGE}", "fp8", "int8(smooth=0)", "torchao-float8", SAGE,
            f"fp8 + {SAGE}", "weight-int8", "weight-int4"]
 

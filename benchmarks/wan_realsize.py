@@ -34,16 +34,17 @@ from diffusers import WanTransformer3DModel
 
 import cadence
 from cadence.bench.metrics import ForwardShares, work_fraction
+from cadence.models.real_configs import (
+    WAN_1_3B,
+    WAN_LATENT,
+    WAN_TEXT_TOKENS,
+    cast_like_from_pretrained,
+)
 from cadence.reference.models import reference_model
 from cadence.reference.pipelines import RefVideoPipeline
 
-WAN_1_3B = dict(
-    patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
-    text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
-)
-LATENT = dict(frames=21, height=60, width=104)  # 480 x 832 x 81 frames through the Wan VAE (4x8x8)
-TEXT_TOKENS = 512  # umT5 sequence length of the Wan pipeline
+LATENT = WAN_LATENT  # 480 x 832 x 81 frames through the Wan VAE (4x8x8)
+TEXT_TOKENS = WAN_TEXT_TOKENS
 BUDGET = 0.4
 POLICIES = [  # cadence's policies at equal cost (budget mode)
     f"fixed-interval(budget={BUDGET})", f"fixed-interval(budget={BUDGET}, cfg_reuse=true)",
@@ -80,18 +81,6 @@ COMPOSED = [
 SETS = {"fixed": RECIPES, "policies": ["baseline", *POLICIES], "peers": ["baseline", *PEERS],
         "sparse": ["baseline", *SPARSE], "patterns": ["baseline", *SPARSE_PATTERNS],
         "quant": ["baseline", *QUANT], "composed": ["baseline", *COMPOSED]}
-
-
-def cast_like_from_pretrained(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """Cast to ``dtype`` as ``from_pretrained(torch_dtype=dtype)`` does: the modules a class
-    names in ``_keep_in_fp32_modules`` (Wan: rope, time embedder, norms, modulation table)
-    stay in float32, so the baseline runs the same kernels as a real checkpoint."""
-    keep = set(model._keep_in_fp32_modules or [])
-    torch.nn.Module.to(model, dtype)  # ModelMixin.to would warn about exactly what we undo next
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if tensor.is_floating_point() and keep.intersection(name.split(".")):
-            tensor.data = tensor.data.float()
-    return model
 
 
 def cuda_time(fn) -> float:

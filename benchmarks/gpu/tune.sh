@@ -7,7 +7,10 @@
 # sqlalchemy (its pure-Python wheel), alembic, mako, colorlog; benchmarks/README.md) and `.carry/tune-embeddings.safetensors`
 # (the prompts' embeddings: the machine has no text encoder; made by the README's command).
 # Per model, one after the other:
-#   cadence tune --model MODEL --min-psnr 35 --steps 50 --device cuda --time-budget BUDGET --embeddings ...
+#   cadence tune --model MODEL --min-psnr 35 --steps 50 --device cuda --time-budget BUDGET --embeddings ... \
+#       --speed-at REAL_SIZE
+# REAL_SIZE: wan2.1-1.3b for ref-video, flux.1-dev for ref-image (issue 22's goal compares with the
+# shipped default at the real size); SPEED_AT=0 times candidates on the reference model itself.
 # with its output folder (report.md, frontier.png, recipe.*, check.json, study.db; the cached
 # baseline outputs left out) packed into $OUT/tune-MODEL.tgz, and its log in $OUT/tune-MODEL.log.
 set -uo pipefail
@@ -21,8 +24,12 @@ nvidia-smi --query-gpu=name,clocks.sm,temperature.gpu --format=csv,noheader
 rc=0
 for model in "$@"; do
     out=/tmp/tune/tune-$model
+    speed_at=()
+    if [[ ${SPEED_AT:-1} != 0 ]]; then
+        case $model in ref-video*) speed_at=(--speed-at wan2.1-1.3b) ;; ref-image) speed_at=(--speed-at flux.1-dev) ;; esac
+    fi
     python3 -m cadence.cli tune --model "$model" --min-psnr 35 --steps 50 --device cuda --time-budget "$budget" \
-        --embeddings .carry/tune-embeddings.safetensors --out "$out" >"$OUT/tune-$model.log" 2>&1
+        --embeddings .carry/tune-embeddings.safetensors "${speed_at[@]}" --out "$out" >"$OUT/tune-$model.log" 2>&1
     status=$?
     [[ $status -eq 0 ]] || rc=$status
     echo "== $model: exit $status"

@@ -46,6 +46,9 @@ def _names(value: str) -> tuple[str, ...]:
 @click.option("--compile/--no-compile", "compile_blocks", default=None,
               help="try compile on the fastest candidates at the confirmation (default: on CUDA only; it is never "
                    "searched: it changes speed, not the output)")
+@click.option("--speed-at", "speed_at", default=None,
+              help="rank candidates by their speed modelled at a real size (e.g. wan2.1-1.3b, flux.1-dev) from "
+                   "per-step times measured there on this device; quality is still measured on --model")
 @click.option("--embeddings", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="precomputed prompt embeddings (reference models, a machine without their text encoder): the "
                    "tuning, confirmation, check and calibration prompts (benchmarks/README.md says how to make them)")
@@ -54,7 +57,8 @@ def _names(value: str) -> tuple[str, ...]:
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="recipe.txt, recipe.toml, report.md, frontier.png, study.db (resumable) go here")
 def tune(model, min_psnr, min_ssim, min_adherence, prompts, tuning, confirm, check, seeds, steps, guidance_scale, height,
-         width, frames, device, time_budget, trials, include, exclude, compile_blocks, embeddings, save_default, out):
+         width, frames, device, time_budget, trials, include, exclude, compile_blocks, speed_at, embeddings, save_default,
+         out):
     """Search the fastest recipe that meets a quality bar on your model and device."""
     _quiet()
     import cadence
@@ -70,7 +74,7 @@ def tune(model, min_psnr, min_ssim, min_adherence, prompts, tuning, confirm, che
             tuning_prompts=tuning, confirm_prompts=confirm, check_prompts=check, seeds=seeds, steps=steps, guidance_scale=guidance_scale,
             device=device, time_budget=parse_duration(time_budget), trials=trials, include=_names(include),
             exclude=_names(exclude), compile=compile_blocks, height=height, width=width, frames=frames, model=model,
-            command=shlex.join(["cadence"] + sys.argv[1:]))
+            command=shlex.join(["cadence"] + sys.argv[1:]), speed_at=speed_at)
         settings.check()
         if prompts == "heldout" and model not in REFERENCE_MODELS:
             raise ValueError(f"--prompts heldout: the held-out captions are the reference models' own; for {model!r} "
@@ -78,6 +82,14 @@ def tune(model, min_psnr, min_ssim, min_adherence, prompts, tuning, confirm, che
         if save_default and model in REFERENCE_MODELS:
             raise ValueError(f"--save-default: {model} keeps the shipped defaults (`cadence recipes --model {model}`); "
                              "save a tuned recipe beside your own checkpoint directory")
+        if speed_at is not None and model in REFERENCE_MODELS:  # a reference model's family is known before loading
+            from cadence.reference.models import reference_model
+            from cadence.tune.realsize import check_family
+
+            try:
+                check_family(speed_at, reference_model(model).transformer_cls)
+            except TypeError as error:
+                raise ValueError(str(error)) from None
         _check_size(model, height, width, frames)
         _check_model(model)
         check_writable(out)
@@ -93,7 +105,8 @@ def tune(model, min_psnr, min_ssim, min_adherence, prompts, tuning, confirm, che
         _fail(error)
     best = result.best
     confirmed = best["confirmation"]
-    click.echo(f"chosen: {result.recipe}  ({1 / best['relative_time']:.2f}x speedup on the tuning cases, "
+    modelled = f" modelled at {speed_at}" if speed_at else ""
+    click.echo(f"chosen: {result.recipe}  ({1 / best['relative_time']:.2f}x speedup{modelled} on the tuning cases, "
                f"{', '.join(f'{k} {v:.2f}' for k, v in best['quality'].items())}; confirmed at "
                f"{confirmed['speedup']:.2f}x, {', '.join(f'{k} {v:.2f}' for k, v in confirmed['quality'].items())})")
     if result.check is not None:

@@ -2,7 +2,8 @@
 report.md (the settings, the measured frontier, the confirmation of the fastest candidates,
 every rejected candidate with its reason, the held-out check), frontier.png and check.json
 (the confirmation and the check). study.db and baselines/ are written as
-the run goes."""
+the run goes. With --speed-at every speed in them is modelled at the real size, and the
+report says so wherever one is given, beside the per-step times measured there."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def write_outputs(result, settings, measures, load_before: float | None) -> None
                                                    indent=1) + "\n")
     rows = _rows(result.trials)
     chosen = result.best.get("number") if result.recipe is not None else None
-    plot_frontier(out / FRONTIER_PLOT, rows, measures[0].bar, chosen)
+    plot_frontier(out / FRONTIER_PLOT, rows, measures[0].bar, chosen, _modelled(result))
     (out / "report.md").write_text(_report(result, settings, measures, rows, load_before))
 
 
@@ -59,7 +60,16 @@ def pareto(rows: list[dict]) -> list[dict]:
     return sorted(front, key=lambda r: r["relative_time"])
 
 
-def plot_frontier(path: Path, rows: list[dict], bar: float, chosen: int | None = None) -> Path:
+def _modelled(result) -> str:
+    """What a speed in the report is, with --speed-at ('' without)."""
+    return f"modelled at {result.speed_at} from measured per-step times" if result.speed_at else ""
+
+
+def _speedup(result) -> str:
+    return f"speedup ({_modelled(result)})" if result.speed_at else "speedup"
+
+
+def plot_frontier(path: Path, rows: list[dict], bar: float, chosen: int | None = None, modelled: str = "") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,7 +92,7 @@ def plot_frontier(path: Path, rows: list[dict], bar: float, chosen: int | None =
         ax.scatter([1 / picked[0]["relative_time"]], [_finite(picked[0]["quality"]["PSNR"])], marker="*", s=200,
                    color="tab:green", label="chosen", zorder=3)
     ax.axhline(bar, color="tab:red", linestyle="--", label=f"bar {bar:g} dB")
-    ax.set_xlabel("speedup over the baseline (measured in the same trial)")
+    ax.set_xlabel(f"speedup over the baseline ({modelled or 'measured in the same trial'})")
     ax.set_ylabel("PSNR against the baseline (dB)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -109,6 +119,27 @@ def _fmt_quality(values: dict | None) -> str:
                      for k, v in values.items())
 
 
+def _speed_at_lines(result) -> list[str]:
+    """With --speed-at: how speeds were modelled, and the per-step times measured at the real size."""
+    if not result.speed_at:
+        return []
+    from cadence.tune import realsize
+
+    spec = realsize.spec(result.speed_at)
+    lines = ["", f"## Speed at {result.speed_at}", "",
+             (f"Every speedup below is {_modelled(result)}: {spec.described or spec.transformer_cls.__name__}, random "
+              f"weights in bf16, through the reference pipeline with random text embeddings of the real length. Per "
+              f"per-forward part of a candidate (its techniques other than the step policy), one untimed warm-up "
+              f"generation, then {realsize.SPEED_STEPS} steps with CFG timed. A candidate's time relative to the "
+              "baseline is its part's per-step time times the share of the block work its step policy computed on "
+              "this model's cases, over the baseline's per-step time; the reused forwards' own cost and the "
+              "non-block work are left out. Quality is measured on this model."), "",
+             "| part | ms per step | warm-up (s) |", "|---|---:|---:|"]
+    lines += [f"| `{p.part or 'baseline'}` | {1000 * p.per_step_seconds:.1f} | {p.warm_up_seconds:.1f} |"
+              for p in result.part_times]
+    return lines
+
+
 def _report(result, settings, measures, rows, load_before) -> str:
     device = torch.cuda.get_device_name() if settings.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
     load = ""
@@ -122,15 +153,17 @@ def _report(result, settings, measures, rows, load_before) -> str:
              (f"- tuning cases: {len(result.split.tuning)} prompts x seeds {list(result.split.tuning_seeds)}; "
               f"confirmation cases: {_confirm_cases(result.split)}; "
               f"check cases: {len(result.split.check)} other prompts x seeds {list(result.split.check_seeds)}"),
-             f"- command: `{settings.command}`" if settings.command else "", "",
+             f"- command: `{settings.command}`" if settings.command else "",
+             *_speed_at_lines(result), "",
              "## Search space (from the technique registry)", "", result.space.describe(), ""]
     lines += [f"- note: {note}" for note in result.notes] + [""]
     if result.recipe is not None:
         best = result.best
         confirmed = best["confirmation"]
         added = f", with {', '.join(result.space.late)} added at the confirmation" if best.get("late_added") else ""
+        modelled = f" ({_modelled(result)})" if result.speed_at else ""
         lines += ["## Chosen", "", (f"`{result.recipe}` (trial {best['number']}{added}): {1 / best['relative_time']:.2f}x "
-                                    f"speedup and {_fmt_quality(best.get('quality'))} on the tuning cases"
+                                    f"speedup{modelled} and {_fmt_quality(best.get('quality'))} on the tuning cases"
                                     f"{' (without it)' if added else ''}; {confirmed['speedup']:.2f}x and "
                                     f"{_fmt_quality(confirmed['quality'])} on the confirmation cases"), ""]
     else:
@@ -140,7 +173,8 @@ def _report(result, settings, measures, rows, load_before) -> str:
             where = " on the confirmation cases" if result.best.get("confirmed") else ""
             lines += [f"Nearest: `{result.best['recipe']}`, {_fmt_quality(result.best['quality'])}{where}", ""]
     if result.confirmations:
-        header = "| trial | recipe | search: speedup | search: quality | confirmed: speedup | confirmed: quality | holds |"
+        header = (f"| trial | recipe | search: {_speedup(result)} | search: quality | confirmed: {_speedup(result)} | "
+                  "confirmed: quality | holds |")
         lines += ["## Confirmation (the fastest candidates meeting the bars, run again on cases the search never saw)",
                   "", header, "|---:|---|---:|---|---:|---|---|"]
         for entry in result.confirmations:
@@ -150,10 +184,11 @@ def _report(result, settings, measures, rows, load_before) -> str:
                          f"{_fmt_quality(entry['search_quality'])} | {speed} | {_fmt_quality(entry['quality'])} | "
                          f"{'yes' if held else 'no'} |")
         lines += ["", ("The fastest that holds (every bar met on the confirmation cases, faster than the baseline) is "
-                       "chosen; each confirmation case runs the baseline, then each candidate, timed against it."), ""]
+                       "chosen; each confirmation case runs the baseline, then each candidate, timed against it" +
+                       (f"; the speedups are {_modelled(result)}." if result.speed_at else ".")), ""]
     if result.check is not None:
         lines += ["## Held-out check (prompts and seeds never used for tuning)", "",
-                  "| recipe | speedup | quality | per case |", "|---|---:|---|---|"]
+                  f"| recipe | {_speedup(result)} | quality | per case |", "|---|---:|---|---|"]
         for name, entry in result.check["recipes"].items():
             speed = f"{entry['speedup']:.2f}x" if entry["speedup"] else entry.get("failed") or "-"
             cases = "; ".join(_fmt_quality(c) for c in entry["per_case"])
@@ -161,13 +196,16 @@ def _report(result, settings, measures, rows, load_before) -> str:
         verdict = "meets" if result.check["meets_bar_within_margin"] else "does NOT meet"
         margins = ", ".join(f"{k} {v:g}" for k, v in result.check["margins"].items())
         lines += ["", f"The tuned recipe {verdict} the bar on the check cases within its margin ({margins}).",
-                  "Each check case runs the baseline, then each recipe, timed against that baseline.", ""]
+                  "Each check case runs the baseline, then each recipe, timed against that baseline" +
+                  (f" (the speedups above are {_modelled(result)}, the shipped default's too)." if result.speed_at
+                   else "."), ""]
     lines += ["## Frontier", "", f"![speedup against PSNR]({FRONTIER_PLOT})", "",
-              "| trial | recipe | speedup | quality |", "|---:|---|---:|---|"]
+              f"| trial | recipe | {_speedup(result)} | quality |", "|---:|---|---:|---|"]
     for row in pareto(rows):
         lines.append(f"| {row['number']} | `{row['recipe']}` | {1 / row['relative_time']:.2f}x | "
                      f"{_fmt_quality(row['quality'])} |")
-    lines += ["", "## Every candidate", "", "| trial | recipe | state | speedup | quality (cases) | rejected because |",
+    lines += ["", "## Every candidate", "", (f"| trial | recipe | state | {_speedup(result)} | quality (cases) | "
+              "rejected because |"),
               "|---:|---|---|---:|---|---|"]
     for row in rows:
         speed = f"{1 / row['relative_time']:.2f}x" if row["relative_time"] else "-"

@@ -23,6 +23,18 @@ baseline timed just before them (``check.compare``); the fastest there that stil
 every bar (the bar itself, no margin) and is faster than the baseline is chosen, and the
 next ones are confirmed while none does and time is left. The held-out check then runs the chosen recipe on other cases again.
 
+With ``speed_at`` (``--speed-at wan2.1-1.3b``) a candidate's time is not the one measured on
+the tuned model but its time modelled at that real size (``realsize``: the per-step time of
+its per-forward techniques measured there, times the share of the block work its step policy
+computes on the tuned model's cases, over the unaccelerated per-step time; the reused
+forwards' own cost is left out). The tuned model's times say nothing about the real size, so
+its two timing rules (a generation stopped at ``STOP_FACTOR`` times the best's, a candidate
+rejected past ``SLOW_MARGIN``) are off; one whose modelled time is more than
+``MODELLED_MARGIN`` slower than the best found's is rejected instead, before its cases run
+when it has no step policy (its modelled time is then known). The cost model learns the
+modelled times; the confirmation and the held-out check judge quality on the tuned model and
+speed by the modelled time, the shipped default's included.
+
 The study lives in ``OUT/study.db`` (SQLite): a killed run, started again with the same
 settings, resumes it; the candidate that was running is tried again. Baseline outputs and
 calibrations made on the fly are kept under ``OUT`` too.
@@ -43,8 +55,8 @@ from cadence import generation
 from cadence.models import adapter_for, find_transformer
 from cadence.models.defaults import default_recipe
 from cadence.recipe import Recipe
-from cadence.tune import quality
-from cadence.tune.check import compare, held_out_check, holds
+from cadence.tune import quality, realsize
+from cadence.tune.check import Modelled, compare, computed_share, held_out_check, holds
 from cadence.tune.cost import CostModel
 from cadence.tune.evaluate import FAILURES, Evaluator, TooSlow
 from cadence.tune.prompts import PromptSplit, split_prompts
@@ -72,6 +84,10 @@ CONFIRMED_AT_ONCE = 3
 # Compiled candidates each trace the blocks with other hooks around them; dynamo's default
 # limit (8 graphs per code object) would leave the later ones running eager, timed as if compiled.
 RECOMPILE_LIMIT = 256
+# With --speed-at: a candidate modelled this much slower than the best found is rejected. Not
+# at the best itself: the best found may not hold on the confirmation cases, and the next
+# fastest are confirmed then.
+MODELLED_MARGIN = 0.1
 OUT_OF_TIME = "the time budget ran out"
 INTERRUPTED = "interrupted; tried again on resume"
 
@@ -92,6 +108,8 @@ class TuneResult:
     baseline_seconds: float = 0.0
     out: Path | None = None
     confirmations: list[dict] = field(default_factory=list)  # check.compare's entries, with the search's figures
+    speed_at: str | None = None  # the real size speeds were modelled at (--speed-at)
+    part_times: list = field(default_factory=list)  # realsize.PartTime of each per-forward part measured there
 
 
 def check_adapter(pipe) -> None:
@@ -107,6 +125,11 @@ def tune(pipe, settings: TuneSettings) -> TuneResult:
     started = time.monotonic()
     settings.check()
     check_adapter(pipe)
+    if settings.speed_at is not None:
+        try:
+            realsize.check_family(settings.speed_at, find_transformer(pipe))
+        except TypeError as error:
+            raise TuneRefused(str(error)) from None
     space = SearchSpace.from_registry(settings.include, settings.exclude, settings.device, settings.compile,
                                       model=find_transformer(pipe))
     split = split_prompts(settings.prompts, video=generation.is_video(pipe), tuning=settings.tuning_prompts,
@@ -131,6 +154,10 @@ class _Run:
         self.confirmations: list[dict] = []
         self.late_warm_up = 0.0  # seconds of one compiled recipe's warm-up (measure_baselines)
         self.load_before = _load()
+        self.speed: realsize.SpeedAt | None = None  # built once the baselines are made (search)
+
+    def modelled(self) -> Modelled | None:
+        return None if self.speed is None else self.speed.relative_time
 
     def remaining(self) -> float:
         return self.settings.time_budget - (time.monotonic() - self.started)
@@ -149,7 +176,7 @@ class _Run:
         if recorded is None:
             study.set_user_attr("settings", identity)
         elif recorded != identity:
-            changed = sorted(key for key in identity if recorded.get(key) != identity[key])
+            changed = sorted(key for key in {*identity, *recorded} if recorded.get(key) != identity.get(key))
             raise TuneRefused(
                 f"{self.settings.out}/study.db holds a study made with other settings ({', '.join(changed)} differ: "
                 f"{', '.join(f'{k}={recorded.get(k)!r}' for k in changed)}); resume it with the same settings, or "
@@ -171,6 +198,18 @@ class _Run:
 
         study = self.open_study()
         self.measure_baselines(study)
+        if self.settings.speed_at is not None:
+            try:
+                self.speed = realsize.SpeedAt(realsize.spec(self.settings.speed_at), self.settings.device,
+                                              self.settings.guidance_scale)
+                self.speed.per_step_seconds(Recipe())  # the baseline's part: the empty recipe
+            except FAILURES as error:  # out of memory, no bf16 kernel on this device: nothing to model from
+                raise TuneRefused(f"--speed-at {self.settings.speed_at}: the unaccelerated real-size transformer "
+                                  f"cannot run on {self.settings.device}: {type(error).__name__}: {error}; the "
+                                  f"baselines made are kept in {self.settings.out}") from None
+            self.notes.append(f"speeds modelled at {self.settings.speed_at} from measured per-step times "
+                              f"({realsize.SPEED_STEPS} steps with CFG per per-forward part); the reused forwards' "
+                              "own cost is left out")
         default = self.shipped_default()
         if default is not None and not study.trials:
             # the first candidates: the shipped default, then each of its techniques alone (which
@@ -188,9 +227,10 @@ class _Run:
                               f"the study already holds {self.settings.trials} candidates (--trials)")
         best, met = self.confirm(study)
         check = held_out_check(self.evaluator, self.measures, self.split.check_cases, Recipe.parse(best["recipe"]),
-                               default, self.notes) if met else None
+                               default, self.notes, self.modelled()) if met else None
         result = TuneResult(Recipe.parse(best["recipe"]) if met else None, best, check, self.space, self.split,
-                            study.trials, self.notes, self.baseline_seconds, self.settings.out, self.confirmations)
+                            study.trials, self.notes, self.baseline_seconds, self.settings.out, self.confirmations,
+                            self.settings.speed_at, self.speed.rows() if self.speed is not None else [])
         write_outputs(result, self.settings, self.measures, self.load_before)
         if not met:
             raise TuneRefused(self.unmet_message(best, study))
@@ -231,7 +271,16 @@ class _Run:
         recipes = CONFIRMED_AT_ONCE * (2 if self.space.late else 1)
         confirming = (1 + recipes) * len(self.split.confirm_cases)
         warm_ups = self.late_warm_up * (CONFIRMED_AT_ONCE + 2)
-        return self.baseline_seconds * (confirming + 2 * len(self.split.check_cases)) + warm_ups
+        return self.baseline_seconds * (confirming + 2 * len(self.split.check_cases)) + warm_ups + self.speed_reserve()
+
+    def speed_reserve(self) -> float:
+        """With --speed-at: the per-forward parts the confirmation and the check may measure
+        anew at the real size (each candidate with the late techniques added, and the shipped
+        default), each as long as the longest measured so far (warm-up and timed steps)."""
+        if self.speed is None or not self.speed.rows():
+            return 0.0
+        longest = max(p.warm_up_seconds + p.per_step_seconds * realsize.SPEED_STEPS for p in self.speed.rows())
+        return longest * (1 + CONFIRMED_AT_ONCE * bool(self.space.late))
 
     def stop_when_out_of_time(self, study: optuna.Study, trial) -> None:
         durations = [t.duration.total_seconds() for t in study.trials if t.duration is not None]
@@ -286,13 +335,16 @@ class _Run:
         except FAILURES as error:
             trial.set_user_attr("rejected", f"{type(error).__name__}: {error}")
             raise
+        ratio = self.per_forward_ratio(trial, recipe, found, best)
         opening = self.baseline_seconds
         limit = best * STOP_FACTOR
         rows = []
         for index, case in enumerate(self.split.tuning_cases):
             left = self.remaining() - self.reserve()
+            # with --speed-at the tuned model's times do not decide: only the time budget stops a generation
+            deadline = max(1.0, left) if ratio is not None else min(limit * opening, max(1.0, left))
             try:
-                row = self.evaluator.run(recipe, case, deadline=min(limit * opening, max(1.0, left)))
+                row = self.evaluator.run(recipe, case, deadline=deadline)
             except TooSlow as slow:
                 self.cost.add(found, slow.seconds / opening)  # at least this slow
                 out_of_time = self.remaining() - self.reserve() <= 1.0
@@ -304,9 +356,14 @@ class _Run:
                 raise
             row["values"] = quality.evaluate(self.measures, row, case)
             rows.append(row)
-            relative = self.record(trial, rows, opening, found)
+            relative = self.record(trial, rows, opening, found, ratio)
+            if ratio is not None and relative > best * (1 + MODELLED_MARGIN):
+                self.cost.add(found, relative)
+                trial.set_user_attr("rejected", f"time: modelled at {self.settings.speed_at} {relative:.2f}x the "
+                                                f"baseline's after {len(rows)} case(s), the time to beat is {best:.2f}x")
+                raise optuna.TrialPruned()
             timed = len(rows) >= min(TIMED_CASES, len(self.split.tuning_cases))
-            if timed and relative > best * (1 + SLOW_MARGIN):  # no faster than what it must beat
+            if ratio is None and timed and relative > best * (1 + SLOW_MARGIN):  # no faster than what it must beat
                 self.cost.add(found, relative)
                 trial.set_user_attr("rejected", f"time: {relative:.2f}x the baseline's on the first {len(rows)} "
                                                 f"case(s), the time to beat is {best:.2f}x")
@@ -320,9 +377,31 @@ class _Run:
                 raise optuna.TrialPruned()
         closing = self.evaluator.time_baseline(self.split.tuning_cases[-1])
         self.baseline_seconds = closing
-        relative = self.record(trial, rows, (opening + closing) / 2, found)
+        relative = self.record(trial, rows, (opening + closing) / 2, found, ratio)
         self.cost.add(found, relative)
         return relative
+
+    def per_forward_ratio(self, trial: optuna.Trial, recipe: Recipe, found: dict, best: float) -> float | None:
+        """With --speed-at: the per-step time of ``recipe``'s per-forward part at the real size
+        over the baseline's (measured there, once per part); a candidate without a step policy
+        whose ratio alone cannot come near the best found is rejected before it runs. None
+        without --speed-at."""
+        if self.speed is None:
+            return None
+        try:
+            ratio = self.speed.relative_time(recipe, 1.0)
+        except FAILURES as error:
+            trial.set_user_attr("rejected", f"at {self.settings.speed_at}: {type(error).__name__}: {error}")
+            raise
+        trial.set_user_attr("per_forward_ratio", ratio)
+        if not any(config.level == realsize.STEP_LEVEL for config in recipe.techniques) and \
+                ratio > best * (1 + MODELLED_MARGIN):
+            self.cost.add(found, ratio)
+            trial.set_user_attr("relative_time", ratio)
+            trial.set_user_attr("rejected", f"time: modelled at {self.settings.speed_at} {ratio:.2f}x the baseline's "
+                                            f"(no step policy), the time to beat is {best:.2f}x")
+            raise optuna.TrialPruned()
+        return ratio
 
     def repeat(self, trial: optuna.Trial, candidate: str) -> float | None:
         """The outcome of an earlier trial of the same candidate (the sampler's grid repeats
@@ -351,9 +430,16 @@ class _Run:
             raise optuna.TrialPruned()
         return None
 
-    def record(self, trial, rows: list[dict], baseline: float, found: dict) -> float:
-        relative = statistics.median(r["seconds"] for r in rows) / baseline
+    def record(self, trial, rows: list[dict], baseline: float, found: dict, ratio: float | None = None) -> float:
+        """The candidate's relative time: measured here, or with ``ratio`` (--speed-at) the
+        per-forward ratio at the real size times the block work it computed on ``rows``."""
+        measured = statistics.median(r["seconds"] for r in rows) / baseline
+        share = computed_share(rows)
+        relative = measured if ratio is None else ratio * share
         trial.set_user_attr("relative_time", relative)
+        trial.set_user_attr("computed_share", share)
+        if ratio is not None:
+            trial.set_user_attr("measured_relative_time", measured)
         trial.set_user_attr("baseline_seconds", baseline)
         trial.set_user_attr("seconds", [r["seconds"] for r in rows])
         trial.set_user_attr("quality", quality.means(self.measures, rows))
@@ -394,7 +480,7 @@ class _Run:
                 self.notes.append(f"time ran out after confirming {start} of the {len(ranked)} candidates that met the "
                                   "bars on the tuning cases")
                 break
-            found = compare(self.evaluator, self.measures, cases, recipes)
+            found = compare(self.evaluator, self.measures, cases, recipes, self.modelled())
             for (number, added), entry in found.items():
                 self.confirmations.append({"number": number, "late_added": added, "search_speedup": 1 / trials[
                     number].value, "search_quality": trials[number].user_attrs["quality"], **entry})
@@ -432,9 +518,10 @@ class _Run:
         if best.get("constraints") is None:
             return (f"no candidate was measured in {len(study.trials)} trial(s) (time budget or failures), so none "
                     f"meets {bars}; see {self.settings.out}/report.md")
+        modelled = f" (modelled at {self.settings.speed_at})" if self.speed is not None else ""
         return (f"no candidate meets {bars} after {len(study.trials)} trial(s); the best found is {best['recipe']} "
                 f"with {quality.describe(self.measures, best['quality'])} at {best['relative_time']:.2f}x the "
-                f"baseline's time; everything measured is in {self.settings.out}/report.md and study.db")
+                f"baseline's time{modelled}; everything measured is in {self.settings.out}/report.md and study.db")
 
 
 def _finished(study: optuna.Study) -> int:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cadence import generation
-from cadence.tune import quality
+from cadence.tune import quality, realsize
 from cadence.tune.space import SearchSpace
 
 
@@ -37,6 +37,9 @@ class TuneSettings:
     model: str = ""  # what the report calls the model
     sampler_seed: int = 0
     command: str = ""
+    # A real size (realsize.SPECS) to model each candidate's speed at, from per-step times
+    # measured there; None: candidates are timed on the tuned model itself.
+    speed_at: str | None = None
 
     def check(self) -> None:
         for name in ("min_psnr", "min_ssim", "min_adherence"):
@@ -52,6 +55,8 @@ class TuneSettings:
         if self.trials is not None:
             generation.check_count("--trials", self.trials, 10_000)
         quality.check_adherence(self.min_adherence)
+        if self.speed_at is not None:
+            realsize.spec(self.speed_at)
         SearchSpace.from_registry(self.include, self.exclude, self.device, self.compile)  # names checked before loading
 
     def identity(self) -> dict:
@@ -62,7 +67,9 @@ class TuneSettings:
                 "check_prompts": self.check_prompts,
                 "seeds": self.seeds, "steps": self.steps, "guidance_scale": self.guidance_scale,
                 "device": self.device, "include": list(self.include), "exclude": list(self.exclude),
-                "compile": self.compile, "size": [self.height, self.width, self.frames]}
+                "compile": self.compile, "size": [self.height, self.width, self.frames],
+                # only when set: a study made before --speed-at existed resumes as it was
+                **({"speed_at": self.speed_at} if self.speed_at is not None else {})}
 
 
 def duration(seconds: float) -> str:

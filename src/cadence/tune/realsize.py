@@ -1,0 +1,244 @@
+"""Speed at the real size: ``cadence tune --speed-at wan2.1-1.3b``.
+
+The search judges quality on the model it tunes (the reference models: 1,024 tokens, a
+0.8-s generation on the H200), but there every per-forward technique (SageAttention, a
+sparse pattern, FP8/INT8 linears) costs more in kernel launches than it saves, so a search
+timed there can only ever choose step policies (benchmarks/RESULTS.md, "A 9-minute ref-video
+run on the H200"). With ``speed_at`` a candidate's time is *modelled* at the real size:
+
+    relative time = per_step_seconds(part) x computed_share / per_step_seconds(empty)
+
+- ``part``: the candidate's per-forward techniques (every term whose level is not "step"),
+  applied to the real-size transformer (random weights, bf16, on the tuning device) in the
+  reference pipeline path, timed over ``SPEED_STEPS`` steps with CFG after one untimed
+  warm-up generation (compilation and Triton autotuning happen there); cached per part.
+- ``computed_share``: the candidate's ``compute_fraction`` measured on the tuned model's
+  cases (the share of the block work its step policy computes; 1.0 without one).
+
+What the model leaves out, and so where it is approximate:
+- the reused forwards' own cost (a step policy's indicator and the residual it adds back: a
+  few milliseconds against hundreds for a computed forward at the real size,
+  benchmarks/RESULTS.md, "Composed recipes and regional compilation" and "What the user
+  waits for");
+- a forward's non-block work (embeddings, final layer), which ``compute_fraction`` does not
+  count: the model scales it by the block share, though it runs in every forward, reused
+  ones included (it is part of a reused forward's cost above);
+- the step policy's hooks around the blocks while the part runs: a compiled part is traced
+  without them, as the recipe is not;
+- a per-forward technique whose cost changes with the step: a sparse pattern's dense first
+  steps are a share of the steps, the same at ``SPEED_STEPS`` as at the run's step count
+  only up to rounding to whole steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import FluxTransformer2DModel, WanTransformer3DModel
+
+from cadence.bench.runner import timed
+from cadence.models.real_configs import (
+    FLUX_DEV,
+    FLUX_SIDE,
+    FLUX_TEXT_TOKENS,
+    WAN_1_3B,
+    WAN_LATENT,
+    WAN_TEXT_TOKENS,
+    cast_like_from_pretrained,
+)
+from cadence.recipe import Recipe, accelerate
+
+# Steps of the timed generation: the per-step time of a real-size generation, with the
+# launch and allocation costs of its first step spread over several (a 50-step timing would
+# cost 10 times more per candidate part).
+SPEED_STEPS = 5
+STEP_LEVEL = "step"
+
+
+@dataclass(frozen=True)
+class RealSize:
+    """A real-size transformer to time candidates on, built with random weights."""
+
+    name: str
+    transformer_cls: type
+    config: dict
+    size: dict  # the reference pipeline's size arguments (its latent: frames, height, width)
+    text_tokens: int
+    text_dim: int
+    pooled_dim: int | None = None  # image pipelines: the pooled text embedding's width
+    described: str = ""
+
+    @property
+    def video(self) -> bool:
+        return "frames" in self.size
+
+    def build(
+        self, device: str, dtype: torch.dtype = torch.bfloat16
+    ) -> torch.nn.Module:
+        torch.manual_seed(0)
+        with torch.device(device):
+            return cast_like_from_pretrained(
+                self.transformer_cls(**self.config), dtype
+            ).eval()
+
+
+# name -> what ``--speed-at`` builds (tests register tiny ones). FLUX.1-dev is built without
+# its guidance embedder: the reference image pipeline passes no guidance value, and that
+# embedder is one small MLP per forward, next to 57 blocks at 4,608 tokens.
+SPECS: dict[str, RealSize] = {
+    "wan2.1-1.3b": RealSize(
+        "wan2.1-1.3b",
+        WanTransformer3DModel,
+        WAN_1_3B,
+        WAN_LATENT,
+        WAN_TEXT_TOKENS,
+        WAN_1_3B["text_dim"],
+        described="Wan2.1-T2V-1.3B, 480 x 832 x 81 frames (32,760 tokens)",
+    ),
+    "flux.1-dev": RealSize(
+        "flux.1-dev",
+        FluxTransformer2DModel,
+        {**FLUX_DEV, "guidance_embeds": False},
+        {"height": 2 * FLUX_SIDE, "width": 2 * FLUX_SIDE},
+        FLUX_TEXT_TOKENS,
+        FLUX_DEV["joint_attention_dim"],
+        FLUX_DEV["pooled_projection_dim"],
+        described="FLUX.1-dev, 1024 x 1024 (4,096 image + 512 text tokens)",
+    ),
+}
+
+
+def spec(name: str) -> RealSize:
+    if name not in SPECS:
+        raise ValueError(
+            f"--speed-at {name!r} is not a known real size; valid: "
+            + ", ".join(
+                f"{key} ({value.described or value.transformer_cls.__name__})"
+                for key, value in SPECS.items()
+            )
+        )
+    return SPECS[name]
+
+
+def check_family(name: str, transformer: torch.nn.Module | type) -> None:
+    """Refuse timing a model (a transformer or its class) at the real size of another family's."""
+    wanted, given = (
+        spec(name).transformer_cls,
+        transformer if isinstance(transformer, type) else type(transformer),
+    )
+    if not issubclass(given, wanted):
+        valid = (
+            ", ".join(
+                key
+                for key, value in SPECS.items()
+                if issubclass(given, value.transformer_cls)
+            )
+            or "none"
+        )
+        raise TypeError(
+            f"--speed-at {name} times a {wanted.__name__}, but the tuned model's transformer is a "
+            f"{given.__name__}; valid for it: {valid}"
+        )
+
+
+def per_forward_part(recipe: Recipe) -> Recipe:
+    """The techniques of ``recipe`` that change a forward's cost (every level but the step's)."""
+    return Recipe(config for config in recipe.techniques if config.level != STEP_LEVEL)
+
+
+@dataclass
+class PartTime:
+    part: str  # the per-forward part ('' for the baseline)
+    per_step_seconds: float
+    warm_up_seconds: float
+
+
+@dataclass
+class SpeedAt:
+    """The real-size transformer of ``spec``, kept on ``device`` for the whole run, and the
+    measured per-step time of each per-forward part asked for."""
+
+    spec: RealSize
+    device: str
+    guidance_scale: float
+    dtype: torch.dtype = torch.bfloat16
+    progress: Callable[[str], None] = print
+    measured: dict[str, PartTime] = field(default_factory=dict)
+
+    def __post_init__(self):
+        from cadence.reference.models import reference_model
+        from cadence.reference.pipelines import RefImagePipeline, RefVideoPipeline
+
+        self.progress(
+            f"speed at {self.spec.name}: building the transformer (random weights, {self.dtype}) on "
+            f"{self.device}"
+        )
+        transformer = self.spec.build(self.device, self.dtype)
+        reference, pipeline = (
+            ("ref-video", RefVideoPipeline)
+            if self.spec.video
+            else ("ref-image", RefImagePipeline)
+        )
+        self.pipe = pipeline(
+            transformer=transformer, scheduler=reference_model(reference).scheduler()
+        )
+        self.pipe.set_progress_bar_config(disable=True)
+        generator = torch.Generator().manual_seed(0)
+
+        def text(*shape):  # random embeddings of the real text length
+            return torch.randn(*shape, generator=generator).to(self.device, self.dtype)
+
+        self.call = {
+            "prompt_embeds": text(1, self.spec.text_tokens, self.spec.text_dim),
+            "negative_prompt_embeds": text(
+                1, self.spec.text_tokens, self.spec.text_dim
+            ),
+            "guidance_scale": self.guidance_scale,
+            **self.spec.size,
+        }
+        if not self.spec.video:
+            self.call.update(
+                pooled_prompt_embeds=text(1, self.spec.pooled_dim),
+                negative_pooled_prompt_embeds=text(1, self.spec.pooled_dim),
+            )
+
+    def per_step_seconds(self, part: Recipe) -> float:
+        """Seconds per step of a ``SPEED_STEPS``-step generation under ``part`` (its per-forward
+        techniques; measured once per part, then read from the cache)."""
+        part = per_forward_part(part)
+        key = str(part) if part else ""
+        if key not in self.measured:
+            self.measured[key] = self._measure(part, key)
+        return self.measured[key].per_step_seconds
+
+    def relative_time(self, recipe: Recipe, computed_share: float | None) -> float:
+        """``recipe``'s modelled time relative to the unaccelerated model's, at the real size."""
+        share = 1.0 if computed_share is None else computed_share
+        return self.per_step_seconds(recipe) * share / self.per_step_seconds(Recipe())
+
+    def _measure(self, part: Recipe, key: str) -> PartTime:
+        def generate():
+            return self.pipe(steps=SPEED_STEPS, **self.call)
+
+        acceleration = accelerate(self.pipe, part) if part else None
+        try:
+            _, warm_up, _ = timed(
+                generate, self.device
+            )  # compilation and autotuning are paid here
+            _, seconds, _ = timed(generate, self.device)
+        finally:
+            if acceleration is not None:
+                acceleration.remove()
+            if self.device.startswith("cuda"):
+                torch.cuda.empty_cache()  # what the part allocated, before the tuned model runs again
+        measured = PartTime(key, seconds / SPEED_STEPS, warm_up)
+        self.progress(
+            f"speed at {self.spec.name}: {key or 'baseline'}: {1000 * measured.per_step_seconds:.1f} ms per "
+            f"step (warm-up {warm_up:.1f} s)"
+        )
+        return measured
+
+    def rows(self) -> list[PartTime]:
+        return list(self.measured.values())

@@ -1,0 +1,406 @@
+"""cadence tune --speed-at: per-step times measured on a (here tiny) real-size transformer, one
+measure per per-forward part, and a search whose speeds are modelled from them."""
+
+import json
+import types
+
+import optuna
+import pytest
+import torch
+from click.testing import CliRunner
+from diffusers import WanTransformer3DModel
+from tiny_checkpoints import WAN_SIZE, tiny_wan_pipeline
+
+from cadence.cli import main
+from cadence.recipe import Recipe
+from cadence.tune import TuneRefused, TuneSettings, realsize, tune
+from cadence.tune import quality as quality_module
+from cadence.tune import search as search_module
+from cadence.tune.search import STUDY
+from cadence.tune.space import SearchSpace
+
+# A "real size" small enough for the CPU: Wan's classes, 2 x 8 x 8 latents (32 tokens).
+TINY = realsize.RealSize(
+    "tiny-wan-real",
+    WanTransformer3DModel,
+    {
+        "patch_size": (1, 2, 2),
+        "num_attention_heads": 2,
+        "attention_head_dim": 12,
+        "in_channels": 16,
+        "out_channels": 16,
+        "text_dim": 16,
+        "freq_dim": 16,
+        "ffn_dim": 32,
+        "num_layers": 2,
+        "rope_max_seq_len": 32,
+    },
+    {"frames": 2, "height": 8, "width": 8},
+    text_tokens=8,
+    text_dim=16,
+    described="tiny Wan, 2 x 8 x 8 latents",
+)
+MATH = "attention-backend(backend='math')"
+PROMPTS = [
+    "a red square moves left",
+    "a blue circle moves up",
+    "a green star moves right",
+    "a white triangle",
+]
+
+
+@pytest.fixture(autouse=True)
+def tiny_spec(monkeypatch):
+    monkeypatch.setitem(realsize.SPECS, TINY.name, TINY)
+
+
+@pytest.fixture
+def speed(tiny_spec):
+    measure = realsize.SpeedAt(TINY, "cpu", 4.0, progress=lambda line: None)
+    forwards = []
+    measure.pipe.transformer.register_forward_pre_hook(lambda *_: forwards.append(1))
+    measure.forwards = forwards
+    return measure
+
+
+def test_a_part_is_measured_once_then_read_from_the_cache(speed):
+    first = speed.per_step_seconds(Recipe.parse(MATH))
+    # one warm-up and one timed generation of SPEED_STEPS steps, two forwards a step (CFG)
+    assert len(speed.forwards) == 2 * realsize.SPEED_STEPS * 2 and first > 0
+    assert speed.per_step_seconds(Recipe.parse(MATH)) == first
+    assert (
+        len(speed.forwards) == 2 * realsize.SPEED_STEPS * 2
+    )  # the pipeline did not run again
+    assert [row.part for row in speed.rows()] == [MATH] and speed.rows()[
+        0
+    ].warm_up_seconds > 0
+
+
+def test_the_empty_part_is_the_baseline_and_step_terms_are_left_out(speed):
+    baseline = speed.per_step_seconds(Recipe())
+    assert (
+        speed.relative_time(Recipe(), None) == 1.0
+    )  # the baseline, no step policy: exactly its own time
+    measured = len(speed.forwards)
+    assert (
+        speed.per_step_seconds(Recipe.parse("fixed-interval(budget=0.4)")) == baseline
+    )  # a step policy alone
+    assert len(speed.forwards) == measured and [row.part for row in speed.rows()] == [
+        ""
+    ]
+    assert speed.relative_time(
+        Recipe.parse("fixed-interval(budget=0.4)"), 0.4
+    ) == pytest.approx(0.4, rel=1e-12)
+    assert realsize.per_forward_part(
+        Recipe.parse(f"fixed-interval(budget=0.4) + {MATH}")
+    ) == Recipe.parse(MATH)
+    both = speed.relative_time(
+        Recipe.parse(f"fixed-interval(budget=0.4) + {MATH}"), 0.5
+    )
+    assert both == speed.per_step_seconds(Recipe.parse(MATH)) * 0.5 / baseline
+    assert [row.part for row in speed.rows()] == ["", MATH]
+
+
+def test_a_measure_gives_back_the_exact_model(speed):
+    transformer = speed.pipe.transformer
+    torch.manual_seed(1)
+    inputs = {
+        "hidden_states": torch.randn(1, 16, 2, 8, 8, dtype=torch.bfloat16),
+        "timestep": torch.tensor([500.0]),
+        "encoder_hidden_states": torch.randn(1, 8, 16, dtype=torch.bfloat16),
+        "return_dict": False,
+    }
+    with torch.no_grad():
+        before = transformer(**inputs)[0]
+        speed.per_step_seconds(Recipe.parse(f"fixed-interval(budget=0.4) + {MATH}"))
+        after = transformer(**inputs)[0]
+    assert torch.equal(before, after)
+    assert (
+        len(transformer._forward_pre_hooks) == 1
+    )  # the test's own counter, nothing of the measure's
+
+
+def test_an_unknown_real_size_is_refused_naming_the_valid_ones(tmp_path):
+    with pytest.raises(
+        ValueError,
+        match=r"--speed-at 'wan2\.2-5b' is not a known real size; valid: wan2\.1-1\.3b "
+        r"\(Wan2\.1-T2V-1\.3B, 480 x 832 x 81 frames.*flux\.1-dev",
+    ):
+        TuneSettings(out=tmp_path, speed_at="wan2.2-5b").check()
+    result = CliRunner().invoke(
+        main,
+        [
+            "tune",
+            "--model",
+            "ref-video",
+            "--speed-at",
+            "wan2.2-5b",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+    )
+    assert (
+        result.exit_code != 0
+        and "--speed-at 'wan2.2-5b' is not a known real size; valid:" in result.output
+    )
+
+
+def test_another_familys_real_size_is_refused_naming_both(tmp_path):
+    with pytest.raises(
+        TuneRefused,
+        match="--speed-at flux.1-dev times a FluxTransformer2DModel, but the tuned model's "
+        "transformer is a WanTransformer3DModel; valid for it: wan2.1-1.3b",
+    ):
+        tune(tiny_wan_pipeline(), settings(tmp_path, speed_at="flux.1-dev"))
+    assert not (tmp_path / "study.db").exists()  # refused before any work
+    result = CliRunner().invoke(
+        main,
+        [
+            "tune",
+            "--model",
+            "ref-image",
+            "--speed-at",
+            "wan2.1-1.3b",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+    )
+    assert (
+        result.exit_code != 0
+        and (
+            "--speed-at wan2.1-1.3b times a WanTransformer3DModel, but the tuned model's "
+            "transformer is a FluxTransformer2DModel; valid for it: flux.1-dev"
+        )
+        in result.output
+    )
+
+
+def settings(out, **changes) -> TuneSettings:
+    base = dict(
+        out=out,
+        min_psnr=20.0,
+        steps=4,
+        seeds=1,
+        tuning_prompts=1,
+        check_prompts=1,
+        prompts=PROMPTS,
+        time_budget=600.0,
+        trials=1,
+        include=("fixed-interval", "attention-backend"),
+        model="tiny-wan",
+        **WAN_SIZE,
+    )
+    return TuneSettings(**{**base, **changes})
+
+
+# Per-step seconds of each part at the "real size", set rather than measured: the study's
+# figures are then known exactly.
+PER_STEP = {"": 1.0, MATH: 0.5}
+
+
+def test_a_study_ranks_candidates_by_their_speed_modelled_at_the_real_size(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(
+        realsize.SpeedAt,
+        "_measure",
+        lambda self, part, key: realsize.PartTime(key, PER_STEP[key], 2.0),
+    )
+    # the confirmation asks for a speedup over the baseline: here the modelled one, whatever the CPU's load
+    monkeypatch.setattr(
+        search_module,
+        "default_recipe",
+        lambda name: types.SimpleNamespace(
+            recipe=f"fixed-interval(budget=0.5) + {MATH}"
+        ),
+    )
+    pipe = tiny_wan_pipeline()
+    asked = settings(tmp_path, speed_at=TINY.name)
+    study = optuna.create_study(
+        storage=f"sqlite:///{tmp_path / 'study.db'}", study_name=STUDY
+    )
+    study.set_user_attr("settings", asked.identity())
+    study.enqueue_trial(
+        SearchSpace.from_registry(include=asked.include).params_of(
+            Recipe.parse(f"fixed-interval(budget=0.3) + {MATH}")
+        )
+    )
+    result = tune(pipe, asked)
+    trial = result.trials[0]
+    share = trial.user_attrs["computed_share"]
+    assert 0 < share < 1 and trial.value == pytest.approx(
+        0.5 * share
+    )  # 0.5 s / 1.0 s per step x the share
+    assert (
+        trial.user_attrs["measured_relative_time"] > 0
+    )  # the tuned model's own time is kept, not used
+    assert result.speed_at == TINY.name and [p.part for p in result.part_times] == [
+        "",
+        MATH,
+    ]
+    check = json.loads((tmp_path / "check.json").read_text())["check"]["recipes"]
+    for (
+        entry
+    ) in check.values():  # the tuned recipe and the shipped default, both modelled
+        assert entry["speedup"] == pytest.approx(1 / (0.5 * entry["computed_share"]))
+        assert entry["measured_speedup"] > 0
+    assert set(check) == {"tuned", "shipped default"}
+    report = (tmp_path / "report.md").read_text()
+    assert f"speedup (modelled at {TINY.name} from measured per-step times)" in report
+    assert (
+        "| `baseline` | 1000.0 | 2.0 |" in report
+        and f"| `{MATH}` | 500.0 | 2.0 |" in report
+    )
+
+
+def test_with_speed_at_the_tuned_models_times_reject_nothing(tmp_path, monkeypatch):
+    """A candidate four times slower than the baseline on the tuned model, modelled faster at
+    the real size, is measured to the end and kept."""
+    monkeypatch.setattr(
+        realsize.SpeedAt,
+        "_measure",
+        lambda self, part, key: realsize.PartTime(key, PER_STEP[key], 0.0),
+    )
+    monkeypatch.setattr(search_module, "SLOW_MARGIN", 0.25)
+    monkeypatch.setattr(search_module, "STOP_FACTOR", 2.0)
+    monkeypatch.setattr(
+        search_module,
+        "holds",
+        lambda measures, entry: (
+            entry["quality"] is not None
+            and quality_module.meets(measures, entry["quality"], within_margin=False)
+        ),
+    )
+    from cadence.tune import evaluate as evaluate_module
+
+    original = evaluate_module.Evaluator.run
+
+    def slow(self, recipe, case, deadline=None):
+        row = original(self, recipe, case, deadline)
+        row["seconds"] *= (
+            40  # far past the tuned model's stop (2x) and slow (1.25x) rules
+        )
+        return row
+
+    monkeypatch.setattr(evaluate_module.Evaluator, "run", slow)
+    asked = settings(tmp_path, speed_at=TINY.name, include=("fixed-interval",))
+    study = optuna.create_study(
+        storage=f"sqlite:///{tmp_path / 'study.db'}", study_name=STUDY
+    )
+    study.set_user_attr("settings", asked.identity())
+    study.enqueue_trial(
+        SearchSpace.from_registry(include=asked.include).params_of(
+            Recipe.parse("fixed-interval(budget=0.3)")
+        )
+    )
+    result = tune(tiny_wan_pipeline(), asked)
+    trial = result.trials[0]
+    assert (
+        trial.state == optuna.trial.TrialState.COMPLETE
+        and trial.user_attrs["measured_relative_time"] > 1.25
+    )
+    assert trial.value == pytest.approx(
+        trial.user_attrs["computed_share"]
+    )  # no per-forward part: the share alone
+
+
+def test_a_candidate_without_a_step_policy_modelled_slower_is_rejected_before_it_runs(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(
+        realsize.SpeedAt,
+        "_measure",
+        lambda self, part, key: realsize.PartTime(key, {"": 1.0, MATH: 3.0}[key], 0.0),
+    )
+    from cadence.tune import evaluate as evaluate_module
+
+    runs = []
+    original = evaluate_module.Evaluator.run
+    monkeypatch.setattr(
+        evaluate_module.Evaluator,
+        "run",
+        lambda self, recipe, case, deadline=None: (
+            runs.append(str(recipe)) or original(self, recipe, case, deadline)
+        ),
+    )
+    asked = settings(tmp_path, speed_at=TINY.name)
+    study = optuna.create_study(
+        storage=f"sqlite:///{tmp_path / 'study.db'}", study_name=STUDY
+    )
+    study.set_user_attr("settings", asked.identity())
+    study.enqueue_trial(
+        SearchSpace.from_registry(include=asked.include).params_of(Recipe.parse(MATH))
+    )
+    with pytest.raises(TuneRefused):
+        tune(tiny_wan_pipeline(), asked)
+    trial = optuna.load_study(
+        study_name=STUDY, storage=f"sqlite:///{tmp_path / 'study.db'}"
+    ).trials[0]
+    assert trial.state == optuna.trial.TrialState.PRUNED and runs == []
+    assert trial.user_attrs["rejected"] == (
+        f"time: modelled at {TINY.name} 3.00x the baseline's (no step policy), "
+        "the time to beat is 1.00x"
+    )
+
+
+def test_an_image_real_size_runs_through_the_image_pipeline():
+    from diffusers import FluxTransformer2DModel
+
+    config = {
+        **realsize.SPECS["flux.1-dev"].config,
+        "num_layers": 1,
+        "num_single_layers": 1,
+        "num_attention_heads": 2,
+        "attention_head_dim": 16,
+        "joint_attention_dim": 32,
+        "pooled_projection_dim": 32,
+        "axes_dims_rope": (4, 4, 8),
+    }
+    tiny_flux = realsize.RealSize(
+        "tiny-flux",
+        FluxTransformer2DModel,
+        config,
+        {"height": 8, "width": 8},
+        8,
+        32,
+        32,
+    )
+    speed = realsize.SpeedAt(tiny_flux, "cpu", 4.0, progress=lambda line: None)
+    forwards = []
+    speed.pipe.transformer.register_forward_pre_hook(lambda *_: forwards.append(1))
+    assert (
+        speed.per_step_seconds(Recipe()) > 0
+        and len(forwards) == 2 * realsize.SPEED_STEPS * 2
+    )
+
+
+def test_the_real_size_is_part_of_the_study_identity(tmp_path):
+    asked = settings(tmp_path, speed_at=TINY.name)
+    assert (
+        asked.identity()["speed_at"] == TINY.name
+        and "speed_at" not in settings(tmp_path).identity()
+    )
+    optuna.create_study(
+        storage=f"sqlite:///{tmp_path / 'study.db'}", study_name=STUDY
+    ).set_user_attr("settings", asked.identity())
+    with pytest.raises(
+        TuneRefused,
+        match=r"other settings \(speed_at differ: speed_at='tiny-wan-real'\)",
+    ):
+        tune(tiny_wan_pipeline(), settings(tmp_path))
+
+
+def test_a_real_size_that_cannot_run_here_is_refused_with_the_baselines_kept(
+    tmp_path, monkeypatch
+):
+    def out_of_memory(self, part, key):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(realsize.SpeedAt, "_measure", out_of_memory)
+    with pytest.raises(
+        TuneRefused,
+        match=r"--speed-at tiny-wan-real: the unaccelerated real-size transformer cannot "
+        r"run on cpu: RuntimeError: CUDA out of memory; the baselines made are kept",
+    ):
+        tune(tiny_wan_pipeline(), settings(tmp_path, speed_at=TINY.name))
+    assert any((tmp_path / "baselines").iterdir())
