@@ -66,6 +66,10 @@ LATE_REASON = ("{names} not searched (no change to the output, a warm-up per can
                "confirmed with and without it")
 
 
+# Levels whose techniques act only while streaming (cadence.stream): not in a one-shot search.
+STREAM_ONLY_LEVELS = ("sequence",)
+
+
 def is_peer(config: type[TechniqueConfig]) -> bool:
     return config.__module__.rsplit(".", 1)[-1] == "peers"
 
@@ -138,6 +142,9 @@ class SearchSpace:
             notes.append(CPU_COMPILE_REASON if not device.startswith("cuda") else "compile left out (--no-compile)")
         choices = {}
         for level in LEVELS:
+            if level in STREAM_ONLY_LEVELS:  # a one-shot generation has no KV cache to search over
+                choices[level] = (NONE,)
+                continue
             names = sorted(name for name, technique in techniques.items() if technique.config.level == level
                            and (name in include if include else not is_peer(technique.config))
                            and name not in exclude)

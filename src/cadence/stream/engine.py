@@ -1,0 +1,170 @@
+"""Chunk-wise causal generation: a generator that yields a video chunk by chunk, for as long
+as asked, with a bounded KV cache.
+
+Each chunk of ``frames_per_chunk`` latent frames starts from fresh noise and is denoised with
+``steps_per_chunk`` flow-matching (Euler) steps of the pipeline's scheduler, attending
+bidirectionally within the chunk and to the cached keys and values of the earlier chunks
+(block-causal; :mod:`cadence.accel.sequence`). After its last step the clean chunk is run once
+more at timestep 0, in ``write`` mode, and its keys and values go into the cache (CausVid, Yin
+et al. 2025; Self-Forcing, Huang et al. 2025): later chunks see the clean past, as at training.
+
+Where this differs from Self-Forcing: the steps are the scheduler's own spread of
+``steps_per_chunk`` timesteps (Self-Forcing's student runs at its trained 1000/750/500/250);
+there is no classifier-free guidance (distilled stream students run without it, and CFG would
+need a cache per branch); one timestep per chunk, not per frame. The model is any Wan
+transformer; no trained stream model exists here yet, so nothing is claimed about quality, and a
+bidirectional model run this way drifts.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from cadence.accel.sequence._base import KV_CACHE, KVCache, KVFormatConfig, KVPolicyConfig, apply_format, apply_policy
+from cadence.accel.sequence.policies import SinkWindowConfig
+from cadence.stream.decode import WanStreamDecoder
+
+DEFAULT_POLICY = SinkWindowConfig(sink=3, frames=12)  # LongLive's frame sink and local window
+
+
+@dataclass
+class StreamChunk:
+    """One finished chunk."""
+
+    index: int
+    first_frame: int  # absolute index of its first latent frame
+    latents: torch.Tensor  # (B, C, frames, H, W), float32
+    # (B, video frames, 3, H, W) in [-1, 1]: the latents themselves for pixel-space models, Wan's VAE decode
+    # (1 video frame for the stream's first latent frame, 4 for every later one) for pipelines with one;
+    # None when decoding was turned off
+    frames: torch.Tensor | None
+    kv_bytes: int  # bytes the KV cache holds after this chunk (the last of a bounded stream is not written)
+    kept_frames: list[int]  # absolute indices of the latent frames the cache keeps
+
+
+def stream(
+    pipe_or_transformer,
+    prompt_embeds: torch.Tensor,
+    *,
+    chunks: int | None = None,
+    frames_per_chunk: int = 3,
+    steps_per_chunk: int = 4,
+    policy: KVPolicyConfig | None = None,
+    kv_format: KVFormatConfig | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    seed: int = 0,
+    scheduler: FlowMatchEulerDiscreteScheduler | None = None,
+    decode: bool = True,
+) -> Iterator[StreamChunk]:
+    """Generate ``chunks`` chunks (None: until the generator is closed), yielding each as it
+    finishes. Every argument is checked here, before anything is generated; the KV cache's hooks
+    are installed on the first ``next()`` and removed when the generator ends or is closed.
+
+    ``prompt_embeds``: (B, tokens, text_dim). ``height``, ``width``: of the model's input (pixels for
+    the reference models, latents for a pipeline with a VAE), defaulting to the pipeline's sample
+    size. ``policy`` and ``kv_format`` default to kv-sink-window(sink=3, frames=12) and the native
+    format, unless the model already carries sequence terms (``accelerate``), which are then used
+    as they are. ``decode``: give each chunk's video frames (a pipeline's VAE decodes them chunk by
+    chunk, :mod:`cadence.stream.decode`)."""
+    transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
+    pipe = pipe_or_transformer if transformer is not pipe_or_transformer else None
+    if chunks is not None and (isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1):
+        raise ValueError(f"chunks={chunks!r}; valid: an int >= 1, or None to stream until closed")
+    for name, value in (("frames_per_chunk", frames_per_chunk), ("steps_per_chunk", steps_per_chunk)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}; valid: an int >= 1")
+    if prompt_embeds is None or prompt_embeds.dim() != 3:
+        raise ValueError(f"prompt_embeds of shape {None if prompt_embeds is None else tuple(prompt_embeds.shape)}; "
+                         "valid: (batch, tokens, text_dim)")
+    held = getattr(transformer, KV_CACHE, None)
+    if held is not None:
+        if policy is not None or kv_format is not None:
+            raise ValueError(f"the model already carries the KV cache terms {held.policy} + {held.format}; pass "
+                             "neither policy nor kv_format, or remove those terms first")
+        if held.policy is None:
+            raise ValueError("the model carries kv-format but no KV cache policy; apply full, window or sink-window")
+        policy = held.policy
+    policy = policy if policy is not None else DEFAULT_POLICY
+    if not isinstance(policy, KVPolicyConfig):
+        raise TypeError(f"policy={policy!r}; valid: FullConfig, WindowConfig or SinkWindowConfig")
+    if kv_format is not None and not isinstance(kv_format, KVFormatConfig):
+        raise TypeError(f"kv_format={kv_format!r}; valid: KVFormatConfig(format=...)")
+    policy.check_chunk(frames_per_chunk)
+    if chunks is not None:  # a full cache too small for the stream is refused before it starts
+        policy.keep(list(range((chunks - 1) * frames_per_chunk)))
+    most_cached = policy.max_frames if chunks is None else min(policy.max_frames, (chunks - 1) * frames_per_chunk)
+    positions = transformer.rope.max_seq_len
+    if most_cached + frames_per_chunk > positions:
+        raise ValueError(
+            f"{policy} keeps up to {most_cached} frames and a chunk adds {frames_per_chunk}: positions up to "
+            f"{most_cached + frames_per_chunk - 1}, past the model's rotary table of {positions} (rope_max_seq_len); "
+            f"valid: at most {positions - frames_per_chunk} cached frames")
+    size = dict(getattr(getattr(pipe, "config", None), "sample_size", None) or {})
+    height, width = height or size.get("height"), width or size.get("width")
+    _, patch_h, patch_w = transformer.config.patch_size
+    if not height or not width or height % patch_h or width % patch_w:
+        raise ValueError(f"height={height}, width={width}; valid: positive multiples of the patch size "
+                         f"{patch_h}x{patch_w}")
+    if scheduler is None:
+        source = getattr(pipe, "scheduler", None)
+        scheduler = type(source).from_config(source.config) if source is not None else FlowMatchEulerDiscreteScheduler()
+    vae = getattr(pipe, "vae", None)
+    decoder = WanStreamDecoder(vae) if decode and vae is not None else None
+    return _generate(transformer, prompt_embeds, chunks, frames_per_chunk, steps_per_chunk, policy, kv_format,
+                     held is None, (height, width), seed, scheduler, decode, decoder)
+
+
+def _generate(transformer, prompt_embeds, chunks, frames_per_chunk, steps_per_chunk, policy, kv_format, install,
+              size, seed, scheduler, decode, decoder):
+    handles = [apply_policy(transformer, policy)] if install else []
+    if install and kv_format is not None:
+        handles.append(apply_format(transformer, kv_format))
+    cache: KVCache = getattr(transformer, KV_CACHE)
+    cache.reset()
+    generator = torch.Generator("cpu").manual_seed(seed)
+    try:
+        for index in itertools.count() if chunks is None else range(chunks):
+            last = chunks is not None and index == chunks - 1
+            latents = _chunk(transformer, cache, prompt_embeds, generator, frames_per_chunk, steps_per_chunk, size,
+                             scheduler, write=not last)
+            frames = None
+            if decode:
+                video = decoder.decode(latents) if decoder is not None else latents.clamp(-1, 1)  # (B, C, T, H, W)
+                frames = video.permute(0, 2, 1, 3, 4)
+            yield StreamChunk(index, index * frames_per_chunk, latents, frames, cache.bytes(), list(cache.frames))
+    finally:
+        cache.set_mode("read")
+        cache.reset()  # the KV memory goes with the stream
+        if decoder is not None:
+            decoder.close()
+        for handle in reversed(handles):
+            handle.remove()
+
+
+@torch.no_grad()
+def _chunk(transformer, cache: KVCache, prompt_embeds, generator, frames, steps, size, scheduler, write: bool):
+    """Denoise one chunk against the cache; with ``write``, put its clean K/V into the cache."""
+    parameter = next(transformer.parameters())
+    device, dtype = parameter.device, transformer.dtype
+    embeds = prompt_embeds.to(device=device, dtype=dtype)
+    batch, channels = embeds.shape[0], transformer.config.in_channels
+    latents = torch.randn(batch, channels, frames, *size, generator=generator).to(device)  # (B, C, F, H, W)
+    scheduler.set_timesteps(steps, device=device)
+    scheduler.set_begin_index(0)
+    cache.set_mode("read")
+    for t in scheduler.timesteps:
+        velocity = transformer(hidden_states=latents.to(dtype), timestep=t.expand(batch),
+                               encoder_hidden_states=embeds, return_dict=False)[0]
+        latents = scheduler.step(velocity.float(), t, latents, return_dict=False)[0]
+    if write:
+        cache.set_mode("write")
+        clean = torch.zeros(batch, device=device, dtype=scheduler.timesteps.dtype)  # timestep 0
+        transformer(hidden_states=latents.to(dtype), timestep=clean, encoder_hidden_states=embeds, return_dict=False)
+        cache.commit()
+    return latents
