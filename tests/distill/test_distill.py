@@ -1,7 +1,10 @@
 """cadence.distill on tiny reference pipelines (conftest's random Wan and FLUX): a resumed run is
 the uninterrupted run bit for bit, the student checkpoint opens with cadence.load and runs K
 forwards without CFG, DMD's gradient vanishes when the fake score is the real one, the
-ODE-pair phase fits its pairs, and bad configuration is refused by name."""
+ODE-pair phase fits its pairs, and bad configuration is refused by name. Also: a kill between the
+tensor file and the JSON leaves the previous state whole, resuming with other evaluation settings or
+conditions is refused, the warm-up restarts at DMD, a generator step moves x0 toward the real x0, and
+the student is judged through its shipped bf16 weights."""
 
 import copy
 import json
@@ -13,7 +16,7 @@ from conftest import TEXT_DIM, tiny_pipe
 from safetensors.torch import load_file
 
 import cadence
-from cadence.distill import Conditions, DistillSettings, distill, dmd, ode_pairs
+from cadence.distill import Conditions, DistillSettings, distill, dmd, ode_pairs, state
 from cadence.distill.cli import distill as distill_command
 from cadence.distill.student import Denoiser, student_sigmas
 from cadence.distill.trainer import _Run
@@ -65,8 +68,8 @@ def test_interrupted_run_resumed_is_the_uninterrupted_run_bit_for_bit(tmp_path, 
     run(kind, tmp_path / "parts", max_steps=3)  # stops inside DMD (ODE pairs: steps 0-1)
     resumed = run(kind, tmp_path / "parts", max_steps=5)
     assert resumed["steps_trained"] == whole["steps_trained"] == 5
-    a = load_file(str(tmp_path / "whole" / "state" / "state.safetensors"))
-    b = load_file(str(tmp_path / "parts" / "state" / "state.safetensors"))
+    a = load_file(str(state.tensors_path(tmp_path / "whole")))
+    b = load_file(str(state.tensors_path(tmp_path / "parts")))
     assert a.keys() == b.keys()
     differing = [key for key in a if not torch.equal(a[key], b[key])]
     assert not differing
@@ -142,7 +145,7 @@ def test_ode_pair_phase_lowers_its_regression_loss_on_a_fixed_batch(tmp_path):
     run_ = _Run(
         pipe,
         Denoiser(pipe, SIZES[kind]),
-        settings(kind, ode_pairs=4, batch_size=4, lr=3e-3),
+        settings(kind, ode_pairs=4, batch_size=4, lr=3e-3, ode_steps=12),  # the 12 steps below: all ODE phase
         conditions(kind),
         tmp_path,
         "cpu",
@@ -267,8 +270,8 @@ def test_a_run_killed_mid_training_resumes_from_its_last_save_bit_for_bit(tmp_pa
     assert json.loads((tmp_path / "killed" / "state" / "state.json").read_text())["step"] == 3
     resumed = run("video", tmp_path / "killed", max_steps=5, save_every=0)
     assert resumed["steps_trained"] == whole["steps_trained"] == 5
-    a = load_file(str(tmp_path / "whole" / "state" / "state.safetensors"))
-    b = load_file(str(tmp_path / "killed" / "state" / "state.safetensors"))
+    a = load_file(str(state.tensors_path(tmp_path / "whole")))
+    b = load_file(str(state.tensors_path(tmp_path / "killed")))
     assert all(torch.equal(a[key], b[key]) for key in a)
 
 
@@ -359,3 +362,199 @@ def test_a_damaged_student_record_is_refused_when_loading(tmp_path):
         "one sigma per step",
     ):
         cadence.load(str(tmp_path / "run"), text_encoder=False)
+
+
+# -- review fixes: the state's commit point, the resumed identity, the warm-up, DMD's sign, bf16 ---------------------
+
+
+def test_a_kill_between_the_tensor_file_and_the_json_leaves_the_previous_state_whole(tmp_path, monkeypatch):
+    whole = run("video", tmp_path / "whole", max_steps=5)
+    run("video", tmp_path / "three", max_steps=3)  # what the killed run's last whole state must be
+    commit = state._commit
+
+    def killed_before_the_json_of_step_4(target, record):
+        if record["step"] == 4:
+            raise KeyboardInterrupt  # the tensors of step 4 are on disk, the JSON still says step 3
+        commit(target, record)
+
+    monkeypatch.setattr(state, "_commit", killed_before_the_json_of_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        run("video", tmp_path / "killed", max_steps=5, save_every=0)
+    monkeypatch.setattr(state, "_commit", commit)
+    folder = tmp_path / "killed" / "state"
+    assert (folder / "state-4.safetensors").is_file()  # the new tensors were written ...
+    record = json.loads((folder / "state.json").read_text())
+    assert record["step"] == 3 and record["tensors"] == "state-3.safetensors"  # ... but never committed
+    previous = json.loads((tmp_path / "three" / "state" / "state.json").read_text())
+    assert record["history"] == previous["history"]
+    a = load_file(str(state.tensors_path(tmp_path / "three")))
+    b = load_file(str(state.tensors_path(tmp_path / "killed")))
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+    resumed = run("video", tmp_path / "killed", max_steps=5, save_every=0)
+    assert resumed["steps_trained"] == whole["steps_trained"] == 5
+    a = load_file(str(state.tensors_path(tmp_path / "whole")))
+    b = load_file(str(state.tensors_path(tmp_path / "killed")))
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    histories = [
+        json.loads((tmp_path / n / "state" / "state.json").read_text())["history"] for n in ("whole", "killed")
+    ]
+    assert histories[0] == histories[1]
+    # The orphan and every older tensor file are gone: one tensor file, the one the JSON names.
+    assert sorted(p.name for p in folder.glob("state*.safetensors")) == [state.tensors_path(tmp_path / "killed").name]
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [({"eval_prompts": 3}, "eval_prompts=8 there, 3 here"), ({"sample_steps": 3}, "sample_steps=2 there, 3 here")],
+)
+def test_resuming_with_other_evaluation_settings_is_refused(tmp_path, changes, named):
+    run("video", tmp_path / "run", max_steps=1, ode_steps=1)
+    with pytest.raises(ValueError, match=rf"holds another run's state \({named}\)"):
+        run("video", tmp_path / "run", max_steps=2, ode_steps=1, **changes)
+
+
+def test_resuming_on_other_conditions_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    c = conditions("video")
+    files = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    for index, path in enumerate(files):
+        save_file({"train_tokens": c.tokens + index, "empty_tokens": c.empty_tokens}, str(path))
+
+    def resume(**where):
+        return distill(
+            tiny_pipe("video"),
+            tmp_path / "run",
+            settings=settings("video", max_steps=1, ode_steps=1),
+            progress=False,
+            **where,
+        )
+
+    resume(embeddings=files[0])
+    assert json.loads((tmp_path / "run" / "state" / "state.json").read_text())["conditions"] == str(files[0].resolve())
+    resume(embeddings=files[0])  # the same file resumes
+    with pytest.raises(
+        ValueError,
+        match=rf"holds another run's state \(conditions='{files[0].resolve()}' there, '{files[1].resolve()}' here\)",
+    ):
+        resume(embeddings=files[1])
+    with pytest.raises(ValueError, match=r"conditions='.*a.safetensors' there, 'given [0-9a-f]{16}' here"):
+        resume(conditions=c)
+
+
+def test_warm_up_restarts_at_the_first_dmd_step_for_generator_and_critic(tmp_path):
+    pipe = tiny_pipe("video")
+    run_ = _Run(
+        pipe,
+        Denoiser(pipe, SIZES["video"]),
+        settings("video", ode_steps=150, lr=1e-3, critic_lr=2e-3),
+        conditions("video"),
+        tmp_path,
+        "cpu",
+        "tiny",
+    )
+
+    def rates(step):
+        run_.step = step
+        run_._learning_rates()
+        return [run_.optimizers[name].param_groups[0]["lr"] for name in ("student", "critic")]
+
+    assert rates(0) == pytest.approx([1e-5, 2e-5])  # the ODE phase's first step: 1 / 100 of the rate
+    assert rates(149) == pytest.approx([1e-3, 2e-3])  # warmed up by its end
+    assert rates(150) == pytest.approx([1e-5, 2e-5])  # the first DMD step starts again, the critic too
+    assert rates(150 + 49) == pytest.approx([5e-4, 1e-3])
+    assert rates(150 + 99) == pytest.approx([1e-3, 2e-3])
+
+
+class PointMassScore(torch.nn.Module):
+    """The exact flow-matching score of a point mass at ``x0``: the velocity (x_t - x0) / sigma, so
+    its x0 prediction is x0 itself. A critic fitted perfectly to a student that always outputs x0."""
+
+    def __init__(self, x0: torch.Tensor, timestep_scale: float):
+        super().__init__()
+        self.x0, self.timestep_scale = x0.detach().clone(), timestep_scale
+
+    def forward(self, hidden_states, timestep, **_):
+        sigma = (timestep / self.timestep_scale).view((-1,) + (1,) * (hidden_states.dim() - 1))
+        return ((hidden_states - self.x0) / sigma,)
+
+
+@pytest.mark.parametrize("kind", ["video", "image"])
+def test_a_generator_step_moves_x0_toward_the_real_x0(kind, monkeypatch):
+    pipe = tiny_pipe(kind)
+    denoiser, c = Denoiser(pipe, SIZES[kind]), conditions(kind)
+    teacher = pipe.transformer.float().requires_grad_(False)
+    condition, empty = c.batch(torch.arange(2), "cpu"), c.empty(2, "cpu")
+    start = denoiser.noise(2, torch.Generator().manual_seed(0), "cpu")
+    seen = {}
+    gradient = dmd.dmd_gradient
+
+    def spy(x0, real_x0, fake_x0):
+        seen.update(real_x0=real_x0, fake_x0=fake_x0)
+        return gradient(x0, real_x0, fake_x0)
+
+    monkeypatch.setattr(dmd, "dmd_gradient", spy)
+
+    def one_step(critic):
+        x0 = start.clone().requires_grad_(True)
+        loss = dmd.generator_loss(
+            denoiser, teacher, critic, x0, condition, empty, 4.0, torch.Generator().manual_seed(1)
+        )
+        loss.backward()
+        return x0.detach(), (x0 - 0.05 * x0.numel() * x0.grad).detach()  # a step of 0.05 g (the grad is g / numel)
+
+    def distance(a, b):
+        return (a - b).flatten(1).norm(dim=1)  # per sample
+
+    # The critic knows the student's samples exactly (fake x0 = x0): the step goes straight to the real x0.
+    before, after = one_step(PointMassScore(start, 1000.0 if kind == "video" else 1.0))
+    assert torch.allclose(seen["fake_x0"], before, atol=1e-4)
+    assert (distance(after, seen["real_x0"]) < distance(before, seen["real_x0"])).all()
+    # Any other critic: the step moves x0 toward the real x0 and away from the fake one. |x - real|^2 - |x - fake|^2
+    # is linear in x with slope 2 (fake - real), so it falls by exactly 2 * 0.05 |fake - real|^2 / scale; a flipped
+    # sign would raise it.
+    other = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+    before, after = one_step(other)
+    real, fake = seen["real_x0"], seen["fake_x0"]
+    assert not torch.allclose(real, fake)
+
+    def pull(x):
+        return distance(x, real) ** 2 - distance(x, fake) ** 2
+
+    assert (pull(after) < pull(before)).all()
+
+
+def test_evaluation_and_samples_use_the_bf16_weights_as_shipped(tmp_path, monkeypatch):
+    from cadence.reference import data
+
+    c = conditions("video")
+    c.heldout_tokens = torch.randn(2, 5, TEXT_DIM, generator=torch.Generator().manual_seed(9))
+    c.heldout_captions = data.heldout_prompts(2, video=True)
+    generate, students = _Run.generate, []
+
+    def spy(self, transformer, condition, grid, guidance_scale=1.0, seed=0):
+        if transformer is not self.teacher:
+            trained = dict(self.student.named_parameters())
+            students.append({name: (p, trained[name].detach().clone()) for name, p in transformer.named_parameters()})
+        return generate(self, transformer, condition, grid, guidance_scale, seed)
+
+    monkeypatch.setattr(_Run, "generate", spy)
+    distill(
+        tiny_pipe("video"),
+        tmp_path / "run",
+        settings=settings("video", max_steps=2, ode_steps=1, eval_every=1e-9, eval_prompts=2),
+        conditions=c,
+        progress=False,
+    )
+    assert len(students) == 3  # two evaluations and samples.png
+    for pairs in students:
+        assert all(p.dtype == torch.float32 and torch.equal(p, t.bfloat16().float()) for p, t in pairs.values())
+        assert any(not torch.equal(p, t) for p, t in pairs.values())  # the rounding is real: not the fp32 weights
+    shipped = cadence.load(str(tmp_path / "run"), text_encoder=False).transformer
+    last = students[-1]
+    assert all(torch.equal(p, last[name][0]) for name, p in shipped.named_parameters())
+    assert "bf16 weights as shipped" in (tmp_path / "run" / "README.md").read_text()

@@ -91,7 +91,8 @@ def card(summary: dict) -> str:
     last = summary["evaluations"][-1] if summary["evaluations"] else None
     fd = "" if last is None or last.get("fd") is None else f", FD {last['fd']:.2f}"
     judged = (
-        f"- Judge on held-out captions at step {last['step']}: adherence {last['adherence']:.3f}{fd}.\n"
+        f"- Judge on held-out captions at step {last['step']}: adherence {last['adherence']:.3f}{fd} "
+        "(the student's bf16 weights as shipped in `transformer/`).\n"
         if last
         else "- Not judged (no held-out captions, or evaluation off).\n"
     )
@@ -120,8 +121,8 @@ A few-step student made by `cadence distill`: it generates in {summary["steps"]}
 ![losses](loss.png)
 
 ## Samples
-The teacher at {settings["sample_steps"]} steps with CFG {summary["teacher_guidance_scale"]:g} beside the student, same conditions
-and noise.
+The teacher at {settings["sample_steps"]} steps with CFG {summary["teacher_guidance_scale"]:g} beside the student (its bf16
+weights as shipped in `transformer/`), same conditions and noise.
 
 ![samples](samples.png)
 

@@ -11,7 +11,8 @@ The run folder is the student's diffusers checkpoint (``transformer/`` in bf16, 
 (the teacher at ``sample_steps``, 50, with CFG beside the student, same conditions and noise), ``README.md``
 and ``state/`` (``state.py``: everything a resumed run needs; delete it before shipping the
 student). The state is written every ``save_every`` seconds and at the end; a run started on a
-folder holding a state of the same settings resumes from it.
+folder holding a state of the same settings, teacher and conditions (the embeddings file, or the
+captions embedded here) resumes from it.
 
 Every step draws from two seeded generators saved in the state (noise on the device, indices
 on the CPU), and the learning rate depends on the step only, so on the CPU a run stopped at
@@ -19,11 +20,17 @@ step n and resumed is bit for bit the run that never stopped.
 
 Judge evaluation (every ``eval_every`` seconds, on the held-out captions when the conditions
 have them): the student's adherence and FD, and once the teacher's at ``sample_steps`` with
-CFG, so the card sets one beside the other.
+CFG, so the card sets one beside the other (hence ``eval_prompts`` and ``sample_steps`` are
+part of the resumed identity: the teacher's scores are not recomputed). The student is judged,
+and drawn in samples.png, through the weights it ships: rounded to bf16 as ``transformer/``
+holds them, computed in fp32 as ``cadence.load`` runs them.
 
 Where the loop differs from DMD2's: no EMA of the student, a constant learning rate after a
-100-step warm-up (DMD2: constant, no warm-up), gradient clipping at norm 1 as reference/train.py
-trains, fp32 on the CPU and bf16 autocast on CUDA.
+100-step linear warm-up of each phase (DMD2: constant, no warm-up): the warm-up runs on the ODE
+phase's steps and starts again at the first DMD step, for the generator and the critic, since
+the generator's loss changes there and the critic takes its first step there (a warm-up on
+global steps would end inside the ODE phase at the default ode_steps=200). Gradient clipping at
+norm 1 as reference/train.py trains, fp32 on the CPU and bf16 autocast on CUDA.
 """
 
 from __future__ import annotations
@@ -57,8 +64,12 @@ METHODS = ("dmd",)
 NOT_YET = ("consistency",)  # issue 17's second family: not built yet
 SIZE_KEYS = ("frames", "height", "width")
 # Settings that may change between a run and its resumption: budgets and reporting only (none
-# of them draws from the training generators).
-RESUMABLE = ("seconds", "max_steps", "save_every", "eval_every", "eval_prompts", "sample_prompts", "sample_steps")
+# of them draws from the training generators). Not eval_prompts nor sample_steps: the teacher's
+# judge evaluation, made once, was scored on those prompts at those steps.
+RESUMABLE = ("seconds", "max_steps", "save_every", "eval_every", "sample_prompts")
+WARMUP_STEPS = 100  # linear learning-rate warm-up at the start of each phase (ODE pairs, DMD)
+CAPTIONS_SOURCE = "captions"  # the conditions' source when embedded here from the procedural captions
+GIVEN_SOURCE = "given"  # ... when the caller passed a Conditions object (Python API), with its fingerprint
 
 
 @dataclass(frozen=True)
@@ -68,7 +79,7 @@ class DistillSettings:
     seconds: float = 600.0  # wall-clock budget of the optimisation, summed over resumptions
     max_steps: int | None = None  # training-step budget as well (None: time only)
     batch_size: int = 16
-    lr: float = 1e-5  # student; constant after a 100-step warm-up (DMD2: constant)
+    lr: float = 1e-5  # student; constant after a 100-step warm-up in each phase (DMD2: constant)
     critic_lr: float = 1e-5
     guidance_scale: float = 4.0  # the real score's CFG: the teacher's sampling default (reference/train.py)
     critic_updates: int = 5  # fake-score steps per generator step (DMD2's TTUR: 5)
@@ -151,6 +162,20 @@ class Conditions:
         captions = None if self.heldout_captions is None else self.heldout_captions[:count]
         return Condition(self.heldout_tokens[:count], pooled).to(device), captions
 
+    def fingerprint(self) -> str:
+        """A hash of every tensor and caption: two Conditions with the same one distil the same run."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for part in dataclasses.fields(self):
+            value = getattr(self, part.name)
+            if isinstance(value, torch.Tensor):
+                digest.update(f"{part.name}{tuple(value.shape)}{value.dtype}".encode())
+                digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            elif value is not None:
+                digest.update(f"{part.name}{json.dumps(value)}".encode())
+        return digest.hexdigest()[:16]
+
     @classmethod
     def from_embeddings(cls, path: Path) -> Conditions:
         """The file reference/train.py trains on (``prepare_embeddings``)."""
@@ -202,9 +227,11 @@ def open_teacher(teacher):
     return pipe, str(teacher)
 
 
-def check_out(out: Path, settings: DistillSettings, teacher: str) -> bool:
+def check_out(out: Path, settings: DistillSettings, teacher: str, source: str) -> bool:
     """-> whether ``out`` holds this run's state (resume). Refused: a folder holding anything
-    else, or the state of a run with other settings or another teacher."""
+    else, or the state of a run with other settings, another teacher or other conditions
+    (``source``: the embeddings file, ``"captions"``, or ``"given <fingerprint>"``; other captions
+    would train the DMD phase on them while the recorded ODE pairs come from the old ones)."""
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return False
     if not out.is_dir() or not state.exists(out):
@@ -213,8 +240,8 @@ def check_out(out: Path, settings: DistillSettings, teacher: str) -> bool:
             "name a new or empty folder, or the folder of the run to resume"
         )
     record = state.read_record(out)
-    mine = {"teacher": teacher, **settings.identity()}
-    theirs = {"teacher": record.get("teacher"), **record.get("settings", {})}
+    mine = {"teacher": teacher, "conditions": source, **settings.identity()}
+    theirs = {"teacher": record.get("teacher"), "conditions": record.get("conditions"), **record.get("settings", {})}
     different = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
     if different:
         listed = ", ".join(f"{k}={old!r} there, {new!r} here" for k, (old, new) in different.items())
@@ -260,20 +287,31 @@ def distill(
         raise ValueError("size: a video teacher needs frames, height and width")
     if not denoiser.video and "frames" in size:
         raise ValueError(f"size has frames={size['frames']}: the teacher makes images; valid keys: height, width")
-    resume = check_out(out, settings, teacher_name)
-    conditions = conditions or _conditions(teacher_name, denoiser.video, embeddings, settings)
-    run = _Run(pipe, denoiser, settings, conditions, out, device, teacher_name)
+    if conditions is None:
+        embeddings = _embeddings_file(teacher_name, embeddings)
+        source = CAPTIONS_SOURCE if embeddings is None else str(Path(embeddings).resolve())
+    else:
+        source = f"{GIVEN_SOURCE} {conditions.fingerprint()}"
+    resume = check_out(out, settings, teacher_name, source)
+    conditions = conditions or _conditions(denoiser.video, embeddings, settings)
+    run = _Run(pipe, denoiser, settings, conditions, out, device, teacher_name, source)
     if resume:
         run.restore()
     return run.train(command, progress)
 
 
-def _conditions(teacher: str, video: bool, embeddings: Path | None, settings: DistillSettings) -> Conditions:
+def _embeddings_file(teacher: str, embeddings: Path | None) -> Path | None:
+    """The embeddings file to distil on: the one named, else a reference teacher's own in
+    ``.carry/`` when it exists, else None (captions embedded here)."""
     from cadence.reference.models import REFERENCE_MODELS
 
     if embeddings is None and teacher in REFERENCE_MODELS:
         default = Path(".carry") / f"embeddings-{teacher}.safetensors"
         embeddings = default if default.is_file() else None
+    return embeddings
+
+
+def _conditions(video: bool, embeddings: Path | None, settings: DistillSettings) -> Conditions:
     if embeddings is not None:
         return Conditions.from_embeddings(Path(embeddings))
     from cadence.reference.train import CAPTIONS
@@ -295,9 +333,10 @@ class _Run:
         out: Path,
         device: str,
         teacher_name: str,
+        source: str = GIVEN_SOURCE,
     ):
         self.pipe, self.denoiser, self.settings, self.conditions = pipe, denoiser, settings, conditions
-        self.out, self.device, self.teacher_name = out, device, teacher_name
+        self.out, self.device, self.teacher_name, self.source = out, device, teacher_name, source
         self.teacher = pipe.transformer.to(device).float().eval().requires_grad_(False)
         self.student = trainable_copy(self.teacher)
         self.critic = trainable_copy(self.teacher)
@@ -335,6 +374,7 @@ class _Run:
     def save(self) -> None:
         record = {
             "teacher": self.teacher_name,
+            "conditions": self.source,
             "settings": self.settings.identity(),
             "step": self.step,
             "elapsed": self.elapsed,
@@ -383,7 +423,11 @@ class _Run:
         return {k: v.to(self.device) for k, v in pairs.items()}
 
     def _learning_rates(self) -> None:
-        warm = min(1.0, (self.step + 1) / 100)
+        """A linear warm-up over each phase's first WARMUP_STEPS steps (a function of the step
+        alone, so a resumed run sets the same rates)."""
+        ode_steps = self.settings.ode_steps
+        step_in_phase = self.step if self.step < ode_steps else self.step - ode_steps
+        warm = min(1.0, (step_in_phase + 1) / WARMUP_STEPS)
         for name, base in (("student", self.settings.lr), ("critic", self.settings.critic_lr)):
             for group in self.optimizers[name].param_groups:
                 group["lr"] = base * warm
@@ -543,19 +587,23 @@ class _Run:
                 "adherence": scores["adherence"],
                 "fd": scores["fd"],
             }
-        clips = list(self.generate(self.student.eval(), condition, [*self.sigmas, 0.0]))
-        self.student.train()
+        clips = list(self.generate(self.shipped().float(), condition, [*self.sigmas, 0.0]))
         scores = judge_clips(clips, captions, self.judge)
         self.evaluations.append(
             {"step": self.step, "elapsed": round(self.elapsed, 1), "adherence": scores["adherence"], "fd": scores["fd"]}
         )
+
+    def shipped(self) -> torch.nn.Module:
+        """The student as ``transformer/`` holds it: a bf16 copy (``.float()`` of it is what
+        ``cadence.load`` runs, and what the judge and samples.png see)."""
+        return copy.deepcopy(self.student).eval().requires_grad_(False).to(torch.bfloat16)
 
     def write(self, command: str) -> dict:
         from cadence.distill import report
 
         self.out.mkdir(parents=True, exist_ok=True)
         size = self.denoiser.size
-        shipped = copy.deepcopy(self.student).eval().requires_grad_(False).to(torch.bfloat16)
+        shipped = self.shipped()
         # Shards of at most 12 MB: a file that comes back from the GPU machine is at most 16 MiB.
         student_pipeline(self.pipe, shipped, self.sigmas, size).save_pretrained(
             str(self.out), safe_serialization=True, max_shard_size="12MB"
@@ -577,6 +625,7 @@ class _Run:
             "date": date.today().isoformat(),
             "settings": dataclasses.asdict(self.settings),
             "evaluations": self.evaluations,
+            "evaluated_weights": "bfloat16, as shipped in transformer/ (computed in float32)",
             "teacher_evaluation": self.teacher_evaluation,
         }
         (self.out / "student.json").write_text(json.dumps(summary, indent=1))
@@ -584,8 +633,7 @@ class _Run:
         condition, captions = self.conditions.heldout(self.settings.sample_prompts, self.device)
         teacher_grid = [*schedule_sigmas(self.pipe.scheduler, self.settings.sample_steps), 0.0]
         teacher = self.generate(self.teacher, condition, teacher_grid, self.settings.guidance_scale)
-        student = self.generate(self.student.eval(), condition, [*self.sigmas, 0.0])
-        self.student.train()
+        student = self.generate(shipped.float(), condition, [*self.sigmas, 0.0])
         labels = captions or [f"condition {i}" for i in range(condition.tokens.shape[0])]
         report.plot_samples(teacher, student, labels, self.settings, self.out / "samples.png")
         (self.out / "README.md").write_text(report.card(summary))
