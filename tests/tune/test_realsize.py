@@ -68,35 +68,19 @@ def test_a_part_is_measured_once_then_read_from_the_cache(speed):
     # one warm-up and one timed generation of SPEED_STEPS steps, two forwards a step (CFG)
     assert len(speed.forwards) == 2 * realsize.SPEED_STEPS * 2 and first > 0
     assert speed.per_step_seconds(Recipe.parse(MATH)) == first
-    assert (
-        len(speed.forwards) == 2 * realsize.SPEED_STEPS * 2
-    )  # the pipeline did not run again
-    assert [row.part for row in speed.rows()] == [MATH] and speed.rows()[
-        0
-    ].warm_up_seconds > 0
+    assert len(speed.forwards) == 2 * realsize.SPEED_STEPS * 2  # the pipeline did not run again
+    assert [row.part for row in speed.rows()] == [MATH] and speed.rows()[0].warm_up_seconds > 0
 
 
 def test_the_empty_part_is_the_baseline_and_step_terms_are_left_out(speed):
     baseline = speed.per_step_seconds(Recipe())
-    assert (
-        speed.relative_time(Recipe(), None) == 1.0
-    )  # the baseline, no step policy: exactly its own time
+    assert speed.relative_time(Recipe(), None) == 1.0  # the baseline, no step policy: exactly its own time
     measured = len(speed.forwards)
-    assert (
-        speed.per_step_seconds(Recipe.parse("fixed-interval(budget=0.4)")) == baseline
-    )  # a step policy alone
-    assert len(speed.forwards) == measured and [row.part for row in speed.rows()] == [
-        ""
-    ]
-    assert speed.relative_time(
-        Recipe.parse("fixed-interval(budget=0.4)"), 0.4
-    ) == pytest.approx(0.4, rel=1e-12)
-    assert realsize.per_forward_part(
-        Recipe.parse(f"fixed-interval(budget=0.4) + {MATH}")
-    ) == Recipe.parse(MATH)
-    both = speed.relative_time(
-        Recipe.parse(f"fixed-interval(budget=0.4) + {MATH}"), 0.5
-    )
+    assert speed.per_step_seconds(Recipe.parse("fixed-interval(budget=0.4)")) == baseline  # a step policy alone
+    assert len(speed.forwards) == measured and [row.part for row in speed.rows()] == [""]
+    assert speed.relative_time(Recipe.parse("fixed-interval(budget=0.4)"), 0.4) == pytest.approx(0.4, rel=1e-12)
+    assert realsize.per_forward_part(Recipe.parse(f"fixed-interval(budget=0.4) + {MATH}")) == Recipe.parse(MATH)
+    both = speed.relative_time(Recipe.parse(f"fixed-interval(budget=0.4) + {MATH}"), 0.5)
     assert both == speed.per_step_seconds(Recipe.parse(MATH)) * 0.5 / baseline
     assert [row.part for row in speed.rows()] == ["", MATH]
 
@@ -115,9 +99,7 @@ def test_a_measure_gives_back_the_exact_model(speed):
         speed.per_step_seconds(Recipe.parse(f"fixed-interval(budget=0.4) + {MATH}"))
         after = transformer(**inputs)[0]
     assert torch.equal(before, after)
-    assert (
-        len(transformer._forward_pre_hooks) == 1
-    )  # the test's own counter, nothing of the measure's
+    assert len(transformer._forward_pre_hooks) == 1  # the test's own counter, nothing of the measure's
 
 
 def test_an_unknown_real_size_is_refused_naming_the_valid_ones(tmp_path):
@@ -139,10 +121,7 @@ def test_an_unknown_real_size_is_refused_naming_the_valid_ones(tmp_path):
             str(tmp_path / "out"),
         ],
     )
-    assert (
-        result.exit_code != 0
-        and "--speed-at 'wan2.2-5b' is not a known real size; valid:" in result.output
-    )
+    assert result.exit_code != 0 and "--speed-at 'wan2.2-5b' is not a known real size; valid:" in result.output
 
 
 def test_another_familys_real_size_is_refused_naming_both(tmp_path):
@@ -198,9 +177,7 @@ def settings(out, **changes) -> TuneSettings:
 PER_STEP = {"": 1.0, MATH: 0.5}
 
 
-def test_a_study_ranks_candidates_by_their_speed_modelled_at_the_real_size(
-    tmp_path, monkeypatch
-):
+def test_a_study_ranks_candidates_by_their_speed_modelled_at_the_real_size(tmp_path, monkeypatch):
     monkeypatch.setattr(
         realsize.SpeedAt,
         "_measure",
@@ -210,47 +187,32 @@ def test_a_study_ranks_candidates_by_their_speed_modelled_at_the_real_size(
     monkeypatch.setattr(
         search_module,
         "default_recipe",
-        lambda name: types.SimpleNamespace(
-            recipe=f"fixed-interval(budget=0.5) + {MATH}"
-        ),
+        lambda name: types.SimpleNamespace(recipe=f"fixed-interval(budget=0.5) + {MATH}"),
     )
     pipe = tiny_wan_pipeline()
     asked = settings(tmp_path, speed_at=TINY.name)
-    study = optuna.create_study(
-        storage=f"sqlite:///{tmp_path / 'study.db'}", study_name=STUDY
-    )
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name=STUDY)
     study.set_user_attr("settings", asked.identity())
     study.enqueue_trial(
-        SearchSpace.from_registry(include=asked.include).params_of(
-            Recipe.parse(f"fixed-interval(budget=0.3) + {MATH}")
-        )
+        SearchSpace.from_registry(include=asked.include).params_of(Recipe.parse(f"fixed-interval(budget=0.3) + {MATH}"))
     )
     result = tune(pipe, asked)
     trial = result.trials[0]
     share = trial.user_attrs["computed_share"]
-    assert 0 < share < 1 and trial.value == pytest.approx(
-        0.5 * share
-    )  # 0.5 s / 1.0 s per step x the share
-    assert (
-        trial.user_attrs["measured_relative_time"] > 0
-    )  # the tuned model's own time is kept, not used
+    assert 0 < share < 1 and trial.value == pytest.approx(0.5 * share)  # 0.5 s / 1.0 s per step x the share
+    assert trial.user_attrs["measured_relative_time"] > 0  # the tuned model's own time is kept, not used
     assert result.speed_at == TINY.name and [p.part for p in result.part_times] == [
         "",
         MATH,
     ]
     check = json.loads((tmp_path / "check.json").read_text())["check"]["recipes"]
-    for (
-        entry
-    ) in check.values():  # the tuned recipe and the shipped default, both modelled
+    for entry in check.values():  # the tuned recipe and the shipped default, both modelled
         assert entry["speedup"] == pytest.approx(1 / (0.5 * entry["computed_share"]))
         assert entry["measured_speedup"] > 0
     assert set(check) == {"tuned", "shipped default"}
     report = (tmp_path / "report.md").read_text()
     assert f"speedup (modelled at {TINY.name} from measured per-step times)" in report
-    assert (
-        "| `baseline` | 1000.0 | 2.0 |" in report
-        and f"| `{MATH}` | 500.0 | 2.0 |" in report
-    )
+    assert "| `baseline` | 1000.0 | 2.0 |" in report and f"| `{MATH}` | 500.0 | 2.0 |" in report
 
 
 def test_with_speed_at_the_tuned_models_times_reject_nothing(tmp_path, monkeypatch):
@@ -267,8 +229,7 @@ def test_with_speed_at_the_tuned_models_times_reject_nothing(tmp_path, monkeypat
         search_module,
         "holds",
         lambda measures, entry: (
-            entry["quality"] is not None
-            and quality_module.meets(measures, entry["quality"], within_margin=False)
+            entry["quality"] is not None and quality_module.meets(measures, entry["quality"], within_margin=False)
         ),
     )
     from cadence.tune import evaluate as evaluate_module
@@ -277,36 +238,23 @@ def test_with_speed_at_the_tuned_models_times_reject_nothing(tmp_path, monkeypat
 
     def slow(self, recipe, case, deadline=None):
         row = original(self, recipe, case, deadline)
-        row["seconds"] *= (
-            40  # far past the tuned model's stop (2x) and slow (1.25x) rules
-        )
+        row["seconds"] *= 40  # far past the tuned model's stop (2x) and slow (1.25x) rules
         return row
 
     monkeypatch.setattr(evaluate_module.Evaluator, "run", slow)
     asked = settings(tmp_path, speed_at=TINY.name, include=("fixed-interval",))
-    study = optuna.create_study(
-        storage=f"sqlite:///{tmp_path / 'study.db'}", study_name=STUDY
-    )
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name=STUDY)
     study.set_user_attr("settings", asked.identity())
     study.enqueue_trial(
-        SearchSpace.from_registry(include=asked.include).params_of(
-            Recipe.parse("fixed-interval(budget=0.3)")
-        )
+        SearchSpace.from_registry(include=asked.include).params_of(Recipe.parse("fixed-interval(budget=0.3)"))
     )
     result = tune(tiny_wan_pipeline(), asked)
     trial = result.trials[0]
-    assert (
-        trial.state == optuna.trial.TrialState.COMPLETE
-        and trial.user_attrs["measured_relative_time"] > 1.25
-    )
-    assert trial.value == pytest.approx(
-        trial.user_attrs["computed_share"]
-    )  # no per-forward part: the share alone
+    assert trial.state == optuna.trial.TrialState.COMPLETE and trial.user_attrs["measured_relative_time"] > 1.25
+    assert trial.value == pytest.approx(trial.user_attrs["computed_share"])  # no per-forward part: the share alone
 
 
-def test_a_candidate_without_a_step_policy_modelled_slower_is_rejected_before_it_runs(
-    tmp_path, monkeypatch
-):
+def test_a_candidate_without_a_step_policy_modelled_slower_is_rejected_before_it_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(
         realsize.SpeedAt,
         "_measure",
@@ -319,27 +267,18 @@ def test_a_candidate_without_a_step_policy_modelled_slower_is_rejected_before_it
     monkeypatch.setattr(
         evaluate_module.Evaluator,
         "run",
-        lambda self, recipe, case, deadline=None: (
-            runs.append(str(recipe)) or original(self, recipe, case, deadline)
-        ),
+        lambda self, recipe, case, deadline=None: runs.append(str(recipe)) or original(self, recipe, case, deadline),
     )
     asked = settings(tmp_path, speed_at=TINY.name)
-    study = optuna.create_study(
-        storage=f"sqlite:///{tmp_path / 'study.db'}", study_name=STUDY
-    )
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name=STUDY)
     study.set_user_attr("settings", asked.identity())
-    study.enqueue_trial(
-        SearchSpace.from_registry(include=asked.include).params_of(Recipe.parse(MATH))
-    )
+    study.enqueue_trial(SearchSpace.from_registry(include=asked.include).params_of(Recipe.parse(MATH)))
     with pytest.raises(TuneRefused):
         tune(tiny_wan_pipeline(), asked)
-    trial = optuna.load_study(
-        study_name=STUDY, storage=f"sqlite:///{tmp_path / 'study.db'}"
-    ).trials[0]
+    trial = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{tmp_path / 'study.db'}").trials[0]
     assert trial.state == optuna.trial.TrialState.PRUNED and runs == []
     assert trial.user_attrs["rejected"] == (
-        f"time: modelled at {TINY.name} 3.00x the baseline's (no step policy), "
-        "the time to beat is 1.00x"
+        f"time: modelled at {TINY.name} 3.00x the baseline's (no step policy), the time to beat is 1.00x"
     )
 
 
@@ -368,21 +307,15 @@ def test_an_image_real_size_runs_through_the_image_pipeline():
     speed = realsize.SpeedAt(tiny_flux, "cpu", 4.0, progress=lambda line: None)
     forwards = []
     speed.pipe.transformer.register_forward_pre_hook(lambda *_: forwards.append(1))
-    assert (
-        speed.per_step_seconds(Recipe()) > 0
-        and len(forwards) == 2 * realsize.SPEED_STEPS * 2
-    )
+    assert speed.per_step_seconds(Recipe()) > 0 and len(forwards) == 2 * realsize.SPEED_STEPS * 2
 
 
 def test_the_real_size_is_part_of_the_study_identity(tmp_path):
     asked = settings(tmp_path, speed_at=TINY.name)
-    assert (
-        asked.identity()["speed_at"] == TINY.name
-        and "speed_at" not in settings(tmp_path).identity()
+    assert asked.identity()["speed_at"] == TINY.name and "speed_at" not in settings(tmp_path).identity()
+    optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name=STUDY).set_user_attr(
+        "settings", asked.identity()
     )
-    optuna.create_study(
-        storage=f"sqlite:///{tmp_path / 'study.db'}", study_name=STUDY
-    ).set_user_attr("settings", asked.identity())
     with pytest.raises(
         TuneRefused,
         match=r"other settings \(speed_at differ: speed_at='tiny-wan-real'\)",
@@ -390,9 +323,7 @@ def test_the_real_size_is_part_of_the_study_identity(tmp_path):
         tune(tiny_wan_pipeline(), settings(tmp_path))
 
 
-def test_a_real_size_that_cannot_run_here_is_refused_with_the_baselines_kept(
-    tmp_path, monkeypatch
-):
+def test_a_real_size_that_cannot_run_here_is_refused_with_the_baselines_kept(tmp_path, monkeypatch):
     def out_of_memory(self, part, key):
         raise RuntimeError("CUDA out of memory")
 
@@ -404,3 +335,111 @@ def test_a_real_size_that_cannot_run_here_is_refused_with_the_baselines_kept(
     ):
         tune(tiny_wan_pipeline(), settings(tmp_path, speed_at=TINY.name))
     assert any((tmp_path / "baselines").iterdir())
+
+
+@pytest.mark.filterwarnings("ignore:int8. no fast kernel on cpu")
+def test_int8_at_its_defaults_is_timed_in_its_calibration_free_form(speed, tmp_path):
+    """int8's default smooth=0.5 needs an activation calibration, made for the tuned model
+    and refused on any other: the real size times int8(smooth=0) instead, for the recipe at
+    its defaults and for the recipe pointed at the tuned model's calibration alike."""
+    made_for_another_model = tmp_path / "activations.json"
+    made_for_another_model.write_text(json.dumps({"technique": "activations", "model": {"class": "Tuned"}}))
+    transformer = speed.pipe.transformer
+    torch.manual_seed(1)
+    inputs = {
+        "hidden_states": torch.randn(1, 16, 2, 8, 8, dtype=torch.bfloat16),
+        "timestep": torch.tensor([500.0]),
+        "encoder_hidden_states": torch.randn(1, 8, 16, dtype=torch.bfloat16),
+        "return_dict": False,
+    }
+    with torch.no_grad():
+        before = transformer(**inputs)[0]
+        seconds = speed.per_step_seconds(Recipe.parse("int8"))
+        after = transformer(**inputs)[0]
+    assert seconds > 0 and [row.part for row in speed.rows()] == ["int8(smooth=0.0)"]
+    assert torch.equal(before, after) and not hasattr(transformer, "_cadence_quantization")
+    measured = len(speed.forwards)
+    pointed = Recipe.parse(f"int8(calibration={made_for_another_model})")
+    assert speed.is_measured(pointed) and speed.per_step_seconds(pointed) == seconds
+    assert len(speed.forwards) == measured  # the same calibration-free part: read from the cache
+
+
+def test_the_calibration_free_form_clears_pointers_and_knobs_that_need_a_calibration():
+    free = realsize.calibration_free
+    static = Recipe.parse("fp8(activations=static, smooth=0.3, calibration=/x.json, checkpoint=/y)").techniques[0]
+    assert str(free(static)) == "fp8"
+    assert str(free(Recipe.parse("nvfp4(smooth=0.5, rank=16)").techniques[0])) == "nvfp4(rank=16)"
+    assert str(free(Recipe.parse("mixed(sensitivity=/s.json, memory=0.5)").techniques[0])) == "mixed(memory=0.5)"
+    untouched = Recipe.parse(MATH).techniques[0]
+    assert free(untouched) == untouched
+    assert realsize.per_forward_part(Recipe.parse("fixed-interval(budget=0.4) + int8")) == Recipe.parse(
+        "int8(smooth=0)"
+    )
+
+
+def test_a_part_with_no_calibration_free_form_is_refused_naming_its_calibration(speed):
+    with pytest.raises(
+        ValueError,
+        match=r"mixed needs its sensitivity calibration, which is made for the tuned model only, and has no "
+        r"calibration-free form to time at tiny-wan-real \(calibration-free forms: smooth=0\.0, "
+        r"activations='dynamic'\)",
+    ):
+        speed.per_step_seconds(Recipe.parse("mixed"))
+    assert speed.rows() == [] and not hasattr(speed.pipe.transformer, "_cadence_quantization")
+
+
+def test_building_the_real_size_leaves_the_callers_random_stream_untouched():
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    first = TINY.build("cpu")
+    assert torch.equal(torch.random.get_rng_state(), state)
+    second = TINY.build("cpu")  # the same weights every time, all the same
+    assert all(torch.equal(a, b) for a, b in zip(first.parameters(), second.parameters()))
+
+
+def test_a_new_part_whose_measure_would_overrun_the_budget_is_rejected_as_out_of_time(tmp_path, monkeypatch):
+    """The baseline's measure took 400 s (warm-up and timed steps): after the reserve (one
+    more such measure) less than that is left of the 600-s budget, so the candidate's new
+    part is not measured and the candidate is rejected with the out-of-time wording (which a
+    resumed study tries again)."""
+    measured = []
+
+    def measure(self, part, key):
+        measured.append(key)
+        return realsize.PartTime(key, {"": 1.0, MATH: 0.5}[key], 400.0 - realsize.SPEED_STEPS)
+
+    monkeypatch.setattr(realsize.SpeedAt, "_measure", measure)
+    asked = settings(tmp_path, speed_at=TINY.name)
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name=STUDY)
+    study.set_user_attr("settings", asked.identity())
+    study.enqueue_trial(SearchSpace.from_registry(include=asked.include).params_of(Recipe.parse(MATH)))
+    with pytest.raises(TuneRefused):
+        tune(tiny_wan_pipeline(), asked)
+    trial = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{tmp_path / 'study.db'}").trials[0]
+    assert trial.state == optuna.trial.TrialState.PRUNED and measured == [""]
+    assert trial.user_attrs["rejected"].startswith(
+        f"{search_module.OUT_OF_TIME}: measuring its per-forward part at {TINY.name} takes about 400.0 s, "
+    )
+    assert "constraints" not in trial.user_attrs  # rejected before any case ran
+
+
+def test_the_reserve_and_a_later_confirmation_round_count_the_parts_still_to_measure(speed, monkeypatch):
+    monkeypatch.setattr(
+        realsize.SpeedAt,
+        "_measure",
+        lambda self, part, key: realsize.PartTime(key, 1.0, 95.0),
+    )
+    speed.per_step_seconds(Recipe())  # one measure: 95 s warm-up + 5 steps of 1 s
+    run = object.__new__(search_module._Run)
+    run.speed, run.space, run.resumed = speed, types.SimpleNamespace(late=()), False
+    assert run.speed_reserve() == 100.0  # the shipped default's part
+    run.resumed = True  # the candidates' own parts were measured by an earlier run
+    assert run.speed_reserve() == 100.0 * (1 + search_module.CONFIRMED_AT_ONCE)
+    new = [
+        Recipe.parse(MATH),
+        Recipe.parse(f"fixed-interval(budget=0.4) + {MATH}"),  # the same part
+        Recipe.parse("fixed-interval(budget=0.4)"),  # the baseline's part, measured
+    ]
+    assert run.new_measures_seconds(new) == 100.0
+    speed.per_step_seconds(Recipe.parse(MATH))
+    assert run.new_measures_seconds(new) == 0.0

@@ -58,8 +58,9 @@ def compare(evaluator: Evaluator, measures: list[quality.Measure], cases: list[t
 
 
 def holds(measures: list[quality.Measure], confirmed: dict) -> bool:
-    """A confirmed candidate (``compare``'s entry): every bar met, no margin, and faster than
-    the baseline timed beside it."""
+    """A confirmed candidate (``compare``'s entry): every bar met, no margin, and a speedup
+    over 1: against the baseline timed beside it or, with ``modelled`` (--speed-at), its
+    modelled speedup at the real size."""
     return (confirmed["quality"] is not None and confirmed["speedup"] is not None and confirmed["speedup"] > 1.0 and
             quality.meets(measures, confirmed["quality"], within_margin=False))
 

@@ -27,7 +27,37 @@ What the model leaves out, and so where it is approximate:
   without them, as the recipe is not;
 - a per-forward technique whose cost changes with the step: a sparse pattern's dense first
   steps are a share of the steps, the same at ``SPEED_STEPS`` as at the run's step count
-  only up to rounding to whole steps.
+  only up to rounding to whole steps;
+- which steps a step policy computes. ``ratio x share`` assumes they are typical steps, but
+  they are mostly the early ones (the warm-up steps every policy computes, where the
+  output moves most), and a sparse pattern runs its first ``dense_fraction`` of the steps
+  dense. So a sparse pattern composed with a step policy spends a larger share of its
+  computed steps dense than the part's timing (dense steps spread over all steps) assumes:
+  a known bias, modelled too fast, largest for a sparse pattern with a small step budget.
+  A per-forward part that costs the same at every step (quantized linears, a dense
+  attention backend) has no such bias.
+
+Calibrated parts are timed in their calibration-free form (``calibration_free``): a
+calibration is made for the tuned model, and ``accel.calibration.load`` refuses it on any
+other (and the real size's random weights have none of their own). The fields pointing at a
+calibration or at saved weights are cleared (the weights are quantized on the fly instead,
+to the same kernels), and the knobs that need one take their calibration-free values
+(``CALIBRATION_FREE``: those ``QuantConfig.needs_calibration`` reads):
+
+- ``smooth`` -> 0 (SmoothQuant off). On the GPU the division by the smoothing factors runs
+  inside the one-pass activation quantizer (``accel/quant/_kernels.py``; compiled, inductor
+  fuses it likewise), one load of a K-vector per row: free within the timing's noise. On a
+  path that does not fuse it (the reference path, an FP4 layer's low-rank branch) it is one
+  elementwise pass over the linear's input more: the part is timed at most that much too
+  fast.
+- ``activations`` -> ``dynamic``. The fused quantizer computes each row's absolute maximum
+  in both forms (the NaN/Inf check reads it), so a static scale saves only the store of the
+  per-row scales, and on ``torch._scaled_mm`` a per-tensor instead of a row-wise scale; on
+  an unfused path, one row reduction. The part is timed at most that much too slow.
+
+The two errors go opposite ways and are small next to the 8-bit GEMMs themselves. A part
+with no calibration-free form (``mixed``: its sensitivity calibration decides which format
+each linear takes) is refused at the real size, its message naming the calibration.
 """
 
 from __future__ import annotations
@@ -38,6 +68,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import FluxTransformer2DModel, WanTransformer3DModel
 
+from cadence.accel.registry import TechniqueConfig, get_technique
 from cadence.bench.runner import timed
 from cadence.models.real_configs import (
     FLUX_DEV,
@@ -55,6 +86,13 @@ from cadence.recipe import Recipe, accelerate
 # cost 10 times more per candidate part).
 SPEED_STEPS = 5
 STEP_LEVEL = "step"
+# Fields that point at a file made for the tuned model: a calibration, or weights saved
+# quantized (besides a field named after the technique's calibration store, mixed's
+# ``sensitivity``). Cleared at the real size.
+POINTER_FIELDS = ("calibration", "checkpoint")
+# The knobs that need the activation calibration (QuantConfig.needs_calibration), set to the
+# value that needs none: SmoothQuant off, activation scales per token.
+CALIBRATION_FREE = {"smooth": 0.0, "activations": "dynamic"}
 
 
 @dataclass(frozen=True)
@@ -74,14 +112,14 @@ class RealSize:
     def video(self) -> bool:
         return "frames" in self.size
 
-    def build(
-        self, device: str, dtype: torch.dtype = torch.bfloat16
-    ) -> torch.nn.Module:
-        torch.manual_seed(0)
-        with torch.device(device):
-            return cast_like_from_pretrained(
-                self.transformer_cls(**self.config), dtype
-            ).eval()
+    def build(self, device: str, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+        """The transformer, the same random weights every time, drawn without moving the
+        caller's random streams (the tune's own candidates and generations draw from them)."""
+        devices = [device] if device.startswith("cuda") else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(0)
+            with torch.device(device):
+                return cast_like_from_pretrained(self.transformer_cls(**self.config), dtype).eval()
 
 
 # name -> what ``--speed-at`` builds (tests register tiny ones). FLUX.1-dev is built without
@@ -114,10 +152,7 @@ def spec(name: str) -> RealSize:
     if name not in SPECS:
         raise ValueError(
             f"--speed-at {name!r} is not a known real size; valid: "
-            + ", ".join(
-                f"{key} ({value.described or value.transformer_cls.__name__})"
-                for key, value in SPECS.items()
-            )
+            + ", ".join(f"{key} ({value.described or value.transformer_cls.__name__})" for key, value in SPECS.items())
         )
     return SPECS[name]
 
@@ -129,14 +164,7 @@ def check_family(name: str, transformer: torch.nn.Module | type) -> None:
         transformer if isinstance(transformer, type) else type(transformer),
     )
     if not issubclass(given, wanted):
-        valid = (
-            ", ".join(
-                key
-                for key, value in SPECS.items()
-                if issubclass(given, value.transformer_cls)
-            )
-            or "none"
-        )
+        valid = ", ".join(key for key, value in SPECS.items() if issubclass(given, value.transformer_cls)) or "none"
         raise TypeError(
             f"--speed-at {name} times a {wanted.__name__}, but the tuned model's transformer is a "
             f"{given.__name__}; valid for it: {valid}"
@@ -144,8 +172,24 @@ def check_family(name: str, transformer: torch.nn.Module | type) -> None:
 
 
 def per_forward_part(recipe: Recipe) -> Recipe:
-    """The techniques of ``recipe`` that change a forward's cost (every level but the step's)."""
-    return Recipe(config for config in recipe.techniques if config.level != STEP_LEVEL)
+    """The techniques of ``recipe`` that change a forward's cost (every level but the step's),
+    each in its calibration-free form: what is timed at the real size."""
+    return Recipe(calibration_free(config) for config in recipe.techniques if config.level != STEP_LEVEL)
+
+
+def calibration_free(config: TechniqueConfig) -> TechniqueConfig:
+    """``config`` reading no file made for the tuned model: its pointer fields at their
+    defaults (''), its ``CALIBRATION_FREE`` knobs at those values (see the module docstring
+    for what that changes in its cost)."""
+    params = config.params()
+    calibration = get_technique(config.name).calibration
+    pointers = {*POINTER_FIELDS, *([calibration.store] if calibration else [])}
+    defaults = {f.name: f.default for f in config.fields()}
+    changed = {
+        **{name: defaults[name] for name in pointers if name in params},
+        **{name: value for name, value in CALIBRATION_FREE.items() if name in params},
+    }
+    return type(config).from_params({**params, **changed})
 
 
 @dataclass
@@ -172,18 +216,11 @@ class SpeedAt:
         from cadence.reference.pipelines import RefImagePipeline, RefVideoPipeline
 
         self.progress(
-            f"speed at {self.spec.name}: building the transformer (random weights, {self.dtype}) on "
-            f"{self.device}"
+            f"speed at {self.spec.name}: building the transformer (random weights, {self.dtype}) on {self.device}"
         )
         transformer = self.spec.build(self.device, self.dtype)
-        reference, pipeline = (
-            ("ref-video", RefVideoPipeline)
-            if self.spec.video
-            else ("ref-image", RefImagePipeline)
-        )
-        self.pipe = pipeline(
-            transformer=transformer, scheduler=reference_model(reference).scheduler()
-        )
+        reference, pipeline = ("ref-video", RefVideoPipeline) if self.spec.video else ("ref-image", RefImagePipeline)
+        self.pipe = pipeline(transformer=transformer, scheduler=reference_model(reference).scheduler())
         self.pipe.set_progress_bar_config(disable=True)
         generator = torch.Generator().manual_seed(0)
 
@@ -192,9 +229,7 @@ class SpeedAt:
 
         self.call = {
             "prompt_embeds": text(1, self.spec.text_tokens, self.spec.text_dim),
-            "negative_prompt_embeds": text(
-                1, self.spec.text_tokens, self.spec.text_dim
-            ),
+            "negative_prompt_embeds": text(1, self.spec.text_tokens, self.spec.text_dim),
             "guidance_scale": self.guidance_scale,
             **self.spec.size,
         }
@@ -208,10 +243,25 @@ class SpeedAt:
         """Seconds per step of a ``SPEED_STEPS``-step generation under ``part`` (its per-forward
         techniques; measured once per part, then read from the cache)."""
         part = per_forward_part(part)
-        key = str(part) if part else ""
+        key = self._key(part)
         if key not in self.measured:
             self.measured[key] = self._measure(part, key)
         return self.measured[key].per_step_seconds
+
+    def is_measured(self, part: Recipe) -> bool:
+        """Whether the per-forward part of ``part`` has been measured (reading it costs nothing)."""
+        return self._key(per_forward_part(part)) in self.measured
+
+    def longest_measure(self) -> float:
+        """Seconds of the longest measure so far (warm-up and timed steps; 0 before any)."""
+        return max(
+            (p.warm_up_seconds + p.per_step_seconds * SPEED_STEPS for p in self.rows()),
+            default=0.0,
+        )
+
+    @staticmethod
+    def _key(part: Recipe) -> str:
+        return str(part) if part else ""
 
     def relative_time(self, recipe: Recipe, computed_share: float | None) -> float:
         """``recipe``'s modelled time relative to the unaccelerated model's, at the real size."""
@@ -222,11 +272,20 @@ class SpeedAt:
         def generate():
             return self.pipe(steps=SPEED_STEPS, **self.call)
 
-        acceleration = accelerate(self.pipe, part) if part else None
         try:
-            _, warm_up, _ = timed(
-                generate, self.device
-            )  # compilation and autotuning are paid here
+            acceleration = accelerate(self.pipe, part) if part else None
+        except ValueError as error:
+            store = getattr(error, "missing_calibration", None)
+            if store is None:
+                raise
+            raise ValueError(
+                f"{key} needs its {store} calibration, which is made for the tuned model only, and has "
+                f"no calibration-free form to time at {self.spec.name} (calibration-free forms: "
+                + ", ".join(f"{name}={value!r}" for name, value in CALIBRATION_FREE.items())
+                + ")"
+            ) from None
+        try:
+            _, warm_up, _ = timed(generate, self.device)  # compilation and autotuning are paid here
             _, seconds, _ = timed(generate, self.device)
         finally:
             if acceleration is not None:

@@ -33,7 +33,11 @@ rejected past ``SLOW_MARGIN``) are off; one whose modelled time is more than
 ``MODELLED_MARGIN`` slower than the best found's is rejected instead, before its cases run
 when it has no step policy (its modelled time is then known). The cost model learns the
 modelled times; the confirmation and the held-out check judge quality on the tuned model and
-speed by the modelled time, the shipped default's included.
+speed by the modelled time, the shipped default's included. A new per-forward part is measured
+only where a measure as long as the longest so far fits in what the budget leaves after the
+reserve (else the candidate is rejected as out of time), a confirmation round after the first
+only where its new measures fit, and no closing baseline runs after a candidate's cases (its
+time would be unused).
 
 The study lives in ``OUT/study.db`` (SQLite): a killed run, started again with the same
 settings, resumes it; the candidate that was running is tried again. Baseline outputs and
@@ -155,6 +159,7 @@ class _Run:
         self.late_warm_up = 0.0  # seconds of one compiled recipe's warm-up (measure_baselines)
         self.load_before = _load()
         self.speed: realsize.SpeedAt | None = None  # built once the baselines are made (search)
+        self.resumed = False  # the study held complete candidates, whose parts this run has not measured
 
     def modelled(self) -> Modelled | None:
         return None if self.speed is None else self.speed.relative_time
@@ -191,6 +196,7 @@ class _Run:
         for trial in study.trials:
             if "relative_time" in trial.user_attrs:
                 self.cost.add(trial.user_attrs["features"], trial.user_attrs["relative_time"])
+        self.resumed = any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
         return study
 
     def search(self) -> TuneResult:
@@ -274,13 +280,38 @@ class _Run:
         return self.baseline_seconds * (confirming + 2 * len(self.split.check_cases)) + warm_ups + self.speed_reserve()
 
     def speed_reserve(self) -> float:
-        """With --speed-at: the per-forward parts the confirmation and the check may measure
-        anew at the real size (each candidate with the late techniques added, and the shipped
-        default), each as long as the longest measured so far (warm-up and timed steps)."""
-        if self.speed is None or not self.speed.rows():
+        """With --speed-at: the per-forward parts the first confirmation round and the check
+        may measure anew at the real size, each as long as the longest measured so far
+        (warm-up and timed steps): the shipped default's, each candidate's with the late
+        techniques added and, in a resumed study, each candidate's own (measured by the run
+        that tried it, not this one). Later rounds run only where their measures fit
+        (``confirm``)."""
+        if self.speed is None:
             return 0.0
-        longest = max(p.warm_up_seconds + p.per_step_seconds * realsize.SPEED_STEPS for p in self.speed.rows())
-        return longest * (1 + CONFIRMED_AT_ONCE * bool(self.space.late))
+        new_per_candidate = bool(self.space.late) + self.resumed
+        return self.speed.longest_measure() * (1 + CONFIRMED_AT_ONCE * new_per_candidate)
+
+    def new_measures_seconds(self, recipes) -> float:
+        """With --speed-at: about how long measuring the parts of ``recipes`` not yet measured at
+        the real size takes (each as long as the longest measure so far); 0 without."""
+        if self.speed is None:
+            return 0.0
+        parts = {str(realsize.per_forward_part(r)) for r in recipes if not self.speed.is_measured(r)}
+        return self.speed.longest_measure() * len(parts)
+
+    def real_size_measure_fits(self, trial: optuna.Trial, recipe: Recipe) -> None:
+        """With --speed-at: reject ``recipe`` (as out of time) when its per-forward part is not
+        measured yet and a measure as long as the longest so far does not fit in what the
+        time budget leaves after the reserve."""
+        if self.speed is None or self.speed.is_measured(recipe):
+            return
+        left, needed = self.remaining() - self.reserve(), self.speed.longest_measure()
+        if left < needed:
+            trial.set_user_attr("rejected", f"{OUT_OF_TIME}: measuring its per-forward part at "
+                                            f"{self.settings.speed_at} takes about {needed:.1f} s, "
+                                            f"{max(left, 0):.1f} s are left after the confirmation's and the check's "
+                                            "reserve")
+            raise optuna.TrialPruned()
 
     def stop_when_out_of_time(self, study: optuna.Study, trial) -> None:
         durations = [t.duration.total_seconds() for t in study.trials if t.duration is not None]
@@ -328,6 +359,7 @@ class _Run:
         if reason:
             trial.set_user_attr("rejected", reason)
             raise optuna.TrialPruned()
+        self.real_size_measure_fits(trial, recipe)  # the part timed there is the same before and after prepare
         try:
             recipe = self.evaluator.prepare(recipe)
             trial.set_user_attr("recipe", str(recipe))
@@ -375,9 +407,12 @@ class _Run:
                 trial.set_user_attr("rejected", f"quality: {quality.summary(self.measures, rows)} on the first "
                                                 f"{len(rows)} of {len(self.split.tuning_cases)} cases misses the bar")
                 raise optuna.TrialPruned()
-        closing = self.evaluator.time_baseline(self.split.tuning_cases[-1])
-        self.baseline_seconds = closing
-        relative = self.record(trial, rows, (opening + closing) / 2, found, ratio)
+        if ratio is None:
+            closing = self.evaluator.time_baseline(self.split.tuning_cases[-1])
+            self.baseline_seconds = closing
+            relative = self.record(trial, rows, (opening + closing) / 2, found, ratio)
+        else:  # the modelled time decides: the tuned model's baseline beside it would be unused
+            relative = self.record(trial, rows, opening, found, ratio)
         self.cost.add(found, relative)
         return relative
 
@@ -476,6 +511,8 @@ class _Run:
                 if late is not None:
                     recipes[trial.number, True] = late
             needed = self.baseline_seconds * ((1 + len(recipes)) * len(cases) + 2 * len(self.split.check_cases))
+            default = self.shipped_default()  # measured at the real size by the held-out check
+            needed += self.new_measures_seconds([*recipes.values(), *([default] if default is not None else [])])
             if start and self.remaining() < needed:
                 self.notes.append(f"time ran out after confirming {start} of the {len(ranked)} candidates that met the "
                                   "bars on the tuning cases")

@@ -96,8 +96,11 @@ def load_activations(model: torch.nn.Module, path: str = "") -> ActivationStats:
     try:
         data = files.load(model, TECHNIQUE, path)
     except ValueError as error:
-        raise ValueError(f"{error} (SmoothQuant and static activation scales need it; run `cadence calibrate "
-                         "--technique int8`, or use smooth=0 and activations=dynamic)") from None
+        refused = ValueError(f"{error} (SmoothQuant and static activation scales need it; run `cadence calibrate "
+                             "--technique int8`, or use smooth=0 and activations=dynamic)")
+        if hasattr(error, "missing_calibration"):  # the store to make: cadence tune makes it and tries again
+            refused.missing_calibration = error.missing_calibration
+        raise refused from None
     return ActivationStats(data["layers"], path or str(files.default_path(model, TECHNIQUE)))
 
 
