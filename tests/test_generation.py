@@ -112,3 +112,18 @@ def test_a_diffusers_generation_whose_latents_turn_nan_stops_at_that_step():
     with pytest.raises(FloatingPointError, match=r"latents turned NaN at step 2 of 4 \(timestep"):
         generation.generate(pipe, "a cat", steps=4, seed=0, guidance_scale=3.0, size=Size(**WAN_SIZE))
     assert len(calls) == 4
+
+
+def test_a_distilled_student_runs_its_own_steps_without_cfg_unless_told_otherwise():
+    """``generation.sampling``, which cadence generate, bench and calibrate use when --steps or
+    --guidance-scale is not given: a student's K steps and guidance 1, else 20 steps at 4.0."""
+    pipe = tiny_pipe("video")
+    assert generation.sampling(pipe) == (20, 4.0)
+    assert generation.sampling(None, 7, 2.5) == (7, 2.5)  # a diffusers pipeline: what is given, else 20 / 4.0
+    pipe.student = {"steps": 3, "sigmas": [1.0, 0.75, 0.5], "guidance_scale": 1.0}
+    try:
+        assert generation.sampling(pipe) == (3, 1.0)
+        assert generation.sampling(pipe, 10, None) == (10, 1.0)
+        assert generation.sampling(pipe, None, 4.0) == (3, 4.0)
+    finally:
+        pipe.student = None

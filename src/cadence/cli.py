@@ -272,6 +272,7 @@ def generate(ctx, model, prompt, recipe, steps, guidance_scale, seed, height, wi
 def _bench(model, recipes, prompts, limit, seeds, steps, guidance_scale, out, device, videos=False,
            height=None, width=None, frames=None):
     _quiet()
+    from cadence import generation
     from cadence.bench.runner import (
         BenchSettings,
         default_prompts,
@@ -281,9 +282,9 @@ def _bench(model, recipes, prompts, limit, seeds, steps, guidance_scale, out, de
     from cadence.reference.pipelines import check_sampling_args
 
     try:
-        if steps <= 0:
+        if steps is not None and steps <= 0:
             raise ValueError(f"--steps {steps} must be a positive integer")
-        check_sampling_args(steps, guidance_scale)
+        check_sampling_args(*generation.sampling(None, steps, guidance_scale))  # what is given
         _check_size(model, height, width, frames)
         _check_model(model)
         settings = BenchSettings(
@@ -307,8 +308,9 @@ def _bench(model, recipes, prompts, limit, seeds, steps, guidance_scale, out, de
               help="'heldout' (the reference models' held-out captions) or a file with one prompt per line")
 @click.option("--limit", type=int, default=8, show_default=True, help="use the first N prompts")
 @click.option("--seeds", type=int, default=2, show_default=True, help="seeds 0..S-1 per prompt")
-@click.option("--steps", type=int, default=20, show_default=True)
-@click.option("--guidance-scale", type=float, default=4.0, show_default=True)
+@click.option("--steps", type=int, default=None, help="default: the model's own (a distilled student's K), else 20")
+@click.option("--guidance-scale", type=float, default=None,
+              help="default: the model's own (1 for a distilled student: no CFG), else 4.0")
 @_size_options
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="bench-out", show_default=True)
 @click.option("--device", default=None, callback=_device, help="cpu or cuda (default: cuda when available)")
@@ -405,8 +407,9 @@ def train(model, seconds, batch_size, embeddings, out, device, precision, compil
 @click.option("--technique", required=True, help="the technique to calibrate, e.g. teacache or magcache")
 @click.option("--prompts", "count", type=int, default=8, show_default=True,
               help="how many training captions (seeds 0..N-1); never the held-out ones")
-@click.option("--steps", type=int, default=20, show_default=True)
-@click.option("--guidance-scale", type=float, default=4.0, show_default=True)
+@click.option("--steps", type=int, default=None, help="default: the model's own (a distilled student's K), else 20")
+@click.option("--guidance-scale", type=float, default=None,
+              help="default: the model's own (1 for a distilled student: no CFG), else 4.0")
 @_size_options
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="default: calibration/<technique>.json beside the model's transformer (packaged for ref-*)")
@@ -431,15 +434,18 @@ def calibrate(model, technique, count, steps, guidance_scale, height, width, fra
         if technique not in known:
             raise ValueError(f"--technique {technique!r} has no calibration; valid: {', '.join(known)}")
         generation.check_count("--prompts", count, generation.MAX_PROMPTS)
-        if steps < 2:
+        if steps is not None and steps < 2:
             raise ValueError(f"--steps {steps} must be an integer >= 2 (calibration measures step-to-step changes)")
-        check_sampling_args(steps, guidance_scale)
+        check_sampling_args(*generation.sampling(None, steps, guidance_scale))  # what is given
         _check_size(model, height, width, frames)
         _check_model(model)
         if out is not None:
             check_writable(out.parent if str(out.parent) else Path("."))
         pipe = cadence.load(model, device=device)
         size = generation.resolve_size(pipe, height, width, frames)
+        steps, guidance_scale = generation.sampling(pipe, steps, guidance_scale)
+        if steps < 2:
+            raise ValueError(f"{model} runs {steps} step(s): calibration measures step-to-step changes; give --steps >= 2")
         generation.check_steps(steps, generation.step_limit(pipe))
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         _fail(error)

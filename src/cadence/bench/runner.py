@@ -29,7 +29,7 @@ import shlex
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date
 from pathlib import Path
 from typing import Callable
@@ -53,8 +53,8 @@ class BenchSettings:
     prompts: list[str]
     seeds: list[int]
     out: Path
-    steps: int = 20
-    guidance_scale: float = 4.0
+    steps: int | None = 20  # None: the model's own (a distilled student's K, guidance 1: generation.sampling)
+    guidance_scale: float | None = 4.0
     device: str = "cpu"
     height: int | None = None  # None: the checkpoint's own default
     width: int | None = None
@@ -179,8 +179,9 @@ def baseline_key(settings: BenchSettings, digest: str, prompt: str, seed: int,
 
 def check_settings(settings: BenchSettings) -> None:
     """Everything that can be refused before the model loads."""
-    generation.check_steps(settings.steps)
-    generation.check_guidance_scale(settings.guidance_scale)
+    steps, guidance_scale = generation.sampling(None, settings.steps, settings.guidance_scale)  # what is given
+    generation.check_steps(steps)
+    generation.check_guidance_scale(guidance_scale)
     if not settings.prompts or any(not p.strip() for p in settings.prompts):
         raise ValueError("the prompt list is empty or holds an empty prompt")
     if not settings.seeds:
@@ -226,6 +227,8 @@ def run_bench(settings: BenchSettings) -> tuple[list[dict], list[dict]]:
         pipe.prompt_cache = load_prompt_embeddings(settings.embeddings)
     pipe.set_progress_bar_config(disable=True)
     size = generation.resolve_size(pipe, settings.height, settings.width, settings.frames)
+    steps, guidance_scale = generation.sampling(pipe, settings.steps, settings.guidance_scale)
+    settings = replace(settings, steps=steps, guidance_scale=guidance_scale)
     generation.check_steps(settings.steps, generation.step_limit(pipe))
     return _Bench(settings, pipe, size).run()
 
