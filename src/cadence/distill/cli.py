@@ -92,7 +92,9 @@ def distill(
             save_every=save_every,
             eval_every=eval_every or None,
         )
-        command = "cadence distill " + shlex.join(sys.argv[1:])
+        # as typed: `cadence distill ...`, or `python -m cadence.distill.cli ...` (this command alone)
+        given = sys.argv[2:] if Path(sys.argv[0]).name == "cadence" else sys.argv[1:]
+        command = "cadence distill " + shlex.join(given)
         summary = run_distill(teacher, out, settings=settings, device=device, embeddings=embeddings, command=command)
     except (ValueError, RuntimeError) as error:
         _fail(error)
