@@ -85,15 +85,20 @@ def test_the_empty_part_is_the_baseline_and_step_terms_are_left_out(speed):
     assert [row.part for row in speed.rows()] == ["", MATH]
 
 
-def test_a_measure_gives_back_the_exact_model(speed):
-    transformer = speed.pipe.transformer
-    torch.manual_seed(1)
-    inputs = {
-        "hidden_states": torch.randn(1, 16, 2, 8, 8, dtype=torch.bfloat16),
+def _forward_inputs() -> dict:
+    """One forward's inputs for the tiny real size (fixed: a measure must give the model back exactly)."""
+    generator = torch.Generator().manual_seed(1)
+    return {
+        "hidden_states": torch.randn(1, 16, 2, 8, 8, generator=generator).bfloat16(),
         "timestep": torch.tensor([500.0]),
-        "encoder_hidden_states": torch.randn(1, 8, 16, dtype=torch.bfloat16),
+        "encoder_hidden_states": torch.randn(1, 8, 16, generator=generator).bfloat16(),
         "return_dict": False,
     }
+
+
+def test_a_measure_gives_back_the_exact_model(speed):
+    transformer = speed.pipe.transformer
+    inputs = _forward_inputs()
     with torch.no_grad():
         before = transformer(**inputs)[0]
         speed.per_step_seconds(Recipe.parse(f"fixed-interval(budget=0.4) + {MATH}"))
@@ -345,13 +350,7 @@ def test_int8_at_its_defaults_is_timed_in_its_calibration_free_form(speed, tmp_p
     made_for_another_model = tmp_path / "activations.json"
     made_for_another_model.write_text(json.dumps({"technique": "activations", "model": {"class": "Tuned"}}))
     transformer = speed.pipe.transformer
-    torch.manual_seed(1)
-    inputs = {
-        "hidden_states": torch.randn(1, 16, 2, 8, 8, dtype=torch.bfloat16),
-        "timestep": torch.tensor([500.0]),
-        "encoder_hidden_states": torch.randn(1, 8, 16, dtype=torch.bfloat16),
-        "return_dict": False,
-    }
+    inputs = _forward_inputs()
     with torch.no_grad():
         before = transformer(**inputs)[0]
         seconds = speed.per_step_seconds(Recipe.parse("int8"))

@@ -29,12 +29,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 from cadence.accel.attention import kernels
 from cadence.accel.attention.block_mask import BlockSparse
 from cadence.accel.attention.patterns import BLOCK_SIZES, Geometry, pooled
+from cadence.accel.intercept import SDPAIntercept
 from cadence.accel.registry import Handle, TechniqueConfig, param
 from cadence.context import StepContext, attach_context, detach_context
 from cadence.models import TokenLayout, adapter_for
@@ -177,23 +176,9 @@ def _(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, han
     return query.new_empty((*query.shape[:-1], value.shape[-1]))  # (B, H, tokens, D of value)
 
 
-class _Intercept(TorchFunctionMode):
+class _Intercept(SDPAIntercept):
     """Answers the scaled_dot_product_attention call of one attention module with
     ``cadence::attention``; every other call runs as it is."""
-
-    def __init__(self, handle: int, layer: torch.Tensor):
-        super().__init__()
-        self.handle, self.layer = handle, layer
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            return self.attend(*args, **kwargs)
-        if getattr(func, "__module__", None) == "torch._tensor" and getattr(torch.Tensor, func.__name__, None) is func:
-            # Tensor methods written in Python (unflatten, split, ...) call super(), which dynamo
-            # cannot trace from inside a mode; called as methods they trace as graph ops.
-            return getattr(args[0], func.__name__)(*args[1:], **kwargs)
-        return func(*args, **kwargs)
 
     def attend(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                enable_gqa=False):

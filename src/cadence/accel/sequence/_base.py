@@ -38,8 +38,8 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
+from cadence.accel.intercept import SDPAIntercept
 from cadence.accel.registry import Handle, TechniqueConfig, param
 from cadence.accel.sequence.formats import FORMATS, Stored, load
 from cadence.accel.sequence.rope import rotary_tables, rotate
@@ -102,20 +102,8 @@ def _(query, key, value, scale, handle, layer):
     return query.new_empty((*query.shape[:-1], value.shape[-1]))
 
 
-class _Intercept(TorchFunctionMode):
+class _Intercept(SDPAIntercept):
     """Answers one attention module's ``scaled_dot_product_attention`` call with the cache's op."""
-
-    def __init__(self, handle: int, layer: torch.Tensor):
-        super().__init__()
-        self.handle, self.layer = handle, layer
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            return self.attend(*args, **kwargs)
-        if getattr(func, "__module__", None) == "torch._tensor" and getattr(torch.Tensor, func.__name__, None) is func:
-            return getattr(args[0], func.__name__)(*args[1:], **kwargs)  # as accel.attention._base._Intercept
-        return func(*args, **kwargs)
 
     def attend(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         if attn_mask is not None or dropout_p or is_causal or enable_gqa:
@@ -310,30 +298,24 @@ def detach(cache: KVCache) -> None:
 def apply_policy(model: torch.nn.Module, config: KVPolicyConfig) -> Handle:
     """Put ``config`` on the model's KV cache; the handle's ``remove()`` takes it off (and the
     stand-ins, with the last sequence term), restoring the model exactly."""
-    cache = attach(model)
-    if cache.policy is not None:
-        held = cache.policy
-        detach(cache)
-        raise ValueError(f"cannot apply {config}: the model's KV cache already has the policy {held}; remove it first")
-    cache.policy = config
-
-    def remove():
-        cache.policy = None
-        detach(cache)
-
-    return Handle(config, remove, cache.stats)
+    return _hold(model, config, "policy", "already has the policy")
 
 
 def apply_format(model: torch.nn.Module, config: KVFormatConfig) -> Handle:
+    return _hold(model, config, "format_term", "is already stored as")
+
+
+def _hold(model: torch.nn.Module, config, slot: str, holding: str) -> Handle:
+    """``config`` in the cache's ``slot`` (one term each), refused while another holds it."""
     cache = attach(model)
-    if cache.format_term is not None:
-        held = cache.format_term
+    held = getattr(cache, slot)
+    if held is not None:
         detach(cache)
-        raise ValueError(f"cannot apply {config}: the model's KV cache is already stored as {held}; remove it first")
-    cache.format_term = config
+        raise ValueError(f"cannot apply {config}: the model's KV cache {holding} {held}; remove it first")
+    setattr(cache, slot, config)
 
     def remove():
-        cache.format_term = None
+        setattr(cache, slot, None)
         detach(cache)
 
     return Handle(config, remove, cache.stats)
