@@ -258,6 +258,19 @@ def test_with_speed_at_the_tuned_models_times_reject_nothing(tmp_path, monkeypat
     assert trial.state == optuna.trial.TrialState.COMPLETE and trial.user_attrs["measured_relative_time"] > 1.25
     assert trial.value == pytest.approx(trial.user_attrs["computed_share"])  # no per-forward part: the share alone
 
+def _first_trial_of_a_refused_study(tmp_path) -> optuna.trial.FrozenTrial:
+    """A --speed-at study whose one candidate is the MATH backend alone: it ends refused (no
+    candidate met the bar); its first trial says why that candidate was rejected."""
+    asked = settings(tmp_path, speed_at=TINY.name)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(storage=storage, study_name=STUDY)
+    study.set_user_attr("settings", asked.identity())
+    study.enqueue_trial(SearchSpace.from_registry(include=asked.include).params_of(Recipe.parse(MATH)))
+    with pytest.raises(TuneRefused):
+        tune(tiny_wan_pipeline(), asked)
+    return optuna.load_study(study_name=STUDY, storage=storage).trials[0]
+
+
 
 def test_a_candidate_without_a_step_policy_modelled_slower_is_rejected_before_it_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(
@@ -274,13 +287,7 @@ def test_a_candidate_without_a_step_policy_modelled_slower_is_rejected_before_it
         "run",
         lambda self, recipe, case, deadline=None: runs.append(str(recipe)) or original(self, recipe, case, deadline),
     )
-    asked = settings(tmp_path, speed_at=TINY.name)
-    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name=STUDY)
-    study.set_user_attr("settings", asked.identity())
-    study.enqueue_trial(SearchSpace.from_registry(include=asked.include).params_of(Recipe.parse(MATH)))
-    with pytest.raises(TuneRefused):
-        tune(tiny_wan_pipeline(), asked)
-    trial = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{tmp_path / 'study.db'}").trials[0]
+    trial = _first_trial_of_a_refused_study(tmp_path)
     assert trial.state == optuna.trial.TrialState.PRUNED and runs == []
     assert trial.user_attrs["rejected"] == (
         f"time: modelled at {TINY.name} 3.00x the baseline's (no step policy), the time to beat is 1.00x"
@@ -408,13 +415,7 @@ def test_a_new_part_whose_measure_would_overrun_the_budget_is_rejected_as_out_of
         return realsize.PartTime(key, {"": 1.0, MATH: 0.5}[key], 400.0 - realsize.SPEED_STEPS)
 
     monkeypatch.setattr(realsize.SpeedAt, "_measure", measure)
-    asked = settings(tmp_path, speed_at=TINY.name)
-    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name=STUDY)
-    study.set_user_attr("settings", asked.identity())
-    study.enqueue_trial(SearchSpace.from_registry(include=asked.include).params_of(Recipe.parse(MATH)))
-    with pytest.raises(TuneRefused):
-        tune(tiny_wan_pipeline(), asked)
-    trial = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{tmp_path / 'study.db'}").trials[0]
+    trial = _first_trial_of_a_refused_study(tmp_path)
     assert trial.state == optuna.trial.TrialState.PRUNED and measured == [""]
     assert trial.user_attrs["rejected"].startswith(
         f"{search_module.OUT_OF_TIME}: measuring its per-forward part at {TINY.name} takes about 400.0 s, "
