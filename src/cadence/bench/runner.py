@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import resource
-import shlex
 import sys
 import threading
 import time
@@ -41,6 +40,7 @@ from tqdm import tqdm
 import cadence
 from cadence import generation
 from cadence.bench import metrics, quality, report
+from cadence.command import command_line
 from cadence.recipe import Recipe, accelerate
 from cadence.reference import data
 from cadence.reference.models import REFERENCE_MODELS, reference_model
@@ -64,7 +64,7 @@ class BenchSettings:
     embeddings: Path | None = None  # precomputed prompt embeddings: run without the text encoder
     spread_tolerance: float = report.SPREAD_TOLERANCE  # a round whose bracketing baselines differ more is rerun
     max_rounds: int = 3
-    command: str = field(default_factory=lambda: shlex.join(["cadence"] + sys.argv[1:]))  # re-runnable
+    command: str = field(default_factory=command_line)  # re-runnable
 
 
 def default_prompts(model: str, source: str, limit: int | None) -> list[str]:

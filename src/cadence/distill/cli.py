@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import shlex
-import sys
 from pathlib import Path
 
 import click
+
+from cadence.command import command_line
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the text encoder is a local wheel; never reach for the hub
 
@@ -92,10 +92,8 @@ def distill(
             save_every=save_every,
             eval_every=eval_every or None,
         )
-        # as typed: `cadence distill ...`, or `python -m cadence.distill.cli ...` (this command alone)
-        given = sys.argv[2:] if Path(sys.argv[0]).name == "cadence" else sys.argv[1:]
-        command = "cadence distill " + shlex.join(given)
-        summary = run_distill(teacher, out, settings=settings, device=device, embeddings=embeddings, command=command)
+        summary = run_distill(teacher, out, settings=settings, device=device, embeddings=embeddings,
+                              command=command_line("distill"))
     except (ValueError, RuntimeError) as error:
         _fail(error)
     click.echo(

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import shlex
 import sys
 from pathlib import Path
 
 import click
+
+from cadence.command import command_line
 
 
 def _quiet() -> None:
@@ -27,14 +28,6 @@ def _device(value: str | None) -> str:
     if value.split(":")[0] not in ("cpu", "cuda"):
         raise click.BadParameter(f"{value!r} is not a device; valid: cpu, cuda, cuda:N", param_hint="--device")
     return value
-
-
-def _command_line() -> str:
-    """The command as a user types it: as typed under ``cadence``; ``cadence dllm`` and the
-    arguments when started as a script (benchmarks/dllm_cli.py, which runs this group)."""
-    if Path(sys.argv[0]).name == "cadence":
-        return shlex.join(["cadence", *sys.argv[1:]])
-    return shlex.join(["cadence", "dllm", *sys.argv[1:]])
 
 
 @click.group()
@@ -122,7 +115,7 @@ def bench(model, recipes, peers, tasks, prompts, gen_length, batch_size, device,
     except ValueError as error:
         raise click.ClickException(str(error)) from None
     if out is not None:
-        meta = {"command": _command_line(), "device": str(
+        meta = {"command": command_line("dllm"), "device": str(
             torch.cuda.get_device_name() if device.startswith("cuda") else "CPU"), "torch": torch.__version__}
         write_report(rows, out, meta)
         click.echo(f"wrote {out}/table.md, rows.json, frontier.png")
@@ -163,6 +156,6 @@ def train(size, out, seconds, device, gen_length, block_length, batch, lr, tasks
     click.echo(f"{summary['steps']} steps in {summary['seconds']} s, final loss {summary['final_loss']}")
     if card_prompts:
         model, tokenizer = dllm_package.load(out, device=device)
-        card = write_card(Path(out), model, tokenizer, summary, _command_line(),
+        card = write_card(Path(out), model, tokenizer, summary, command_line("dllm"),
                           prompts_per_task=card_prompts)
         click.echo("plain decoding accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in card["accuracy"].items()))

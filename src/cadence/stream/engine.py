@@ -88,7 +88,7 @@ def stream(
             raise ValueError(f"the model already carries the KV cache terms {held.policy} + {held.format}; pass "
                              "neither policy nor kv_format, or remove those terms first")
         if held.policy is None:
-            raise ValueError("the model carries kv-format but no KV cache policy; apply full, window or sink-window")
+            raise ValueError("the model carries kv-format but no KV cache policy; apply kv-full, kv-window or kv-sink-window")
         policy = held.policy
     policy = policy if policy is not None else DEFAULT_POLICY
     if not isinstance(policy, KVPolicyConfig):

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import shlex
-import sys
 from datetime import date
 from pathlib import Path
 
 import click
 
 from cadence.cli import _check_model, _check_size, _device, _fail, _quiet, _size_options
+from cadence.command import command_line
 
 # `cadence recipes --model DIR` shows a recipe saved under this name beside a checkpoint
 # (models/defaults.py reads it).
@@ -74,7 +73,7 @@ def tune(model, min_psnr, min_ssim, min_adherence, prompts, tuning, confirm, che
             tuning_prompts=tuning, confirm_prompts=confirm, check_prompts=check, seeds=seeds, steps=steps, guidance_scale=guidance_scale,
             device=device, time_budget=parse_duration(time_budget), trials=trials, include=_names(include),
             exclude=_names(exclude), compile=compile_blocks, height=height, width=width, frames=frames, model=model,
-            command=shlex.join(["cadence"] + sys.argv[1:]), speed_at=speed_at)
+            command=command_line(), speed_at=speed_at)
         settings.check()
         if prompts == "heldout" and model not in REFERENCE_MODELS:
             raise ValueError(f"--prompts heldout: the held-out captions are the reference models' own; for {model!r} "
