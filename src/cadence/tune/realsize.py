@@ -46,18 +46,19 @@ to the same kernels), and the knobs that need one take their calibration-free va
 
 - ``smooth`` -> 0 (SmoothQuant off). On the GPU the division by the smoothing factors runs
   inside the one-pass activation quantizer (``accel/quant/_kernels.py``; compiled, inductor
-  fuses it likewise), one load of a K-vector per row: free within the timing's noise. On a
-  path that does not fuse it (the reference path, an FP4 layer's low-rank branch) it is one
-  elementwise pass over the linear's input more: the part is timed at most that much too
-  fast.
+  fuses it likewise), one load of a K-vector per row: expected within the timing's noise (not
+  measured apart). On a path that does not fuse it (the reference path, an FP4 layer's
+  low-rank branch) it is one elementwise pass over the linear's input more: the part is timed
+  at most that much too fast.
 - ``activations`` -> ``dynamic``. The fused quantizer computes each row's absolute maximum
   in both forms (the NaN/Inf check reads it), so a static scale saves only the store of the
   per-row scales, and on ``torch._scaled_mm`` a per-tensor instead of a row-wise scale; on
   an unfused path, one row reduction. The part is timed at most that much too slow.
 
-The two errors go opposite ways and are small next to the 8-bit GEMMs themselves. A part
-with no calibration-free form (``mixed``: its sensitivity calibration decides which format
-each linear takes) is refused at the real size, its message naming the calibration.
+The two errors go opposite ways and, by this arithmetic, are small next to the 8-bit GEMMs
+themselves (neither is measured apart). A part with no calibration-free form (``mixed``: its
+sensitivity calibration decides which format each linear takes) is refused at the real size,
+its message naming the calibration.
 """
 
 from __future__ import annotations

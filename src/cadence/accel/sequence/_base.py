@@ -226,7 +226,10 @@ class KVCache:
 
     # -- one attention call ----------------------------------------------------------------
     def attend(self, layer: int, query, key, value, scale) -> torch.Tensor:
-        """query, key, value: (B, H, tokens, dim) of the current chunk, before RoPE."""
+        """query, key, value: (B, H, tokens, dim) of the current chunk, before RoPE. The cached
+        keys are dequantized and rotated again on every call (each denoising step of a chunk, and
+        its write pass), so the cache stays at its stored format's size; what that work costs at
+        the real size is not measured yet (benchmarks/stream_realsize.py)."""
         batch, heads, tokens, dim = key.shape
         height, width = self.patches
         per_frame = height * width
