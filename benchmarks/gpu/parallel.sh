@@ -8,9 +8,8 @@ set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 export OUT=${OUT:-bench-out} PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
-if compgen -G ".whl/*.whl" >/dev/null; then  # the GPU machine: diffusers and tomli_w from the carried wheels
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
-fi
+source benchmarks/gpu/carried.sh
+install_carried .whl || exit  # the GPU machine: diffusers and tomli_w (nothing where .whl is absent)
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD/benchmarks
 deadline=$((SECONDS + ${CALL_SECONDS:-585}))
 log=$OUT/parallel.log

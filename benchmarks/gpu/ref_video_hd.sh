@@ -33,7 +33,7 @@ PY
     exit
 fi
 stage1=${1:-170} stage2=${2:-330}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+source benchmarks/gpu/carried.sh; install_carried .whl
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 OUT=${OUT:-bench-out}
 xz -dkf .carry/hd/embeddings-ref-video-hd.safetensors.xz
 embeddings=.carry/hd/embeddings-ref-video-hd.safetensors

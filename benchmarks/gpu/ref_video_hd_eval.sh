@@ -8,7 +8,7 @@
 # `cache_sweep.py --prepare-embeddings .carry/hd/heldout-embeddings.safetensors`)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+source benchmarks/gpu/carried.sh; install_carried .whl
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD/benchmarks PYTHONUNBUFFERED=1 OUT=${OUT:-bench-out}
 timeout 120 python3 - <<'PY'
 import os

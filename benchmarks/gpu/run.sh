@@ -8,7 +8,7 @@
 #                      --merge them into --out (required)
 #
 # Runs `python3 benchmarks/SCRIPT.py ARGS` from the repository root with unbuffered output,
-# after installing the carried wheels in .whl/ (once per machine) and with PYTHONPATH
+# after installing what .whl/ carries (once per machine, gpu/carried.sh) and with PYTHONPATH
 # /tmp/site:src:benchmarks. What it leaves under $OUT (bench-out/ when unset), NAME being
 # --out's file name without its extension (the script's name without --out):
 #   NAME.log   the device line, the command and everything the script printed
@@ -50,15 +50,14 @@ name=$(basename "${out:-${script%.py}}"); name=${name%.*}
 log=$OUT/$name.log
 [[ $parts -eq 0 || -n $out ]] || { echo "run.sh: --parts needs --out" >&2; exit 2; }
 
+source benchmarks/gpu/carried.sh
 install_wheels() {  # parallel runs on one machine install once, one at a time
-    compgen -G ".whl/*.whl" >/dev/null || return 0
-    local wanted; wanted=$(ls .whl/*.whl | sort | md5sum)
-    mkdir -p /tmp/site
+    compgen -G ".whl/*" >/dev/null || return 0
+    local wanted; wanted=$(ls .whl/* | sort | md5sum)
     exec 9>/tmp/site.lock
     command -v flock >/dev/null && flock 9
     if [[ $(cat /tmp/site/.carried-wheels 2>/dev/null) != "$wanted" ]]; then
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-            .whl/*.whl && echo "$wanted" >/tmp/site/.carried-wheels
+        install_carried .whl && echo "$wanted" >/tmp/site/.carried-wheels
     fi
     exec 9>&-
 }

@@ -17,9 +17,9 @@ set -uo pipefail
 budget=${1:?usage: tune.sh BUDGET MODEL...}; shift
 cd "$(dirname "$0")/../.." || exit 1
 export OUT=${OUT:-bench-out} PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
-mkdir -p "$OUT" /tmp/site
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .whl/*.whl .carry/whl-tune/*.whl || exit 1
+mkdir -p "$OUT"
+source benchmarks/gpu/carried.sh
+install_carried .whl .carry/whl-tune || exit 1
 nvidia-smi --query-gpu=name,clocks.sm,temperature.gpu --format=csv,noheader
 rc=0
 for model in "$@"; do
