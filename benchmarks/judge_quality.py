@@ -3,6 +3,9 @@ as its samples are degraded on purpose (fewer steps, added noise, blur, the wron
 
     PYTHONPATH=src python benchmarks/judge_quality.py --model ref-video --steps 50 8 2 --prompts 16 --out q.json
     PYTHONPATH=src python benchmarks/judge_quality.py --model ref-image --steps 50 --prompts 32 --out qi.json
+    PYTHONPATH=src python benchmarks/judge_quality.py --model ref-video-4step --steps 4 --prompts 64 --no-degradations --out s.json
+
+A model runs at its own guidance (``generation.sampling``): 4.0, or a distilled student's 1.0.
 
 The prompts are the held-out captions (data.heldout_prompts). Generations are cached in
 ``--cache`` (a safetensors file per model, steps, prompt and seed set), so a second run only
@@ -28,7 +31,7 @@ import cadence
 from cadence import generation
 from cadence.judge import checkpoint, score
 from cadence.reference import data
-from cadence.reference.models import reference_model
+from cadence.reference.models import STUDENTS, reference_model
 
 
 def generate_all(model: str, prompts: list[str], seeds: list[int], steps: int, device: str, cache: Path,
@@ -45,10 +48,12 @@ def generate_all(model: str, prompts: list[str], seeds: list[int], steps: int, d
         pipe.prompt_cache = load_prompt_embeddings(embeddings)
     pipe.set_progress_bar_config(disable=True)
     size = generation.resolve_size(pipe)
+    _, guidance = generation.sampling(pipe, steps)
     outputs = []
     for prompt in prompts:
         for seed in seeds:
-            outputs.append(generation.generate(pipe, prompt, steps=steps, seed=seed, guidance_scale=4.0, size=size).cpu())
+            outputs.append(generation.generate(pipe, prompt, steps=steps, seed=seed, guidance_scale=guidance,
+                                               size=size).cpu())
     cache.mkdir(parents=True, exist_ok=True)
     save_file({str(i): o.contiguous() for i, o in enumerate(outputs)}, str(path))
     return outputs
@@ -89,7 +94,9 @@ def main() -> None:
     parser.add_argument("--no-degradations", action="store_true")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    video = reference_model(args.model).task == "video"
+    teacher = json.loads((STUDENTS[args.model] / "student.json").read_text())["teacher"] \
+        if args.model in STUDENTS else args.model
+    video = reference_model(teacher).task == "video"
     prompts = data.heldout_prompts(args.prompts, video=video)
     seeds = list(range(args.seeds))
     captions = [p for p in prompts for _ in seeds]

@@ -85,10 +85,10 @@ def _check_out(out: Path) -> None:
 
 def _check_model(model: str) -> None:
     """--model: a reference model's name or a diffusers checkpoint directory, before loading."""
-    from cadence.reference.models import REFERENCE_MODELS
+    from cadence.reference.models import REFERENCE_MODELS, STUDENTS
 
-    if model not in REFERENCE_MODELS and not Path(model).is_dir():
-        raise ValueError(f"unknown model {model!r}; valid: {', '.join(map(repr, REFERENCE_MODELS))}, "
+    if model not in REFERENCE_MODELS and model not in STUDENTS and not Path(model).is_dir():
+        raise ValueError(f"unknown model {model!r}; valid: {', '.join(map(repr, [*REFERENCE_MODELS, *STUDENTS]))}, "
                          "or a local diffusers checkpoint directory")
 
 

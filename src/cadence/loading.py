@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from cadence.reference.models import REFERENCE_MODELS, reference_model
+from cadence.reference.models import REFERENCE_MODELS, STUDENTS, reference_model
 
 # Pickle-based formats can run arbitrary code when loaded: cadence refuses them.
 UNSAFE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -21,15 +21,16 @@ UNSAFE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 def load(name_or_path: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
          text_encoder: bool = True):
-    """``load("ref-video")``, ``load("ref-image")`` or ``load("/path/to/diffusers/checkpoint")``."""
+    """``load("ref-video")``, ``load("ref-image")``, a shipped student (``load("ref-video-4step")``)
+    or ``load("/path/to/diffusers/checkpoint")``."""
     if name_or_path in REFERENCE_MODELS:
         pipe = load_reference(name_or_path, text_encoder=text_encoder)
         check_finite_weights(pipe, reference_weights(name_or_path).parent)
     else:
-        path = Path(name_or_path)
+        path = STUDENTS.get(name_or_path) or Path(name_or_path)
         if not path.is_dir():
             raise ValueError(
-                f"unknown model {name_or_path!r}; valid: {', '.join(REFERENCE_MODELS)}, "
+                f"unknown model {name_or_path!r}; valid: {', '.join([*REFERENCE_MODELS, *STUDENTS])}, "
                 "or a local diffusers checkpoint directory (with model_index.json)"
             )
         pipe = load_pipeline_dir(path)
@@ -131,11 +132,27 @@ def load_pipeline_dir(path: Path):
     ours = {"RefVideoPipeline": RefVideoPipeline, "RefImagePipeline": RefImagePipeline}
     pipeline_cls = ours.get(class_name, DiffusionPipeline)
     try:
-        return pipeline_cls.from_pretrained(str(path), use_safetensors=True)
+        return pipeline_cls.from_pretrained(str(path), use_safetensors=True, **_packed_transformer(path))
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, ImportError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise ValueError(f"{path}: diffusers cannot load it as a {class_name or 'pipeline'} "
                          f"({type(error).__name__}: {first})") from None
+
+
+def _packed_transformer(path: Path) -> dict:
+    """``{"transformer": model}`` for a pipeline folder whose transformer weights are packed
+    (:func:`unpacked`: a shipped student), loaded from their unpacked copy; ``{}`` otherwise."""
+    folder = path / "transformer"
+    if not folder.is_dir() or unpacked(folder) == folder.resolve():
+        return {}
+    import diffusers
+
+    class_name = json.loads((folder / "config.json").read_text()).get("_class_name")
+    model_cls = getattr(diffusers, str(class_name), None)
+    if model_cls is None:
+        raise ValueError(f"{folder / 'config.json'}: _class_name {class_name!r} is not a diffusers model class")
+    check_files(unpacked(folder))
+    return {"transformer": model_cls.from_pretrained(str(unpacked(folder)), use_safetensors=True)}
 
 
 def reference_weights(name: str) -> Path:
@@ -150,10 +167,15 @@ def transformer_folder(checkpoint: Path) -> Path:
     return unpacked(Path(checkpoint) / "transformer")
 
 
+DELTA = ".delta.xz"  # a student's weights as their difference from its teacher's (:func:`pack_delta`)
+
+
 def unpacked(folder: Path) -> Path:
     """``folder`` with its xz-compressed weights (``*.safetensors.xz``) unpacked: ref-video's
     17.5 MiB of weights are 12.2 MiB packed, ref-dllm's 9.8 MiB are 7.0 MiB, and what travels
-    to the GPU machine, the tracked tree included, is at most 64 MiB. They are unpacked once into the cache with the
+    to the GPU machine, the tracked tree included, is at most 64 MiB. A student's weights may be
+    packed as their difference from its teacher's (``*.safetensors.delta.xz``, :func:`pack_delta`:
+    ref-video-4step's 17.5 MiB are 5.9 MiB so). They are unpacked once into the cache with the
     folder's JSON (configs, tokenizer) beside them, keyed by the folder's place and its files'
     names, sizes and times (no file read on a cache hit). Several processes may unpack at once
     (torchrun's ranks): each into its own folder, and the first to finish is the one kept.
@@ -164,7 +186,7 @@ def unpacked(folder: Path) -> Path:
     import shutil
 
     folder = Path(folder).resolve()
-    packed = sorted(folder.glob("*.safetensors.xz"))
+    packed = sorted([*folder.glob("*.safetensors.xz"), *folder.glob(f"*.safetensors{DELTA}")])
     if not packed or any(folder.glob("*.safetensors")):
         return folder
     files = (*packed, *sorted(folder.glob("*.json")))
@@ -180,7 +202,9 @@ def unpacked(folder: Path) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     for path in files:
-        if path.suffix == ".xz":
+        if path.name.endswith(DELTA):
+            _undo_delta(path, partial / path.name.removesuffix(DELTA))
+        elif path.suffix == ".xz":
             with lzma.open(path) as source, open(partial / path.stem, "wb") as out:
                 shutil.copyfileobj(source, out, length=2**22)
         else:
@@ -192,6 +216,70 @@ def unpacked(folder: Path) -> Path:
     except OSError:  # another process finished first: its copy is the same
         shutil.rmtree(partial, ignore_errors=True)
     return target
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.contiguous().view(torch.int16)
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    state = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(path))
+    return state
+
+
+def _digest(state: dict[str, torch.Tensor]) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def pack_delta(student: Path, out: Path, base: str) -> None:
+    """Write ``student``'s bf16 weights (a folder of ``*.safetensors``) to ``out`` (one
+    ``.safetensors.delta.xz`` file) as the difference of their bits from the bf16 weights of the
+    reference model ``base``, modulo 2**16: a few-step student moves little from its teacher, so
+    the differences are small integers that xz packs to a third of the weights (ref-video-4step:
+    5.9 of 17.5 MiB), where xz alone keeps 13. Exact: :func:`unpacked` adds them back bit for bit,
+    and refuses a base whose weights are not the ones packed against (a digest in the metadata)."""
+    import lzma
+
+    from safetensors.torch import save
+
+    weights, teacher = _weights(Path(student)), _weights(reference_weights(base))
+    wrong = sorted(name for name, tensor in weights.items()
+                   if tensor.dtype != torch.bfloat16 or name not in teacher or teacher[name].shape != tensor.shape
+                   or teacher[name].dtype != torch.bfloat16)
+    if wrong or not weights:
+        raise ValueError(f"{student}: cannot pack as a difference from {base}: {len(wrong)} weight(s) are not bf16 "
+                         f"tensors of the teacher's shape and dtype (first: {wrong[:3]}), or there are none")
+    delta = {name: _bits(tensor) - _bits(teacher[name]) for name, tensor in weights.items()}  # wraps in int16
+    Path(out).write_bytes(lzma.compress(save(delta, metadata={"base": base, "base_digest": _digest(teacher)}),
+                                        preset=9))
+
+
+def _undo_delta(path: Path, out: Path) -> None:
+    import lzma
+
+    from safetensors.torch import load, save_file
+
+    data = lzma.decompress(path.read_bytes())
+    header = json.loads(data[8: 8 + int.from_bytes(data[:8], "little")])  # the safetensors format's own header
+    meta = header.get("__metadata__") or {}
+    base = meta.get("base")
+    if base not in REFERENCE_MODELS:
+        raise ValueError(f"{path}: a packed difference from {base!r}, not a reference model; the checkpoint is damaged")
+    teacher = _weights(reference_weights(base))
+    if _digest(teacher) != meta.get("base_digest"):
+        raise ValueError(f"{path}: packed against other {base} weights than the shipped ones (digest mismatch); "
+                         "it cannot be unpacked exactly")
+    save_file({name: (_bits(teacher[name]) + d).view(torch.bfloat16) for name, d in load(data).items()}, out)
 
 
 def load_reference(name: str, text_encoder: bool = True):

@@ -81,6 +81,11 @@ REFERENCE_MODELS: dict[str, ReferenceModel] = {
 }
 
 
+# Few-step students of the reference models made by ``cadence distill`` and shipped beside them,
+# opened by name like any checkpoint folder (``cadence.load("ref-video-4step")``).
+STUDENTS: dict[str, Path] = {"ref-video-4step": CHECKPOINTS / "ref-video-4step"}
+
+
 def reference_model(name: str) -> ReferenceModel:
     if name not in REFERENCE_MODELS:
         raise ValueError(f"unknown reference model {name!r}; valid: {', '.join(REFERENCE_MODELS)}")
