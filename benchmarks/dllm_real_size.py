@@ -32,7 +32,8 @@ from cadence import dllm
 from cadence.models.llada import LLADA, build_llada
 
 PLAIN = "semi-ar(block_length={block})"
-RECIPES = ("semi-ar(block_length={block}) + prefix-cache",
+RECIPES = ("semi-ar(block_length={block}) + low-confidence(tokens_per_step={k})",  # parallel decoding alone
+           "semi-ar(block_length={block}) + prefix-cache",
            "semi-ar(block_length={block}) + dual-cache",
            "semi-ar(block_length={block}) + low-confidence(tokens_per_step={k}) + dual-cache")
 
