@@ -2,6 +2,7 @@
 measure per per-forward part, and a search whose speeds are modelled from them."""
 
 import json
+import re
 import types
 
 import optuna
@@ -11,13 +12,14 @@ from click.testing import CliRunner
 from diffusers import WanTransformer3DModel
 from tiny_checkpoints import WAN_SIZE, tiny_wan_pipeline
 
+from cadence.accel.registry import load_builtin
 from cadence.cli import main
 from cadence.recipe import Recipe
 from cadence.tune import TuneRefused, TuneSettings, realsize, tune
 from cadence.tune import quality as quality_module
 from cadence.tune import search as search_module
 from cadence.tune.search import STUDY
-from cadence.tune.space import SearchSpace
+from cadence.tune.space import SearchSpace, is_peer
 
 # A "real size" small enough for the CPU: Wan's classes, 2 x 8 x 8 latents (32 tokens).
 TINY = realsize.RealSize(
@@ -258,6 +260,7 @@ def test_with_speed_at_the_tuned_models_times_reject_nothing(tmp_path, monkeypat
     assert trial.state == optuna.trial.TrialState.COMPLETE and trial.user_attrs["measured_relative_time"] > 1.25
     assert trial.value == pytest.approx(trial.user_attrs["computed_share"])  # no per-forward part: the share alone
 
+
 def _first_trial_of_a_refused_study(tmp_path) -> optuna.trial.FrozenTrial:
     """A --speed-at study whose one candidate is the MATH backend alone: it ends refused (no
     candidate met the bar); its first trial says why that candidate was rejected."""
@@ -269,7 +272,6 @@ def _first_trial_of_a_refused_study(tmp_path) -> optuna.trial.FrozenTrial:
     with pytest.raises(TuneRefused):
         tune(tiny_wan_pipeline(), asked)
     return optuna.load_study(study_name=STUDY, storage=storage).trials[0]
-
 
 
 def test_a_candidate_without_a_step_policy_modelled_slower_is_rejected_before_it_runs(tmp_path, monkeypatch):
@@ -443,3 +445,163 @@ def test_the_reserve_and_a_later_confirmation_round_count_the_parts_still_to_mea
     assert run.new_measures_seconds(new) == 100.0
     speed.per_step_seconds(Recipe.parse(MATH))
     assert run.new_measures_seconds(new) == 0.0
+
+
+def _run_for(speed, left: float, steps: int = 10) -> search_module._Run:
+    """A search run reduced to what its real-size rules read: ``left`` seconds after the reserve."""
+    run = object.__new__(search_module._Run)
+    run.speed, run.space, run.resumed = speed, types.SimpleNamespace(late=()), False
+    run.settings = types.SimpleNamespace(speed_at=TINY.name, steps=steps)
+    run.cost = search_module.CostModel()
+    run.remaining, run.reserve = (lambda: left), (lambda: 0.0)
+    return run
+
+
+def test_a_new_part_is_admitted_by_the_median_measure_not_the_longest(speed, monkeypatch):
+    """Issue 22: one 42-s FP4 measure among 14-s ones refused every later part. The admission
+    and the reserve count the median measure: one long measure moves neither."""
+    seconds = {"": 10.0, "a": 10.0, "fp4": 400.0}  # warm-up; plus SPEED_STEPS steps of 1 s
+    monkeypatch.setattr(realsize.SpeedAt, "_measure", lambda self, part, key: realsize.PartTime(key, 1.0, seconds[key]))
+    for key in seconds:
+        speed.measured[key] = speed._measure(Recipe(), key)
+    assert speed.typical_measure() == 10.0 + realsize.SPEED_STEPS
+    run = _run_for(speed, left=20.0)
+    assert run.speed_reserve() == 15.0 and run.new_measures_seconds([Recipe.parse(MATH)]) == 15.0
+    trial = optuna.trial.FixedTrial({})
+    run.real_size_measure_fits(trial, Recipe.parse(MATH))  # 15 s fit in the 20 s left: not rejected
+    assert "rejected" not in trial.user_attrs
+    with pytest.raises(optuna.TrialPruned):
+        _run_for(speed, left=14.0).real_size_measure_fits(trial, Recipe.parse(MATH))
+    assert trial.user_attrs["rejected"].startswith(f"{search_module.OUT_OF_TIME}: measuring its per-forward part")
+
+
+def test_a_measure_running_past_its_deadline_is_stopped_and_gives_back_the_model(speed):
+    transformer = speed.pipe.transformer
+    inputs = _forward_inputs()
+    with torch.no_grad():
+        before = transformer(**inputs)[0]
+        forwards = len(speed.forwards)
+        with pytest.raises(
+            realsize.OutOfTime,
+            match=rf"measuring {re.escape(MATH)} at {TINY.name} was stopped after [\d.]+ s, past the 0\.0 s the time "
+            "budget left it",
+        ):
+            speed.per_step_seconds(Recipe.parse(MATH), deadline=0.0)
+        stopped_at = len(speed.forwards) - forwards
+        after = transformer(**inputs)[0]
+    assert stopped_at == 1  # stopped at its first forward, not after the warm-up generation
+    assert torch.equal(before, after) and len(transformer._forward_pre_hooks) == 1
+    assert not speed.is_measured(Recipe.parse(MATH))  # asked again, it is measured again
+    assert speed.per_step_seconds(Recipe.parse(MATH), deadline=600.0) > 0 and speed.is_measured(Recipe.parse(MATH))
+
+
+def test_a_candidate_whose_measure_runs_out_of_time_is_rejected_as_out_of_time(speed):
+    speed.per_step_seconds(Recipe())
+    run = _run_for(speed, left=0.0)  # admitted (say), then nothing is left when its measure runs
+    trial = optuna.trial.FixedTrial({})
+    with pytest.raises(optuna.TrialPruned):
+        run.per_forward_ratio(trial, Recipe.parse(f"fixed-interval(budget=0.5) + {MATH}"), {}, 1.0)
+    # the out-of-time wording: a resumed study tries the candidate again (search._Run.repeat)
+    assert trial.user_attrs["rejected"].startswith(f"{search_module.OUT_OF_TIME}: measuring {MATH} at {TINY.name}")
+    assert not speed.is_measured(Recipe.parse(MATH))
+
+
+def test_a_part_slower_than_the_baseline_rejects_its_step_policy_candidates_before_they_run(tmp_path, monkeypatch):
+    """MATH at 3x the baseline's per-step time: with fixed-interval at 0.9 the candidate takes at
+    least 3 x (0.9 - 1/10) = 2.4x, rejected once its part is measured, before a case runs; the
+    next candidate with the same part at 0.5 (at least 1.2x) is rejected before anything runs:
+    no measure, no warm-up, no calibration."""
+    measured, warmed, runs = [], [], []
+
+    def measure(self, part, key):
+        measured.append(key)
+        return realsize.PartTime(key, {"": 1.0, MATH: 3.0}[key], 0.0)
+
+    from cadence.tune import evaluate as evaluate_module
+
+    original_run, original_warm_up = evaluate_module.Evaluator.run, evaluate_module.Evaluator.warm_up
+    monkeypatch.setattr(realsize.SpeedAt, "_measure", measure)
+    monkeypatch.setattr(
+        evaluate_module.Evaluator,
+        "run",
+        lambda self, recipe, case, deadline=None: (
+            runs.append(str(recipe)) or original_run(self, recipe, case, deadline)
+        ),
+    )
+    monkeypatch.setattr(
+        evaluate_module.Evaluator,
+        "warm_up",
+        lambda self, recipe, case: warmed.append(str(recipe)) or original_warm_up(self, recipe, case),
+    )
+    asked = settings(tmp_path, speed_at=TINY.name, steps=10, trials=2)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(storage=storage, study_name=STUDY)
+    study.set_user_attr("settings", asked.identity())
+    space = SearchSpace.from_registry(include=asked.include)
+    for budget in (0.9, 0.5):
+        study.enqueue_trial(space.params_of(Recipe.parse(f"fixed-interval(budget={budget}) + {MATH}")))
+    with pytest.raises(TuneRefused):
+        tune(tiny_wan_pipeline(), asked)
+    first, second = optuna.load_study(study_name=STUDY, storage=storage).trials
+    assert measured == ["", MATH] and runs == []
+    assert warmed.count(f"fixed-interval(budget=0.9) + {MATH}") == 1  # the first, before its part was measured
+    assert not any("budget=0.5" in recipe for recipe in warmed)
+    assert first.user_attrs["rejected"] == (
+        f"time: modelled at {TINY.name} at least 2.40x the baseline's (its per-forward part 3.00x, its step policy "
+        "computing at least 0.80 of the block work), the time to beat is 1.00x"
+    )
+    assert second.state == optuna.trial.TrialState.PRUNED and "at least 1.20x" in second.user_attrs["rejected"]
+    assert "relative_time" not in second.user_attrs  # a bound, not a modelled time
+
+
+STEP_POLICIES = sorted(
+    name
+    for name, technique in load_builtin().items()
+    if technique.config.level == realsize.STEP_LEVEL and not is_peer(technique.config)
+)
+
+
+@pytest.mark.parametrize("cfg_reuse", [False, True])
+def test_no_step_policy_computes_less_than_its_least_share(cfg_reuse):
+    """search.least_share is a bound the rejection relies on: every step policy that runs on
+    the tiny Wan without a calibration (the calibrated ones run on the same engine) computes
+    at least that share of the block work, with and without cfg_reuse (first-blocks at 0.6
+    with cfg_reuse computes 0.4 there: a bound of the budget less one step would fail)."""
+    from cadence import generation
+    from cadence.recipe import accelerate
+
+    pipe = tiny_wan_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    size = generation.resolve_size(pipe, WAN_SIZE["height"], WAN_SIZE["width"], WAN_SIZE["frames"])
+    checked = []
+    for name in STEP_POLICIES:
+        for budget in (0.6,):  # first-blocks' head block is half the tiny Wan's two: its least budget is 0.5
+            try:
+                recipe = Recipe([load_builtin()[name].config.from_params({"budget": budget, "cfg_reuse": cfg_reuse})])
+                with accelerate(pipe, recipe) as acceleration:
+                    generation.generate(pipe, PROMPTS[0], steps=10, seed=0, guidance_scale=4.0, size=size)
+                    share = acceleration.stats()["compute_fraction"]
+            except ValueError as error:  # a calibration it needs, a budget below its head blocks, cfg_reuse refused
+                assert "calibration" in str(error) or "budget" in str(error) or "cfg_reuse" in str(error)
+                continue
+            assert share >= search_module.least_share(recipe, 10) - 1e-9, (str(recipe), share)
+            checked.append(name)
+    assert {"fixed-interval", "taylorseer", "first-blocks"} <= set(checked)
+
+
+def test_a_measure_of_the_confirmation_stops_where_the_checks_time_begins(speed):
+    """The confirmation's and the check's new measures are bounded too: stopped where the
+    budget ends, less what the confirmation keeps for the check (at least 1 s, as a case's
+    deadline); a stopped one fails its recipe alone (``check.compare`` catches it as it
+    catches a part that cannot run)."""
+    run = _run_for(speed, left=0.0)
+    run.remaining = lambda: 100.0
+    run.late_warm_up, run.baseline_seconds = 3.0, 2.0
+    run.split = types.SimpleNamespace(check_cases=[("a", 0), ("b", 0)])
+    assert run.check_reserve() == 2.0 * 2 * 2 + 3.0 * 2  # per check case the baseline and two recipes
+    deadlines = []
+    run.speed = types.SimpleNamespace(relative_time=lambda recipe, share, deadline: deadlines.append(deadline) or share)
+    assert run.modelled(keep=10.0)(Recipe.parse(MATH), 0.5) == 0.5
+    run.modelled(keep=200.0)(Recipe.parse(MATH), 0.5)
+    assert deadlines == [90.0, 1.0]
+    assert issubclass(realsize.OutOfTime, search_module.FAILURES)

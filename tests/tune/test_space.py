@@ -15,6 +15,8 @@ from cadence.tune.space import (
     STREAM_ONLY_LEVELS,
     SearchSpace,
     features,
+    fp4_left_out,
+    is_fp4,
     is_peer,
     unusable_backends,
 )
@@ -24,9 +26,11 @@ def test_every_registered_technique_but_the_peers_is_searched_at_its_level():
     space = SearchSpace.from_registry(device="cuda", compile=True)
     techniques = load_builtin()
     assert set(space.choices) == set(LEVELS)
+    fp4_out = fp4_left_out("cuda") is not None  # on a GPU without FP4 tensor cores (the H200)
     for name, technique in techniques.items():
         searched = name in space.choices[technique.config.level] or name in space.late
-        assert searched == (not is_peer(technique.config) and technique.config.level not in STREAM_ONLY_LEVELS), name
+        expected = not is_peer(technique.config) and technique.config.level not in STREAM_ONLY_LEVELS
+        assert searched == (expected and not (fp4_out and is_fp4(technique.config))), name
     assert all(names[0] == NONE for names in space.choices.values())
 
 
@@ -208,3 +212,33 @@ def test_the_probe_runs_the_real_kernels_and_keeps_every_cpu_backend_on_a_float3
     assert not any("left out: it fails" in note for note in space.notes) and "left out: they" not in space.describe()
     failing = unusable_backends(_TinyAttention(), ("auto", "efficient"))  # no efficient kernel on the CPU
     assert set(failing) == {"efficient"} and failing["efficient"].startswith("RuntimeError: ")
+
+
+def _cuda_device(monkeypatch, capability: tuple[int, int], name: str) -> None:
+    """This process sees one CUDA device of ``capability`` (none is needed: the space only asks)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+
+
+def test_fp4_is_left_out_on_a_gpu_without_fp4_tensor_cores_with_the_reason(monkeypatch):
+    _cuda_device(monkeypatch, (9, 0), "NVIDIA H200")
+    fp4 = sorted(name for name, technique in load_builtin().items() if is_fp4(technique.config))
+    assert fp4 == ["mxfp4", "nvfp4"]  # found from their formats in the registry, not listed here
+    hopper = SearchSpace.from_registry(device="cuda")
+    assert not set(fp4) & set(hopper.choices["bit"]) and {"fp8", "int8"} <= set(hopper.choices["bit"])
+    assert (
+        "mxfp4, nvfp4 left out: NVIDIA H200 (compute capability 9.0) has no FP4 tensor cores (from 10.0, Blackwell): "
+        "FP4 runs simulated there, slower than bf16; --include names them to search them all the same"
+    ) in hopper.notes
+    assert hopper.params_of(Recipe.parse("magcache(budget=0.3) + nvfp4"))["bit"] == NONE  # not enqueued either
+    named = SearchSpace.from_registry(include=("nvfp4", "magcache"), device="cuda")  # asked for: searched
+    assert "nvfp4" in named.choices["bit"] and not any("left out: NVIDIA" in note for note in named.notes)
+
+
+def test_fp4_stays_on_blackwell_and_on_the_cpu(monkeypatch):
+    _cuda_device(monkeypatch, (10, 0), "NVIDIA B200")
+    assert {"nvfp4", "mxfp4"} <= set(SearchSpace.from_registry(device="cuda").choices["bit"])
+    _cuda_device(monkeypatch, (9, 0), "NVIDIA H200")
+    cpu = SearchSpace.from_registry(device="cpu")  # every format is emulated on the CPU: today's space
+    assert {"nvfp4", "mxfp4"} <= set(cpu.choices["bit"]) and fp4_left_out("cpu") is None

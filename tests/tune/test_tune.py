@@ -285,3 +285,33 @@ def test_an_interrupted_trial_is_not_taken_for_a_failure_of_its_candidate():
     study.tell(interrupted, state=optuna.trial.TrialState.FAIL)
     again = study.ask()
     assert search_module._Run.repeat(object.__new__(search_module._Run), again, "fixed-interval(budget=0.3)") is None
+
+
+def test_the_study_is_seeded_with_the_default_its_parts_and_its_step_policy_at_larger_budgets():
+    space = SearchSpace.from_registry(device="cpu", compile=True)  # compile: added at the confirmation
+    shipped = Recipe.parse("magcache(budget=0.3) + compile + attention-backend(backend='sage')")
+    starts = search_module.seeds(shipped, space)
+    sage = "attention-backend(backend='sage')"
+    assert [str(recipe) for recipe, _ in starts] == [
+        f"magcache(budget=0.3) + {sage}", "magcache(budget=0.3)", sage,
+        f"magcache(budget=0.45) + {sage}", f"magcache(budget=0.6) + {sage}", f"magcache(budget=0.75) + {sage}"]
+    assert starts[0][1] == "the shipped default, compile added at the confirmation"
+    assert starts[3][1] == "the shipped default's step policy at budget 0.45"
+    for recipe, _ in starts:  # each on the search's grid: the sampler's own proposal of it is recognised
+        assert space.suggest(optuna.trial.FixedTrial(space.params_of(recipe))) == recipe
+    near_the_top = search_module.seeds(Recipe.parse("magcache(budget=0.7)"), space)  # 0.85, then past the range
+    assert [str(recipe) for recipe, _ in near_the_top] == ["magcache(budget=0.7)", "magcache(budget=0.85)"]
+    threshold = search_module.seeds(Recipe.parse(f"magcache + {sage}"), space)  # no budget: no ladder
+    assert [str(recipe) for recipe, _ in threshold] == [f"magcache + {sage}", "magcache", sage]
+    assert search_module.seeds(Recipe.parse("compile"), space) == []
+
+
+def test_a_new_study_runs_the_seeds_first_and_the_report_names_them(pipe, tmp_path, monkeypatch):
+    monkeypatch.setattr(search_module, "default_recipe",
+                        lambda name: type("Default", (), {"recipe": "fixed-interval(budget=0.65)"})())
+    result = tune(pipe, settings(tmp_path, trials=2))
+    assert [t.user_attrs["candidate"] for t in result.trials] == [
+        "fixed-interval(budget=0.65)", "fixed-interval(budget=0.8)"]  # 0.95 is past the searched range
+    seeded = ("seeded before the sampler's own candidates: trial 0: `fixed-interval(budget=0.65)` (the shipped "
+              "default); trial 1: `fixed-interval(budget=0.8)` (the shipped default's step policy at budget 0.8)")
+    assert seeded in result.notes and f"note: {seeded}" in (tmp_path / "report.md").read_text()

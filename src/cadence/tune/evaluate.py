@@ -95,7 +95,7 @@ class Evaluator:
         """One timed generation of ``recipe`` on ``case`` -> its seconds, PSNR, SSIM and stats;
         ``TooSlow`` if it runs longer than ``deadline`` seconds."""
         reference = self.baseline(case)
-        with accelerate(self.pipe, recipe) as acceleration, _Deadline(self.pipe.transformer, deadline):
+        with accelerate(self.pipe, recipe) as acceleration, Deadline(self.pipe.transformer, deadline):
             output, seconds, _ = self._generate(case)
             stats = acceleration.stats()
         return {"seconds": seconds, "psnr": metrics.psnr(output, reference), "ssim": metrics.ssim(output, reference),
@@ -156,8 +156,9 @@ def _pointed(config, store: str, path: Path):
     return type(config).from_params({**config.params(), field: str(path)})
 
 
-class _Deadline:
-    """A forward pre-hook on the transformer that stops a generation past ``seconds``."""
+class Deadline:
+    """A forward pre-hook on the transformer that stops a generation past ``seconds`` (``TooSlow``
+    at its next forward: a forward already running is not cut short)."""
 
     def __init__(self, transformer: torch.nn.Module, seconds: float | None):
         self.transformer, self.seconds, self.handle = transformer, seconds, None

@@ -11,7 +11,9 @@ run on the H200"). With ``speed_at`` a candidate's time is *modelled* at the rea
 - ``part``: the candidate's per-forward techniques (every term whose level is not "step"),
   applied to the real-size transformer (random weights, bf16, on the tuning device) in the
   reference pipeline path, timed over ``SPEED_STEPS`` steps with CFG after one untimed
-  warm-up generation (compilation and Triton autotuning happen there); cached per part.
+  warm-up generation (compilation and Triton autotuning happen there); cached per part. A
+  measure is stopped, at its next forward, once it runs past the deadline its caller gives
+  (what the time budget leaves it): ``OutOfTime``, the part left unmeasured.
 - ``computed_share``: the candidate's ``compute_fraction`` measured on the tuned model's
   cases (the share of the block work its step policy computes; 1.0 without one).
 
@@ -63,6 +65,7 @@ its message naming the calibration.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -81,6 +84,7 @@ from cadence.models.real_configs import (
     cast_like_from_pretrained,
 )
 from cadence.recipe import Recipe, accelerate
+from cadence.tune.evaluate import Deadline, TooSlow
 
 # Steps of the timed generation: the per-step time of a real-size generation, with the
 # launch and allocation costs of its first step spread over several (a 50-step timing would
@@ -193,6 +197,11 @@ def calibration_free(config: TechniqueConfig) -> TechniqueConfig:
     return type(config).from_params({**params, **changed})
 
 
+class OutOfTime(RuntimeError):
+    """A measure stopped at its deadline. A RuntimeError, so that where nothing handles it (the
+    confirmation, the held-out check) it fails the one recipe, as a part that cannot run does."""
+
+
 @dataclass
 class PartTime:
     part: str  # the per-forward part ('' for the baseline)
@@ -240,34 +249,46 @@ class SpeedAt:
                 negative_pooled_prompt_embeds=text(1, self.spec.pooled_dim),
             )
 
-    def per_step_seconds(self, part: Recipe) -> float:
+    def per_step_seconds(self, part: Recipe, deadline: float | None = None) -> float:
         """Seconds per step of a ``SPEED_STEPS``-step generation under ``part`` (its per-forward
-        techniques; measured once per part, then read from the cache)."""
+        techniques; measured once per part, then read from the cache). A new measure (warm-up
+        and timed steps together) running past ``deadline`` seconds is stopped at its next
+        forward and raises ``OutOfTime``; the part stays unmeasured."""
         part = per_forward_part(part)
         key = self._key(part)
         if key not in self.measured:
-            self.measured[key] = self._measure(part, key)
+            try:
+                with Deadline(self.pipe.transformer, deadline):
+                    self.measured[key] = self._measure(part, key)
+            except TooSlow as slow:
+                raise OutOfTime(
+                    f"measuring {key or 'the baseline'} at {self.spec.name} was stopped after {slow.seconds:.1f} s, "
+                    f"past the {deadline:.1f} s the time budget left it"
+                ) from None
         return self.measured[key].per_step_seconds
 
     def is_measured(self, part: Recipe) -> bool:
         """Whether the per-forward part of ``part`` has been measured (reading it costs nothing)."""
         return self._key(per_forward_part(part)) in self.measured
 
-    def longest_measure(self) -> float:
-        """Seconds of the longest measure so far (warm-up and timed steps; 0 before any)."""
-        return max(
-            (p.warm_up_seconds + p.per_step_seconds * SPEED_STEPS for p in self.rows()),
-            default=0.0,
-        )
+    def typical_measure(self) -> float:
+        """Seconds a new measure is expected to take (warm-up and timed steps): the median of
+        the measures so far (0 before any). Not the longest: one slow part (FP4, simulated on
+        Hopper, took 42 s against a typical 14 s on the H200, issue 22) would reserve its time
+        for every later part and stop the search; a measure that runs long is stopped at its
+        ``deadline`` instead (``per_step_seconds``)."""
+        measures = [p.warm_up_seconds + p.per_step_seconds * SPEED_STEPS for p in self.rows()]
+        return statistics.median(measures) if measures else 0.0
 
     @staticmethod
     def _key(part: Recipe) -> str:
         return str(part) if part else ""
 
-    def relative_time(self, recipe: Recipe, computed_share: float | None) -> float:
-        """``recipe``'s modelled time relative to the unaccelerated model's, at the real size."""
+    def relative_time(self, recipe: Recipe, computed_share: float | None, deadline: float | None = None) -> float:
+        """``recipe``'s modelled time relative to the unaccelerated model's, at the real size
+        (``deadline``: as ``per_step_seconds``'s, for a part not measured yet)."""
         share = 1.0 if computed_share is None else computed_share
-        return self.per_step_seconds(recipe) * share / self.per_step_seconds(Recipe())
+        return self.per_step_seconds(recipe, deadline) * share / self.per_step_seconds(Recipe())
 
     def _measure(self, part: Recipe, key: str) -> PartTime:
         def generate():

@@ -11,7 +11,12 @@ range its ``param`` declares, every other parameter stays at its default:
   int8 or fp8: the kept blocks on the sparse sage kernel; on the CPU that kernel is an emulation,
   slower than bf16, so precision is not searched there), or a dense backend's ``backend``
   among those the model runs (``unusable_backends``: probed on the model before the study);
-- bit: the precision (each quantization technique at its defaults);
+- bit: the precision (each quantization technique at its defaults). On a CUDA device without
+  FP4 tensor cores (compute capability below ``FP4_CAPABILITY``) the FP4 formats are left out
+  unless named in ``include`` (``fp4_left_out``): cadence simulates them there, several times
+  a bf16 step's cost, so they cannot win on speed, and with ``--speed-at`` (timed on the same
+  device) their measure was the longest of issue 22's run. On the CPU, where no format has a
+  tensor-core path and the 8-bit ones are emulated too, they stay;
 - graph: nothing searched. ``compile`` changes how fast a recipe runs, not what it computes
   (one bf16 rounding step at most), so the search would pay its warm-up (15-20 s a new
   candidate on the H200, inductor tracing the blocks with new hooks) for no information on
@@ -31,6 +36,8 @@ from dataclasses import dataclass, field
 import torch
 
 from cadence.accel.attention import kernels
+from cadence.accel.quant.formats import FORMATS
+from cadence.accel.quant.formats.fp4 import FP4Format
 from cadence.accel.registry import LEVELS, TechniqueConfig, load_builtin
 from cadence.recipe import Recipe
 from cadence.tune.evaluate import FAILURES
@@ -64,6 +71,11 @@ CPU_COMPILE_REASON = ("compile is left out on the CPU by default: inductor compi
 LATE = {"compile": "compile"}
 LATE_REASON = ("{names} not searched (no change to the output, a warm-up per candidate): the fastest candidates are "
                "confirmed with and without it")
+
+
+# Blackwell's compute capability: the first with FP4 (E2M1) tensor cores. Below it cadence's
+# nvfp4 and mxfp4 run simulated (accel/quant/fp4.py).
+FP4_CAPABILITY = (10, 0)
 
 
 # Levels whose techniques act only while streaming (cadence.stream): not in a one-shot search.
@@ -108,6 +120,25 @@ def unusable_backends(model: torch.nn.Module, backends: tuple[str, ...]) -> dict
     return failing
 
 
+def is_fp4(config: type[TechniqueConfig]) -> bool:
+    """A technique whose layers take an FP4 format (its ``mode``, in the format registry)."""
+    mode = getattr(config, "mode", None)
+    return mode in FORMATS and isinstance(FORMATS[mode], FP4Format)
+
+
+def fp4_left_out(device: str) -> str | None:
+    """Why the FP4 techniques are left out on ``device`` (None where they stay: the CPU, a CUDA
+    device with FP4 tensor cores, or one this process cannot query)."""
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    capability = torch.cuda.get_device_capability(device)
+    if tuple(capability) >= FP4_CAPABILITY:
+        return None
+    return (f"{torch.cuda.get_device_name(device)} (compute capability {capability[0]}.{capability[1]}) has no FP4 "
+            f"tensor cores (from {FP4_CAPABILITY[0]}.{FP4_CAPABILITY[1]}, Blackwell): FP4 runs simulated there, "
+            "slower than bf16; --include names them to search them all the same")
+
+
 def _check_names(names: tuple[str, ...], what: str, known: dict) -> None:
     unknown = [name for name in names if name not in known]
     if unknown:
@@ -149,6 +180,12 @@ class SearchSpace:
                            and (name in include if include else not is_peer(technique.config))
                            and name not in exclude)
             choices[level] = (NONE, *names)
+        fp4_reason = fp4_left_out(device)
+        fp4 = [name for name in choices["bit"] if name != NONE and is_fp4(techniques[name].config)
+               and name not in include]
+        if fp4_reason and fp4:
+            choices["bit"] = tuple(name for name in choices["bit"] if name not in fp4)
+            notes.append(f"{', '.join(fp4)} left out: {fp4_reason}")
         backends = tuple(b for b in kernels.DENSE_BACKENDS if device.startswith("cuda") or b not in CUDA_ONLY_BACKENDS)
         dense = [name for name in choices["token"] if name != NONE and is_dense_backend(techniques[name].config)]
         if model is not None and dense:
