@@ -14,13 +14,27 @@ there is no classifier-free guidance (distilled stream students run without it, 
 need a cache per branch); one timestep per chunk, not per frame. The model is any Wan
 transformer; no trained stream model exists here yet, so nothing is claimed about quality, and a
 bidirectional model run this way drifts.
+
+Prompt switching (LongLive, Yang et al. 2025, "KV re-cache"): ``prompts={k: embeds}`` conditions
+chunk k and every later one on new embeddings. The cached keys and values were computed under the
+old prompt (the self-attention input of every block but the first has passed through the earlier
+blocks' cross-attention to the text), so before chunk k the kept frames are re-encoded: their
+clean latents, which the stream keeps beside the cache while a re-cache is still ahead (evicted
+with their frames, so bounded by the same policy), are run again at timestep 0 in ``write`` mode
+with the new prompt, and their K/V replace the old. Without re-cache (``recache=False``) the old
+K/V stay and only the text changes. Where this differs from LongLive: LongLive re-encodes the
+frames of its local attention window in one forward under a block-causal mask; here every kept
+frame (sink included) is re-encoded, run by run in generation order (a run: the adjacent kept
+frames of one chunk), each run attending to the runs re-encoded before it. That is the same
+block-causal pattern, made with the cache's own write passes: no mask is built, and each frame
+is re-encoded at the position it holds in the cache.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -45,6 +59,8 @@ class StreamChunk:
     frames: torch.Tensor | None
     kv_bytes: int  # bytes the KV cache holds after this chunk (the last of a bounded stream is not written)
     kept_frames: list[int]  # absolute indices of the latent frames the cache keeps
+    # the frames re-encoded with this chunk's new prompt before it (a prompt switch's KV re-cache)
+    recached_frames: list[int] = field(default_factory=list)
 
 
 def stream(
@@ -61,6 +77,8 @@ def stream(
     seed: int = 0,
     scheduler: FlowMatchEulerDiscreteScheduler | None = None,
     decode: bool = True,
+    prompts: Mapping[int, torch.Tensor] | None = None,
+    recache: bool = True,
 ) -> Iterator[StreamChunk]:
     """Generate ``chunks`` chunks (None: until the generator is closed), yielding each as it
     finishes. Every argument is checked here, before anything is generated; the KV cache's hooks
@@ -82,6 +100,9 @@ def stream(
     if prompt_embeds is None or prompt_embeds.dim() != 3:
         raise ValueError(f"prompt_embeds of shape {None if prompt_embeds is None else tuple(prompt_embeds.shape)}; "
                          "valid: (batch, tokens, text_dim)")
+    schedule = _check_prompts(prompts, prompt_embeds, chunks)
+    if not isinstance(recache, bool):
+        raise TypeError(f"recache={recache!r}; valid: True or False")
     held = getattr(transformer, KV_CACHE, None)
     if held is not None:
         if policy is not None or kv_format is not None:
@@ -117,27 +138,63 @@ def stream(
     vae = getattr(pipe, "vae", None)
     decoder = WanStreamDecoder(vae) if decode and vae is not None else None
     return _generate(transformer, prompt_embeds, chunks, frames_per_chunk, steps_per_chunk, policy, kv_format,
-                     held is None, (height, width), seed, scheduler, decode, decoder)
+                     held is None, (height, width), seed, scheduler, decode, decoder, schedule, recache)
+
+
+def _check_prompts(prompts, prompt_embeds: torch.Tensor, chunks: int | None) -> dict[int, torch.Tensor]:
+    """The prompt switches as {chunk: embeds}, refused unless each names a later chunk of the stream
+    and embeddings the chunk can take in place of ``prompt_embeds``."""
+    if prompts is None:
+        return {}
+    if not isinstance(prompts, Mapping):
+        raise TypeError(f"prompts={type(prompts).__name__}; valid: a mapping {{chunk index: prompt_embeds}}")
+    last = "" if chunks is None else f"..{chunks - 1}"
+    batch, _, width = prompt_embeds.shape
+    for index, embeds in prompts.items():
+        if isinstance(index, bool) or not isinstance(index, int) or index < 1 or (chunks is not None and index >= chunks):
+            raise ValueError(f"a prompt switch at chunk {index!r}; valid: chunk indices 1{last or ' or later'} (chunk 0 "
+                             "takes prompt_embeds)")
+        if not torch.is_tensor(embeds) or embeds.dim() != 3 or embeds.shape[0] != batch or embeds.shape[2] != width:
+            shape = tuple(embeds.shape) if torch.is_tensor(embeds) else type(embeds).__name__
+            raise ValueError(f"the prompt switched to at chunk {index} has embeddings of shape {shape}; valid: "
+                             f"(batch={batch}, tokens, text_dim={width}), as prompt_embeds")
+    return dict(sorted(prompts.items()))
 
 
 def _generate(transformer, prompt_embeds, chunks, frames_per_chunk, steps_per_chunk, policy, kv_format, install,
-              size, seed, scheduler, decode, decoder):
+              size, seed, scheduler, decode, decoder, schedule, recache):
     handles = [apply_policy(transformer, policy)] if install else []
     if install and kv_format is not None:
         handles.append(apply_format(transformer, kv_format))
     cache: KVCache = getattr(transformer, KV_CACHE)
     cache.reset()
     generator = torch.Generator("cpu").manual_seed(seed)
+    embeds = prompt_embeds
+    # absolute latent frame -> its clean latents (B, C, 1, H, W), for the kept frames only, and only
+    # while a re-cache is still ahead: the memory the re-cache costs is bounded by the policy, as the KV is
+    clean: dict[int, torch.Tensor] = {}
     try:
         for index in itertools.count() if chunks is None else range(chunks):
             last = chunks is not None and index == chunks - 1
-            latents = _chunk(transformer, cache, prompt_embeds, generator, frames_per_chunk, steps_per_chunk, size,
+            recached = []
+            if index in schedule:
+                embeds = schedule[index]
+                if recache and cache.frames:
+                    recached = _recache(transformer, cache, clean, embeds, frames_per_chunk, scheduler)
+            latents = _chunk(transformer, cache, embeds, generator, frames_per_chunk, steps_per_chunk, size,
                              scheduler, write=not last)
+            ahead = recache and any(switch > index for switch in schedule)
+            if ahead and not last:
+                first = index * frames_per_chunk
+                clean.update({first + offset: latents[:, :, offset:offset + 1].clone()
+                              for offset in range(frames_per_chunk)})
+            clean = {frame: clean[frame] for frame in cache.frames if frame in clean} if ahead else {}
             frames = None
             if decode:
                 video = decoder.decode(latents) if decoder is not None else latents.clamp(-1, 1)  # (B, C, T, H, W)
                 frames = video.permute(0, 2, 1, 3, 4)
-            yield StreamChunk(index, index * frames_per_chunk, latents, frames, cache.bytes(), list(cache.frames))
+            yield StreamChunk(index, index * frames_per_chunk, latents, frames, cache.bytes(), list(cache.frames),
+                              recached)
     finally:
         cache.set_mode("read")
         cache.reset()  # the KV memory goes with the stream
@@ -163,8 +220,48 @@ def _chunk(transformer, cache: KVCache, prompt_embeds, generator, frames, steps,
                                encoder_hidden_states=embeds, return_dict=False)[0]
         latents = scheduler.step(velocity.float(), t, latents, return_dict=False)[0]
     if write:
-        cache.set_mode("write")
-        clean = torch.zeros(batch, device=device, dtype=scheduler.timesteps.dtype)  # timestep 0
-        transformer(hidden_states=latents.to(dtype), timestep=clean, encoder_hidden_states=embeds, return_dict=False)
-        cache.commit()
+        _write(transformer, cache, latents, embeds, scheduler.timesteps.dtype)
     return latents
+
+
+def _write(transformer, cache: KVCache, latents, embeds, timestep_dtype) -> None:
+    """Run clean latents once at timestep 0 in ``write`` mode and commit their K/V to the cache."""
+    cache.set_mode("write")
+    clean = torch.zeros(latents.shape[0], device=latents.device, dtype=timestep_dtype)  # timestep 0
+    transformer(hidden_states=latents.to(transformer.dtype), timestep=clean, encoder_hidden_states=embeds,
+                return_dict=False)
+    cache.commit()
+
+
+@torch.no_grad()
+def _recache(transformer, cache: KVCache, clean: dict[int, torch.Tensor], prompt_embeds, frames_per_chunk: int,
+             scheduler) -> list[int]:
+    """LongLive's KV re-cache: the kept frames' K/V computed again with ``prompt_embeds``, run by
+    run, each attending to those re-encoded before it; the cache keeps the same frames, under the
+    same indices. Returns the frames re-encoded."""
+    kept, written = list(cache.frames), cache.written
+    missing = [frame for frame in kept if frame not in clean]
+    if missing:
+        raise RuntimeError(f"re-cache needs the clean latents of kept frames {missing}, which were not kept")
+    parameter = next(transformer.parameters())
+    embeds = prompt_embeds.to(device=parameter.device, dtype=transformer.dtype)
+    cache.reset()
+    for run in _runs(kept, frames_per_chunk):
+        cache.written = run[0]  # commit() indexes the frames it appends from here
+        _write(transformer, cache, torch.cat([clean[frame] for frame in run], dim=2), embeds,
+               scheduler.timesteps.dtype)
+    cache.written = written
+    if cache.frames != kept:  # every policy keeps a cache no larger than it kept already
+        raise RuntimeError(f"re-cache kept frames {cache.frames}, not {kept}")
+    return kept
+
+
+def _runs(frames: list[int], frames_per_chunk: int) -> list[list[int]]:
+    """Kept frames (oldest first) in runs: adjacent frames of one chunk, as they were written together."""
+    runs: list[list[int]] = []
+    for frame in frames:
+        if runs and frame == runs[-1][-1] + 1 and frame // frames_per_chunk == runs[-1][-1] // frames_per_chunk:
+            runs[-1].append(frame)
+        else:
+            runs.append([frame])
+    return runs
