@@ -71,7 +71,8 @@ def test_llada2_pipeline_is_accelerated_and_restored(tiny):
 
 
 def test_a_model_of_another_family_is_refused():
-    with pytest.raises(ValueError, match=r"no cadence dLLM adapter for Linear; supported: EuroBertForMaskedLM"):
+    with pytest.raises(ValueError, match=r"no cadence dLLM adapter for Linear; supported: "
+                                         r"DiffusionGemmaForBlockDiffusion, EuroBertForMaskedLM"):
         dllm.accelerate(torch.nn.Linear(2, 2), "dual-cache")
 
 

@@ -6,7 +6,10 @@ no cache). tokens/s counts the whole generation canvas (``gen_length`` tokens a 
 tail included), the convention of Fast-dLLM's throughput at a fixed generation length.
 
 Peers decode the same prompts with the same model through their own loops: diffusers'
-``LLaDA2Pipeline`` with its ``BlockRefinementScheduler`` (``peer:llada2(threshold=...)``).
+``LLaDA2Pipeline`` with its ``BlockRefinementScheduler`` (``peer:llada2(threshold=...)``) for a
+LLaDA-family model; DiffusionGemma's own ``generate`` (``peer:diffusion-gemma(entropy_bound=...,
+max_denoising_steps=...)``, each setting its default when left out) for a DiffusionGemma. Its
+``generate`` samples: it is seeded, without touching the caller's random state.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ from pathlib import Path
 
 import torch
 
+from cadence.dllm import gemma
 from cadence.dllm.engine import decode_answers, generate
 from cadence.dllm.load import accelerate
 from cadence.dllm.tasks import check_tasks, evaluation_set
 
 BASELINE = "baseline"  # the empty recipe: one token per step over the whole canvas
 PEER = re.compile(r"^peer:llada2\((?:threshold=)?([0-9.]+)\)$")
+GEMMA_PEER = re.compile(r"^peer:diffusion-gemma\((.*)\)$")
 
 
 @dataclass
@@ -72,15 +77,36 @@ def _decode_llada2(model, tokenizer, prompts, gen_length, block_length, threshol
     return decode_answers(tokenizer, output.sequences.cpu()), forwards
 
 
+def _peer(model, tokenizer, recipe: str, gen_length: int):
+    """The decoding function of a peer row, ``prompts -> (answers, forwards)``; None for a recipe.
+    A peer of the other model family is refused: it would call the model as it cannot be called."""
+    compact = recipe.replace(" ", "")
+    llada2, diffusion_gemma = PEER.match(compact), GEMMA_PEER.match(compact)
+    if not (llada2 or diffusion_gemma):
+        return None
+    if bool(diffusion_gemma) != gemma.is_diffusion_gemma(model):
+        valid = "peer:diffusion-gemma(...)" if gemma.is_diffusion_gemma(model) else "peer:llada2(threshold=...)"
+        raise ValueError(f"{recipe} does not decode a {type(model).__name__}; its peer is {valid}")
+    if llada2:
+        return lambda prompts: _decode_llada2(model, tokenizer, prompts, gen_length, 32, float(llada2.group(1)))
+    settings = gemma.parse_peer_settings(diffusion_gemma.group(1))
+
+    def decode(prompts):
+        tokens, forwards = gemma.decode_with_generate(model, tokenizer, prompts, gen_length, settings)
+        return decode_answers(tokenizer, tokens), forwards
+
+    return decode
+
+
 def run_recipe(model, tokenizer, recipe: str, sets: dict, gen_length: int, batch_size: int,
                warmup: bool = True) -> Row:
-    peer = PEER.match(recipe.replace(" ", ""))
+    peer = _peer(model, tokenizer, recipe, gen_length)
     acceleration = None if peer or recipe == BASELINE else accelerate(model, recipe)
     correct, forwards, seconds, count, calls = {}, 0, 0.0, 0, 0
 
     def decode(prompts):
         if peer:
-            return _decode_llada2(model, tokenizer, prompts, gen_length, 32, float(peer.group(1)))
+            return peer(prompts)
         result = generate(model, tokenizer, prompts, gen_length)
         return result.texts, result.forwards
 
@@ -163,7 +189,7 @@ def plot_frontier(rows: list[Row], path: Path) -> None:
     axis.set_xscale("log")
     axis.set_xlabel("tokens/s (log)")
     axis.set_ylabel("mean exact-match accuracy")
-    axis.set_title("ref-dllm: accuracy against speed (squares: peers)")
+    axis.set_title("accuracy against speed (squares: peers)")
     figure.tight_layout()
     figure.savefig(path, dpi=130)
     plt.close(figure)

@@ -220,8 +220,12 @@ def apply(model, config: KVCacheConfig):
 
 
 def apply_hook(model, config: KVCacheConfig, hook_class: type[KVCacheHook]):
-    """Install ``hook_class`` (this module's hook or a subclass: cache_refresh.py) as the model's cache."""
-    dllm_family_of(model)  # refuses a model whose attention does not take a transformers cache
+    """Install ``hook_class`` (this module's hook or a subclass: cache_refresh.py) as the model's cache.
+    A DiffusionGemma keeps its own prefix cache instead (:func:`cadence.dllm.gemma.apply_cache`)."""
+    from cadence.dllm import gemma
+
+    if dllm_family_of(model) is gemma.GEMMA:  # (refuses a model whose attention does not take a transformers cache)
+        return gemma.apply_cache(model, config)
     hook = hook_class(config, model)
 
     def remove():

@@ -330,7 +330,11 @@ def _singular_proxies(layers, rank: int) -> list[torch.Tensor]:
 
 
 def apply(model, config: DllmCacheConfig | SpaCacheConfig):
+    from cadence.dllm import gemma
+
     family = dllm_family_of(model)  # refuses a model of no known family
+    if family is gemma.GEMMA:
+        return gemma.apply_cache(model, config)  # refuses it, saying why
     layers = list(family.layer_list(model))
     missing = sorted({part for layer in layers for part in (*LAYER_PARTS, "self_attn") if not hasattr(layer, part)})
     if missing:

@@ -45,13 +45,13 @@ def generate(model, prompt, recipe, gen_length, device):
     """Decode one prompt, streaming the canvas as it fills (masked positions shown as _)."""
     import cadence.dllm as dllm_package
     from cadence.dllm.engine import decode_answers
-    from cadence.models.llada import LLADA
+    from cadence.models.llada import dllm_family_of
 
     device = _device(device)
     _quiet()
     try:
         loaded, tokenizer = dllm_package.load(model, device=device)
-        acceleration = dllm_package.accelerate(loaded, recipe or LLADA.recipe)
+        acceleration = dllm_package.accelerate(loaded, recipe or dllm_family_of(loaded).recipe)
     except (ValueError, FileNotFoundError) as error:
         raise click.ClickException(str(error)) from None
     steps, forwards = 0, 0
@@ -79,7 +79,8 @@ def generate(model, prompt, recipe, gen_length, device):
 @click.option("--model", default="ref-dllm", show_default=True, help="ref-dllm or a checkpoint directory")
 @click.option("--recipe", "recipes", multiple=True, help="a recipe to score (repeat); plain decoding always runs first")
 @click.option("--peers/--no-peers", default=True, show_default=True,
-              help="also decode with diffusers' LLaDA2Pipeline (thresholds 0.9, 0.95, 0.99)")
+              help="also decode with the model's own loop: diffusers' LLaDA2Pipeline (thresholds 0.9, 0.95, 0.99), "
+                   "or DiffusionGemma's generate (its defaults, and entropy_bound=1.0 with 16 steps)")
 @click.option("--tasks", default=None, help="comma-separated tasks (default: all)")
 @click.option("--prompts", default=32, show_default=True, type=int, help="prompts per task")
 @click.option("--gen-length", default=512, show_default=True, type=int)
@@ -94,20 +95,25 @@ def bench(model, recipes, peers, tasks, prompts, gen_length, batch_size, device,
     from cadence.dllm.bench import bench as run_bench
     from cadence.dllm.bench import write_report
     from cadence.dllm.card import PLAIN
+    from cadence.dllm.gemma import is_diffusion_gemma
 
     device = _device(device)
     _quiet()
     loaded, tokenizer = dllm_package.load(model, device=device)
-    plain = PLAIN.format(block=32)
+    block = getattr(loaded.config, "canvas_length", None) or 32  # DiffusionGemma decodes blocks of its canvas
+    plain = PLAIN.format(block=block)
     chosen = list(recipes) or [
-        "semi-ar(block_length=32) + parallel(threshold=0.9)",
-        "semi-ar(block_length=32) + parallel(threshold=0.9) + eos-stop",
-        "semi-ar(block_length=32) + parallel(threshold=0.9) + prefix-cache",
-        "semi-ar(block_length=32) + parallel(threshold=0.9) + dual-cache",
-        "semi-ar(block_length=32) + parallel(threshold=0.9) + dual-cache + eos-stop",
-        "semi-ar(block_length=32) + entropy-bounded(bound=0.1) + dual-cache + eos-stop",
+        f"semi-ar(block_length={block}) + parallel(threshold=0.9)",
+        f"semi-ar(block_length={block}) + parallel(threshold=0.9) + eos-stop",
+        f"semi-ar(block_length={block}) + parallel(threshold=0.9) + prefix-cache",
+        f"semi-ar(block_length={block}) + parallel(threshold=0.9) + dual-cache",
+        f"semi-ar(block_length={block}) + parallel(threshold=0.9) + dual-cache + eos-stop",
+        f"semi-ar(block_length={block}) + entropy-bounded(bound=0.1) + dual-cache + eos-stop",
     ]
-    chosen = chosen + ([f"peer:llada2(threshold={t})" for t in (0.9, 0.95, 0.99)] if peers else [])
+    if peers and is_diffusion_gemma(loaded):  # generate's defaults, and a setting that accepts more a step
+        chosen += ["peer:diffusion-gemma()", "peer:diffusion-gemma(entropy_bound=1.0, max_denoising_steps=16)"]
+    elif peers:
+        chosen += [f"peer:llada2(threshold={t})" for t in (0.9, 0.95, 0.99)]
     try:
         rows = run_bench(loaded, tokenizer, chosen, tasks=tasks.split(",") if tasks else None,
                          prompts_per_task=prompts, gen_length=gen_length, batch_size=batch_size,

@@ -8,6 +8,12 @@ cache; the loop tells it which block is being decoded through the plan's window.
 
 Prompts of different lengths are left-padded (attention mask and positions make the padding
 invisible), so every row's generation starts at the same column and one window serves all.
+
+Where a step's logits come from depends on the model: one bidirectional forward over the whole
+canvas (the LLaDA family), or, for transformers' DiffusionGemma, its encoder over the prefix and
+its decoder over the block with the undecided positions as noise (:mod:`cadence.dllm.gemma`,
+which says what differs from the model's own ``generate``). The model's ``canvas_length``, where
+it has one, is the block length.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cadence.dllm import gemma
 from cadence.dllm.plan import plan_of
 from cadence.dllm.policies import plain_commit
 from cadence.dllm.tokenizer import check_tokenizer
@@ -47,7 +54,7 @@ def check_request(model, tokenizer, prompts, gen_length: int) -> tuple[list[list
     if not isinstance(gen_length, int) or gen_length < 1:
         raise ValueError(f"gen_length={gen_length!r} must be a positive integer")
     encoded = _encode(tokenizer, prompts)
-    context = model.config.max_position_embeddings
+    context = model.config.get_text_config().max_position_embeddings
     longest = max(map(len, encoded))
     if longest + gen_length > context:
         raise ValueError(f"a prompt of {longest} tokens plus gen_length={gen_length} is {longest + gen_length} tokens, "
@@ -55,12 +62,15 @@ def check_request(model, tokenizer, prompts, gen_length: int) -> tuple[list[list
                          f"{max(0, context - longest)}")
     plan = plan_of(model)
     blocks = plan.terms.get("blocks") if plan else None
-    block_length = blocks.block_length if blocks else gen_length
+    # a model that denoises fixed canvases (DiffusionGemma) decodes in blocks of its canvas, and only those
+    canvas = getattr(model.config, "canvas_length", None)
+    block_length = blocks.block_length if blocks else canvas or gen_length
     if gen_length % block_length:
         lower, upper = gen_length // block_length * block_length, -(-gen_length // block_length) * block_length
         lengths = f"{lower} or {upper}" if lower else f"{upper}"
-        raise ValueError(f"{blocks}: block_length={block_length} does not divide gen_length={gen_length}; use "
-                         f"gen_length {lengths}, or a block_length that divides {gen_length}")
+        other = "" if canvas else f", or a block_length that divides {gen_length}"
+        raise ValueError(f"{blocks or type(model).__name__}: block_length={block_length} does not divide gen_length="
+                         f"{gen_length}; use gen_length {lengths}{other}")
     return encoded, block_length
 
 
@@ -87,6 +97,8 @@ def decode_steps(model, tokenizer, prompts: list[str], gen_length: int, *, seed:
     stop = "stop" in terms
     editing = terms.get("edit")
     mask_id, eos_id, pad_id = tokenizer.mask_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    if mask_id is None and gemma.is_diffusion_gemma(model):  # no mask token: any id not generated marks undecided
+        mask_id = pad_id
     device = next(model.parameters()).device
     start = max(map(len, encoded))
     canvas = torch.full((len(encoded), start + gen_length), mask_id, dtype=torch.long)
@@ -98,7 +110,13 @@ def decode_steps(model, tokenizer, prompts: list[str], gen_length: int, *, seed:
     canvas, attention = canvas.to(device), attention.to(device)
     padded = bool((attention == 0).any())
     position_ids = (attention.cumsum(-1) - 1).clamp_min(0)
-    inputs = {"attention_mask": attention if padded else None, "position_ids": position_ids}
+    if gemma.is_diffusion_gemma(model):
+        block_logits = gemma.CanvasDenoiser(model, attention, position_ids, mask_id, seed)
+    else:
+        inputs = {"attention_mask": attention if padded else None, "position_ids": position_ids}
+
+        def block_logits(canvas, low, high):  # one forward over the whole canvas
+            return model(input_ids=canvas, **inputs).logits[:, low:high]
     generator = torch.Generator().manual_seed(seed)
     forwards = 0
     if plan is not None:
@@ -113,7 +131,7 @@ def decode_steps(model, tokenizer, prompts: list[str], gen_length: int, *, seed:
                 masked = canvas[:, low:high] == mask_id
                 if not masked.any() and (editing is None or edits >= editing.max_steps):
                     break
-                logits = model(input_ids=canvas, **inputs).logits[:, low:high].float()  # (B, block, vocab)
+                logits = block_logits(canvas, low, high).float()  # (B, block, vocab)
                 never = torch.tensor([mask_id], device=logits.device)
                 logits = logits.index_fill(-1, never, float("-inf"))  # out of place: a cache keeps the output
                 forwards += 1

@@ -1,4 +1,4 @@
-"""Load ref-dllm (or any LLaDA-family checkpoint directory) and accelerate dLLM pipelines."""
+"""Load ref-dllm (or any LLaDA-family or DiffusionGemma checkpoint directory) and accelerate dLLM pipelines."""
 
 from __future__ import annotations
 
@@ -17,9 +17,13 @@ def checkpoint_directory(path: str | Path | None = None) -> Path:
 
 
 def load(path: str | Path | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) of ref-dllm, or of the checkpoint directory ``path``, checked to match.
-    Weights shipped xz-packed (ref-dllm's) are unpacked once into the cache (``loading.unpacked``)."""
-    from transformers import EuroBertForMaskedLM
+    """(model, tokenizer) of ref-dllm, or of the checkpoint directory ``path`` (a LLaDA-family
+    ``EuroBertForMaskedLM``, or a ``DiffusionGemmaForBlockDiffusion`` by its ``model_type``),
+    checked to match. Weights shipped xz-packed (ref-dllm's) are unpacked once into the cache
+    (``loading.unpacked``)."""
+    import json
+
+    import transformers
 
     from cadence.loading import unpacked
 
@@ -28,7 +32,9 @@ def load(path: str | Path | None = None, device: str = "cpu", dtype: torch.dtype
         raise FileNotFoundError(f"no dLLM checkpoint in {str(directory)!r} (config.json missing); ref-dllm is made by "
                                 "`cadence dllm train --out src/cadence/reference/checkpoints/ref-dllm`")
     directory = unpacked(directory)
-    model = EuroBertForMaskedLM.from_pretrained(directory, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    gemma = json.loads((directory / "config.json").read_text()).get("model_type") == "diffusion_gemma"
+    model_class = getattr(transformers, "DiffusionGemmaForBlockDiffusion" if gemma else "EuroBertForMaskedLM")
+    model = model_class.from_pretrained(directory, dtype=dtype, attn_implementation="sdpa").to(device).eval()
     tokenizer = load_tokenizer(directory)
     check_tokenizer(model, tokenizer)
     return model, tokenizer

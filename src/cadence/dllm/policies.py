@@ -153,6 +153,10 @@ class TokenEditingConfig(DllmTerm):
 
 
 def _apply(model, config: DllmTerm):
+    from cadence.dllm.gemma import check_block_length, is_diffusion_gemma
+
+    if config.role == "blocks" and is_diffusion_gemma(model):
+        check_block_length(model, config)
     return install_term(model, config.role, config)
 
 

@@ -47,11 +47,17 @@ def load_tokenizer(directory: str | Path):
 def check_tokenizer(model, tokenizer) -> None:
     """Refuse a tokenizer that does not match the model: another vocabulary size, or other ids
     for the mask and end-of-sequence tokens (decoding would write and stop on wrong tokens)."""
-    config = model.config
+    from cadence.dllm.gemma import is_diffusion_gemma
+
+    config = model.config.get_text_config()  # a composite config (DiffusionGemma's) keeps its vocabulary there
     found = {"vocabulary size": len(tokenizer), "mask_token_id": tokenizer.mask_token_id,
              "eos_token_id": tokenizer.eos_token_id}
     expected = {"vocabulary size": config.vocab_size, "mask_token_id": getattr(config, "mask_token_id", None),
                 "eos_token_id": config.eos_token_id}
+    if is_diffusion_gemma(model):  # uniform-noise diffusion: no mask token to agree on
+        del found["mask_token_id"], expected["mask_token_id"]
+    if isinstance(config.eos_token_id, (list, tuple)) and tokenizer.eos_token_id in config.eos_token_id:
+        expected["eos_token_id"] = tokenizer.eos_token_id  # one of the model's end tokens (Gemma lists several)
     wrong = [f"{key} {found[key]!r} (the model's: {expected[key]!r})" for key in found if found[key] != expected[key]]
     if wrong:
         raise ValueError(f"the tokenizer does not match the model: {'; '.join(wrong)}; load the tokenizer saved "

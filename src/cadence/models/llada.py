@@ -8,7 +8,8 @@ architecture: Llama blocks with ``is_causal = False`` and an untied masked-LM he
 diffusers' ``LLaDA2Pipeline``. It is therefore the class ref-dllm uses and the one the
 real-size benchmark builds at the LLaDA-8B configuration. (The LLaDA and LLaDA2 checkpoints
 themselves ship as remote code, which cadence cannot load without a hub; transformers'
-``DiffusionGemma`` is an encoder-decoder with self-conditioning, a different decoding loop.)
+``DiffusionGemma`` is an encoder-decoder with self-conditioning, a different decoding loop:
+its family is registered, and its adaptation explained, in ``cadence.dllm.gemma``.)
 
 A diffusion-LM family is not a diffusion-transformer :class:`~cadence.models.family.Family`:
 there is no token layout of frames, no timestep and no modulated input; what the dLLM engine
