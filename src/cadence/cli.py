@@ -178,6 +178,7 @@ PACKAGE_COMMANDS: dict[str, str] = {
     "tune": "cadence.tune.cli:tune",
     "dllm": "cadence.dllm.cli:dllm",
     "distill": "cadence.distill.cli:distill",
+    "stream": "cadence.stream.cli:stream",
 }
 
 
@@ -348,12 +349,28 @@ def bench(ctx, model, recipes, prompts, limit, seeds, steps, guidance_scale, hei
 @click.option("--prompts", "limit", type=int, default=3, show_default=True, help="how many held-out prompts")
 @click.option("--steps", type=int, default=20, show_default=True)
 def demo(out, limit, steps):
-    """The first run: ref-video on held-out prompts, unaccelerated and with a fast recipe."""
+    """The first run: ref-video on held-out prompts, unaccelerated and with a fast recipe; then
+    its shipped 4-step student beside it."""
     if limit <= 0:
         _fail(ValueError(f"--prompts {limit} must be a positive integer"))
     click.echo(f"cadence demo: ref-video, {limit} held-out prompts, {steps} steps, baseline vs {DEMO_RECIPE}")
     _bench("ref-video", (DEMO_RECIPE,), "heldout", limit, 1, steps, 4.0, out, _default_device(), videos=True)
     click.echo(f"videos in {out}/videos/, side-by-side strip in {out}/samples.png, report in {out}/report.md")
+
+    from cadence.bench.runner import default_prompts
+    from cadence.distill.demo import student_beside_teacher
+
+    click.echo(f"\nref-video-4step, a 4-step student (cadence distill), beside ref-video at {steps} steps with CFG:")
+    shown = student_beside_teacher("ref-video-4step", default_prompts("ref-video", "heldout", limit), steps,
+                                   _default_device(), out)
+    fd = shown["fd"]
+    click.echo(
+        f"  forwards {shown['teacher_forwards']} -> {shown['student_forwards']}, "
+        f"{shown['teacher_seconds']:.1f} s -> {shown['student_seconds']:.1f} s "
+        f"({shown['teacher_seconds'] / shown['student_seconds']:.1f}x here); judge adherence "
+        f"{shown['adherence']['teacher']:.3f} -> {shown['adherence']['student']:.3f}"
+        + (f", FD {fd['teacher']:.1f} -> {fd['student']:.1f}" if fd["student"] is not None else ""))
+    click.echo(f"  teacher and student frames in {out}/student.png, the student's videos in {out}/videos/student-*.gif")
 
 
 @main.command()
