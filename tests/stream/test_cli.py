@@ -178,8 +178,8 @@ REFUSED = {
         ["frames=2 is shorter than one chunk (frames_per_chunk=3)", "valid: frames >= 3"],
     ),
     "an unknown kv format": (
-        ["--recipe", "kv-format(format=int4)"],
-        ["kv-format: format='int4'; valid: native, bf16, int8, fp8"],
+        ["--recipe", "kv-format(format=int2)"],
+        ["kv-format: format='int2'; valid: native, bf16, int8, fp8, int4, int4-g64"],
     ),
     "an attention term beside the cache": (["--recipe", "sparse-window"], ["already has a cadence technique"]),
     "a step-level term": (

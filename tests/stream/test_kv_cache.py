@@ -54,7 +54,7 @@ def test_full_keeps_everything_up_to_its_cap_then_refuses():
     (lambda: SinkWindowConfig(sink=0), r"sink-window: sink=0 must be >= 1: sink=0 is the window policy"),
     (lambda: SinkWindowConfig(frames=-2), r"sink-window: frames=-2 must be >= 1"),
     (lambda: FullConfig(cap_frames=0), r"full: cap_frames=0 must be >= 1"),
-    (lambda: KVFormatConfig(format="int4"), r"kv-format: format='int4'; valid: native, bf16, int8, fp8"),
+    (lambda: KVFormatConfig(format="int2"), r"kv-format: format='int2'; valid: native, bf16, int8, fp8, int4, int4-g64"),
 ])
 def test_bad_configs_are_refused_naming_the_value_and_the_valid_ones(make, message):
     with pytest.raises(ValueError, match=message):

@@ -103,7 +103,7 @@ def test_a_stream_uses_the_terms_the_model_carries_and_leaves_them():
     ({"policy": SinkWindowConfig(sink=20, frames=12)},
      r"keeps up to 32 frames and a chunk adds 3.*rotary table of 32.*at most 29 cached frames"),
     ({"height": 7}, r"height=7, width=8; valid: positive multiples of the patch size 2x2"),
-    ({"policy": "window"}, r"policy='window'; valid: FullConfig, WindowConfig or SinkWindowConfig"),
+    ({"policy": "window"}, r"policy='window'; valid: FullConfig, WindowConfig, SinkWindowConfig or PackConfig"),
 ])
 def test_bad_requests_are_refused_before_anything_is_generated(kwargs, message):
     pipe = _pipe()

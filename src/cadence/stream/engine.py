@@ -109,11 +109,12 @@ def stream(
             raise ValueError(f"the model already carries the KV cache terms {held.policy} + {held.format}; pass "
                              "neither policy nor kv_format, or remove those terms first")
         if held.policy is None:
-            raise ValueError("the model carries kv-format but no KV cache policy; apply kv-full, kv-window or kv-sink-window")
+            raise ValueError("the model carries kv-format but no KV cache policy; apply kv-full, kv-window, "
+                             "kv-sink-window or kv-pack")
         policy = held.policy
     policy = policy if policy is not None else DEFAULT_POLICY
     if not isinstance(policy, KVPolicyConfig):
-        raise TypeError(f"policy={policy!r}; valid: FullConfig, WindowConfig or SinkWindowConfig")
+        raise TypeError(f"policy={policy!r}; valid: FullConfig, WindowConfig, SinkWindowConfig or PackConfig")
     if kv_format is not None and not isinstance(kv_format, KVFormatConfig):
         raise TypeError(f"kv_format={kv_format!r}; valid: KVFormatConfig(format=...)")
     policy.check_chunk(frames_per_chunk)

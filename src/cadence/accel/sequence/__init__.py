@@ -1,8 +1,9 @@
 """The ``sequence`` level: the KV cache of chunk-wise streaming generation (``cadence.stream``).
 
 Terms: the policies ``kv-full``, ``kv-window`` and ``kv-sink-window`` (which frames stay,
-:mod:`.policies`) and ``kv-format`` (how they are stored, :mod:`.formats`). They share one cache
-per model (:mod:`._base`).
+:mod:`.policies`), ``kv-pack`` (a sink, a pooled mid context and a window, :mod:`.pack`) and
+``kv-format`` (how they are stored, :mod:`.formats`). They share one cache per model
+(:mod:`._base`).
 
 They register on import (``register_terms``); ``cadence tune`` leaves the level out of its
 one-shot search (``tune.space.STREAM_ONLY_LEVELS``).
@@ -10,17 +11,19 @@ one-shot search (``tune.space.STREAM_ONLY_LEVELS``).
 
 from cadence.accel import registry
 from cadence.accel.sequence._base import KVCache, KVFormatConfig, KVPolicyConfig, apply_format
+from cadence.accel.sequence.pack import PackConfig
 from cadence.accel.sequence.policies import POLICIES, FullConfig, SinkWindowConfig, WindowConfig, apply
 
 
 def register_terms() -> None:
     """Make the sequence terms recipe terms (idempotent)."""
-    for config, apply_term in [*((policy, apply) for policy in POLICIES), (KVFormatConfig, apply_format)]:
+    terms = [*((policy, apply) for policy in (*POLICIES, PackConfig)), (KVFormatConfig, apply_format)]
+    for config, apply_term in terms:
         if config.name not in registry.TECHNIQUES:
             registry.register(config, apply_term)
 
 
 register_terms()
 
-__all__ = ["FullConfig", "KVCache", "KVFormatConfig", "KVPolicyConfig", "SinkWindowConfig", "WindowConfig",
-           "register_terms"]
+__all__ = ["FullConfig", "KVCache", "KVFormatConfig", "KVPolicyConfig", "PackConfig", "SinkWindowConfig",
+           "WindowConfig", "register_terms"]

@@ -14,7 +14,10 @@ attends to [cache, chunk]. In ``write`` mode it also keeps the chunk's unrotated
 ``commit`` appends to the cache once the forward is done.
 
 Positions never run out: the kept frames take positions 0..kept-1 in generation order, the
-current chunk the next ones (KV-relative RoPE). Storing keys before RoPE costs one rotation of
+current chunk the next ones (KV-relative RoPE). A policy may also keep evicted frames pooled
+(``kv-pack``, :mod:`cadence.accel.sequence.pack`): fewer tokens a frame, in a second store, each
+pooled frame at its own temporal position between the whole frames before and after it, its
+tokens at their patches' centres. Storing keys before RoPE costs one rotation of
 the cached keys per attention call (elementwise, small beside the attention itself) and buys
 free re-indexing: a key rotated once at write time would keep its absolute position forever
 (Self-Forcing's rolling cache) or need un-rotating and re-rotating on eviction.
@@ -41,8 +44,8 @@ import torch.nn.functional as F
 
 from cadence.accel.intercept import SDPAIntercept
 from cadence.accel.registry import Handle, TechniqueConfig, param
-from cadence.accel.sequence.formats import FORMATS, Stored, load
-from cadence.accel.sequence.rope import rotary_tables, rotate
+from cadence.accel.sequence.formats import FORMATS, INT4_GROUPS, Stored, int4_group, load
+from cadence.accel.sequence.rope import rotary_tables, rotary_tables_at, rotate
 
 KV_CACHE = "_cadence_kv_cache"  # the model's attribute holding its KVCache while a term is applied
 MODES = ("read", "write")
@@ -69,17 +72,44 @@ class KVPolicyConfig(TechniqueConfig):
     def check_chunk(self, frames_per_chunk: int) -> None:
         """Refuse a chunk size this policy cannot serve (a window shorter than one chunk)."""
 
+    def keep_pooled(self, frames: list[int]) -> list[int]:
+        """The frames kept pooled (absolute indices, oldest first) out of ``frames``: those pooled
+        already, then those ``keep`` just evicted. The default pools none: evicted frames go."""
+        return []
+
+    def pool(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """x: (B, H, frames, height * width, dim) -> (B, H, frames, pooled tokens, dim)."""
+        raise NotImplementedError(f"{self.name} keeps no pooled frames")
+
+    def pooled_grid(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, columns) of every pooled token, in patches (multiples of 1/2)."""
+        raise NotImplementedError(f"{self.name} keeps no pooled frames")
+
 
 @dataclass(frozen=True)
 class KVFormatConfig(TechniqueConfig):
     name = "kv-format"
     level = "sequence"
-    summary = "number format of the streaming KV cache: the model's own, bf16, or int8 / fp8 with a scale per token"
+    summary = ("number format of the streaming KV cache: the model's own, bf16, int8 / fp8 with a scale per token, "
+               "or int4 with a scale and offset per group")
 
     format: str = param("native", "how cached keys and values are stored: native (the model's dtype, lossless), "
-                                  "bf16, int8 (absmax per token and head) or fp8 (e4m3 with a scale per token and "
-                                  "head); dequantized on read",
+                                  "bf16, int8 (absmax per token and head), fp8 (e4m3 with a scale per token and "
+                                  "head), int4 or int4-g64 (asymmetric, a scale and offset per 32 or 64 numbers of "
+                                  "the head dim, two a byte); dequantized on read",
                         choices=tuple(FORMATS))
+
+    def store(self, x: torch.Tensor) -> Stored:
+        """x: (B, H, frames, tokens, dim) in this format."""
+        return FORMATS[self.format](x)
+
+    def check_model(self, head_dim: int) -> None:
+        """Refuse a head dim this format cannot store."""
+        if self.format in INT4_GROUPS:
+            try:
+                int4_group(head_dim, INT4_GROUPS[self.format])
+            except ValueError as error:
+                self.require(False, str(error))
 
 
 DEFAULT_FORMAT = KVFormatConfig()
@@ -185,6 +215,9 @@ class KVCache:
         self.keys: list[Stored | None] = [None] * layers
         self.values: list[Stored | None] = [None] * layers
         self.frames: list[int] = []  # absolute indices of the kept frames, oldest first
+        self.pooled_keys: list[Stored | None] = [None] * layers  # frames the policy keeps pooled
+        self.pooled_values: list[Stored | None] = [None] * layers
+        self.pooled: list[int] = []  # their absolute indices, oldest first
         self.written = 0  # frames ever committed: the next chunk's first absolute index
         self.staged: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -196,7 +229,8 @@ class KVCache:
 
     def bytes(self) -> int:
         """Bytes the cached keys and values (and their scales) take."""
-        return sum(s.nbytes() for s in (*self.keys, *self.values) if s is not None)
+        stores = (*self.keys, *self.values, *self.pooled_keys, *self.pooled_values)
+        return sum(s.nbytes() for s in stores if s is not None)
 
     @property
     def format(self) -> KVFormatConfig:
@@ -212,17 +246,46 @@ class KVCache:
         _, patch_h, patch_w = self.rope.patch_size
         self.patches = (hidden_states.shape[-2] // patch_h, hidden_states.shape[-1] // patch_w)
 
-    def _tables(self, first: int, frames: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _tables(self, first: int, frames: int, device, pooled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary tables of ``frames`` frames at positions first.., whole or pooled (by the
+        policy's grid: the policy is part of the key, as another may take its place)."""
         height, width = self.patches
-        key = (first, frames, height, width, device)
+        key = (first, frames, height, width, device, self.policy if pooled else None)
         if key not in self.tables:
             if first + frames > self.max_position:
                 raise ValueError(
                     f"frame position {first + frames - 1} is past the rotary table of {self.max_position} positions "
                     f"(rope_max_seq_len): keep fewer frames in the cache (at most {self.max_position - frames})")
             positions = torch.arange(first, first + frames)
-            self.tables[key] = tuple(t.to(device) for t in rotary_tables(self.rope, positions, height, width))
+            if pooled:
+                tables = rotary_tables_at(self.rope, positions, *self.policy.pooled_grid(height, width))
+            else:
+                tables = rotary_tables(self.rope, positions, height, width)
+            self.tables[key] = tuple(t.to(device) for t in tables)
         return self.tables[key]
+
+    def _cached(self, layer: int, batch: int, heads: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached keys, rotated at their positions, and values of ``layer``, (B, H, cached tokens,
+        dim), in generation order: the whole frames older than the pooled ones, the pooled frames,
+        the whole frames after them."""
+        whole, pooled = len(self.frames), len(self.pooled)
+        if self.keys[layer].data.shape[0] != batch:
+            raise ValueError(f"the cache holds a batch of {self.keys[layer].data.shape[0]}, this call has {batch}: "
+                             "a stream keeps one cache per batch (classifier-free guidance needs one per branch)")
+        keys, values = load(self.keys[layer], dtype), load(self.values[layer], dtype)  # (B, H, frames, tokens, dim)
+        older = sum(frame < self.pooled[0] for frame in self.frames) if pooled else whole
+        parts = [(keys[:, :, :older], values[:, :, :older], 0, False)]
+        if pooled:
+            parts.append((load(self.pooled_keys[layer], dtype), load(self.pooled_values[layer], dtype), older, True))
+            parts.append((keys[:, :, older:], values[:, :, older:], older + pooled, False))
+        rotated, kept_values = [], []
+        for part_keys, part_values, first, is_pooled in parts:
+            frames = part_keys.shape[2]
+            if frames:
+                cos, sin = self._tables(first, frames, device, is_pooled)
+                rotated.append(rotate(part_keys.reshape(batch, heads, -1, part_keys.shape[-1]), cos, sin))
+                kept_values.append(part_values.reshape(batch, heads, -1, part_values.shape[-1]))
+        return torch.cat(rotated, dim=2), torch.cat(kept_values, dim=2)
 
     # -- one attention call ----------------------------------------------------------------
     def attend(self, layer: int, query, key, value, scale) -> torch.Tensor:
@@ -230,23 +293,18 @@ class KVCache:
         keys are dequantized and rotated again on every call (each denoising step of a chunk, and
         its write pass), so the cache stays at its stored format's size; what that work costs at
         the real size is not measured yet (benchmarks/stream_realsize.py)."""
-        batch, heads, tokens, dim = key.shape
+        batch, heads, tokens, _ = key.shape
         height, width = self.patches
         per_frame = height * width
         frames = tokens // per_frame
-        kept = len(self.frames)
+        kept = len(self.frames) + len(self.pooled)
         cos, sin = self._tables(kept, frames, query.device)
         query, rotated = rotate(query, cos, sin), rotate(key, cos, sin)
         if self.mode == "write":
             self.staged[layer] = (key, value)
         if kept:
-            if self.keys[layer].data.shape[0] != batch:
-                raise ValueError(f"the cache holds a batch of {self.keys[layer].data.shape[0]}, this call has {batch}: "
-                                 "a stream keeps one cache per batch (classifier-free guidance needs one per branch)")
-            cached_cos, cached_sin = self._tables(0, kept, query.device)
-            cached_key = load(self.keys[layer], key.dtype).reshape(batch, heads, kept * per_frame, dim)
-            cached_value = load(self.values[layer], value.dtype).reshape(batch, heads, kept * per_frame, -1)
-            rotated = torch.cat([rotate(cached_key, cached_cos, cached_sin), rotated], dim=2)
+            cached_key, cached_value = self._cached(layer, batch, heads, key.dtype, query.device)
+            rotated = torch.cat([cached_key, rotated], dim=2)
             value = torch.cat([cached_value, value], dim=2)
         return F.scaled_dot_product_attention(query, rotated, value, scale=scale)
 
@@ -259,19 +317,45 @@ class KVCache:
         height, width = self.patches
         frames = self.staged[0][0].shape[2] // (height * width)
         new = list(range(self.written, self.written + frames))
-        keep = self.policy.keep(self.frames + new) if self.policy is not None else self.frames + new
+        every = self.frames + new
+        keep = self.policy.keep(every) if self.policy is not None else every
         kept = set(keep)
-        index = torch.tensor([i for i, frame in enumerate(self.frames + new) if frame in kept], dtype=torch.long)
-        store = FORMATS[self.format.format]
+        index = _index([i for i, frame in enumerate(every) if frame in kept])
+        evicted = [frame for frame in every if frame not in kept]
+        pooled = self.policy.keep_pooled(self.pooled + evicted) if self.policy is not None else []
+        to_pool = [frame for frame in evicted if frame in pooled]  # newer than every frame pooled already
+        stay = _index([i for i, frame in enumerate(self.pooled) if frame in pooled])
+        # The cache reads [whole frames older than the pooled, pooled, whole frames newer] (_cached).
+        inside = bool(pooled) and any(pooled[0] < frame < pooled[-1] for frame in keep)
+        if [frame for frame in self.pooled if frame in pooled] + to_pool != pooled or inside:
+            raise RuntimeError(f"{self.policy} pooled frames {pooled} out of the pooled {self.pooled} and evicted "
+                               f"{evicted}, around the whole frames {keep}: the pooled frames must be a run of "
+                               "consecutive kept frames, oldest first")
+        to_pool_index = _index([i for i, frame in enumerate(every) if frame in to_pool])
         for layer, (key, value) in self.staged.items():
-            key_frames = store(key.unflatten(2, (frames, height * width)))  # (B, H, frames, tokens, dim)
-            value_frames = store(value.unflatten(2, (frames, height * width)))
+            key_frames = self.format.store(key.unflatten(2, (frames, height * width)))  # (B, H, frames, tokens, dim)
+            value_frames = self.format.store(value.unflatten(2, (frames, height * width)))
             key_all = key_frames if self.keys[layer] is None else self.keys[layer].append(key_frames)
             value_all = value_frames if self.values[layer] is None else self.values[layer].append(value_frames)
+            if pooled or self.pooled:
+                self.pooled_keys[layer] = self._pool(self.pooled_keys[layer], stay, key_all, to_pool_index, key.dtype)
+                self.pooled_values[layer] = self._pool(self.pooled_values[layer], stay, value_all, to_pool_index,
+                                                       value.dtype)
             self.keys[layer], self.values[layer] = key_all.select_frames(index), value_all.select_frames(index)
-        self.frames, self.written = keep, self.written + frames
+        self.frames, self.pooled, self.written = keep, pooled, self.written + frames
         self.set_mode("read")
         return list(keep)
+
+    def _pool(self, held: Stored | None, stay: torch.Tensor, every: Stored, to_pool: torch.Tensor,
+              dtype) -> Stored | None:
+        """The pooled store after a commit: the pooled frames at ``stay``, then the frames of ``every``
+        at ``to_pool`` read back, pooled and stored again in the cache's format."""
+        held = held.select_frames(stay) if held is not None and len(stay) else None
+        if not len(to_pool):
+            return held
+        height, width = self.patches
+        fresh = self.format.store(self.policy.pool(load(every.select_frames(to_pool), dtype), height, width))
+        return fresh if held is None else held.append(fresh)
 
     # -- terms -------------------------------------------------------------------------------
     def remove(self) -> None:
@@ -282,7 +366,8 @@ class KVCache:
         _CACHES.pop(self.handle, None)
 
     def stats(self) -> dict:
-        return {"kv_bytes": self.bytes(), "kept_frames": list(self.frames), "written_frames": self.written}
+        return {"kv_bytes": self.bytes(), "kept_frames": list(self.frames), "pooled_frames": list(self.pooled),
+                "written_frames": self.written}
 
 
 def attach(model: torch.nn.Module) -> KVCache:
@@ -305,7 +390,14 @@ def apply_policy(model: torch.nn.Module, config: KVPolicyConfig) -> Handle:
 
 
 def apply_format(model: torch.nn.Module, config: KVFormatConfig) -> Handle:
+    rope = getattr(model, "rope", None)
+    if rope is not None and hasattr(rope, "attention_head_dim"):  # a model the cache refuses says so in attach()
+        config.check_model(rope.attention_head_dim)
     return _hold(model, config, "format_term", "is already stored as")
+
+
+def _index(positions: list[int]) -> torch.Tensor:
+    return torch.tensor(positions, dtype=torch.long)
 
 
 def _hold(model: torch.nn.Module, config, slot: str, holding: str) -> Handle:

@@ -2,9 +2,10 @@
 and read back (dequantized) for every later attention call.
 
 A format turns a (B, heads, frames, tokens, dim) tensor into a ``Stored`` (the payload and,
-for the 8-bit ones, one scale per token and head) and back. All three are per-token: a token
-of one frame, in one head, is one row of ``dim`` numbers with its own scale, so a cached frame
-can be dropped (window eviction) without touching any other frame's numbers.
+for the quantized ones, its scales) and back. Every format is per token or finer: a token of
+one frame, in one head, is one row of ``dim`` numbers with its own scale (or, for ``int4``, a
+scale and offset per group of the row), so a cached frame can be dropped (window eviction)
+without touching any other frame's numbers.
 
 - ``native``: the values as the model computed them (its own dtype): lossless, so a cached chunk
   is exactly what a block-causal forward would attend to.
@@ -21,39 +22,85 @@ can be dropped (window eviction) without touching any other frame's numbers.
   head; a dynamic per-token scale costs 4 bytes a row and needs no calibration. Round trip:
   ``|x - x_hat| <= max(2**-4 |x|, 2**-10 scale)`` elementwise: half a unit in the last place of
   three mantissa bits, or half the subnormal spacing ``2**-9`` (in units of the scale).
+- ``int4`` and ``int4-g64``: asymmetric INT4 per group of 32 (or 64) consecutive numbers of the
+  head dim, two codes packed in a byte: ``step = (max - min) / 15``, ``code = round((x - min) / step)``
+  in 0..15, read back as ``min + code * step``. Round trip: ``|x - x_hat| <= step / 2`` of its
+  group. KIVI (Liu et al. 2024) and llama.cpp's Q4_1 store INT4 the same asymmetric way (KIVI
+  groups keys per channel; per token keeps each frame independent, as for ``int8``).
+  Asymmetric, not symmetric absmax: 16 levels over [min, max] give a step of at most
+  ``amax / 7.5``, never more than symmetric's ``amax / 7`` (which leaves code -8 unused) and down
+  to half of it on a group of one sign; the price is a second float per group. Where this differs
+  from KIVI: no full-precision residual of the latest tokens (KIVI keeps its last tokens
+  unquantized; here only the current chunk, attended from its own K/V, is), and scale and offset
+  are float32, not fp16: a float32 offset keeps the
+  half-step bound exact on groups with a large common offset, which an fp16 offset would round
+  by more than a step. A head dim below the group is one group a row (the tiny test models have
+  dim 12); one above it must be a multiple of it (Wan's 128 is). The group is in the format's
+  name rather than a knob of ``kv-format``: a knob would be spelled out beside every other
+  format, where it means nothing.
 
-Scales are kept in float32: 4 bytes per row of ``dim`` numbers (3 % of an INT8 row at dim 128).
+Scales are kept in float32: 4 bytes per row of ``dim`` numbers (3 % of an INT8 row at dim 128);
+``int4`` keeps 8 per group: ``dim / 2 + 8 * dim / group`` bytes a row (96 at dim 128 and group 32,
+80 for ``int4-g64``; bf16 takes 256).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from functools import partial
 
 import torch
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 INT8_MAX = 127.0
+INT4_LEVELS = 15  # codes 0..15
+INT4_GROUPS = {"int4": 32, "int4-g64": 64}  # format -> numbers of the head dim sharing a scale and offset
 
 
 @dataclass
 class Stored:
     """One cached tensor: ``data`` (B, H, frames, tokens, dim) in the format's dtype and, for the
-    8-bit formats, ``scale`` (B, H, frames, tokens, 1) float32."""
+    8-bit formats, ``scale`` (B, H, frames, tokens, 1) float32. Every field is a tensor (or None)
+    whose dim 2 is the frame, so frames are picked and appended field by field."""
 
     data: torch.Tensor
     scale: torch.Tensor | None = None
 
+    def tensors(self) -> list[torch.Tensor | None]:
+        return [getattr(self, f.name) for f in fields(self)]
+
     def nbytes(self) -> int:
-        return self.data.nbytes + (self.scale.nbytes if self.scale is not None else 0)
+        return sum(x.nbytes for x in self.tensors() if x is not None)
 
     def select_frames(self, index: torch.Tensor) -> Stored:
         """Keep the frames at ``index`` (a (frames,) int64 tensor), dropping the others."""
         pick = lambda x: None if x is None else x.index_select(2, index.to(x.device))
-        return Stored(pick(self.data), pick(self.scale))
+        return type(self)(*map(pick, self.tensors()))
 
     def append(self, other: Stored) -> Stored:
         cat = lambda a, b: None if a is None else torch.cat([a, b], dim=2)
-        return Stored(cat(self.data, other.data), cat(self.scale, other.scale))
+        return type(self)(*map(cat, self.tensors(), other.tensors()))
+
+    def load(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dequantized tensor (B, H, frames, tokens, dim) in ``dtype`` (the model's)."""
+        if self.scale is None:
+            return self.data.to(dtype)
+        return (self.data.float() * self.scale).to(dtype)
+
+
+@dataclass
+class PackedInt4(Stored):
+    """``data`` (B, H, frames, tokens, dim / 2) uint8, the even number of each pair in the low
+    nibble; ``scale`` (the step) and ``offset`` (the group's min), each (B, H, frames, tokens,
+    groups, 1) float32."""
+
+    offset: torch.Tensor | None = None
+
+    def load(self, dtype: torch.dtype) -> torch.Tensor:
+        codes = torch.stack([self.data & 0xF, self.data >> 4], dim=-1).flatten(-2)  # (..., dim)
+        groups = self.scale.shape[-2]
+        rows = codes.unflatten(-1, (groups, -1)).float() * self.scale + self.offset  # (..., groups, group)
+        return rows.flatten(-2).to(dtype)
 
 
 def _row_amax(x: torch.Tensor) -> torch.Tensor:
@@ -80,13 +127,34 @@ def store_fp8(x: torch.Tensor) -> Stored:
     return Stored((x.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale)
 
 
+def int4_group(dim: int, group: int) -> int:
+    """The numbers of a row sharing a scale: ``group``, or the whole row when it is shorter."""
+    size = min(group, dim)
+    if dim % size or size % 2:
+        groups = ", ".join(f"{name}: {size}" for name, size in INT4_GROUPS.items())
+        raise ValueError(f"int4 KV: head dim {dim} does not split into groups of {group} (two codes a byte); valid: "
+                         f"a head dim that is a multiple of the group ({groups}), or an even one shorter than it (one "
+                         "group a row)")
+    return size
+
+
+def store_int4(x: torch.Tensor, group: int = INT4_GROUPS["int4"]) -> PackedInt4:
+    size = int4_group(x.shape[-1], group)
+    rows = x.float().unflatten(-1, (-1, size))  # (..., groups, group)
+    low, high = rows.amin(-1, keepdim=True), rows.amax(-1, keepdim=True)
+    step = (high - low) / INT4_LEVELS
+    # A constant group gets step 1 (code 0 reproduces it exactly); avoids 0/0.
+    step = torch.where(step > 0, step, torch.ones_like(step))
+    codes = torch.round((rows - low) / step).clamp_(0, INT4_LEVELS).to(torch.uint8).flatten(-2)  # (..., dim)
+    return PackedInt4(codes[..., 0::2] | (codes[..., 1::2] << 4), step, low)
+
+
 def load(stored: Stored, dtype: torch.dtype) -> torch.Tensor:
     """The dequantized tensor in ``dtype`` (the model's)."""
-    if stored.scale is None:
-        return stored.data.to(dtype)
-    return (stored.data.float() * stored.scale).to(dtype)
+    return stored.load(dtype)
 
 
-FORMATS = {"native": store_native, "bf16": store_bf16, "int8": store_int8, "fp8": store_fp8}
+FORMATS = {"native": store_native, "bf16": store_bf16, "int8": store_int8, "fp8": store_fp8,
+           **{name: partial(store_int4, group=group) for name, group in INT4_GROUPS.items()}}
 
-__all__ = ["FORMATS", "Stored", "load"]
+__all__ = ["FORMATS", "INT4_GROUPS", "PackedInt4", "Stored", "int4_group", "load"]
