@@ -46,7 +46,7 @@ def accelerate(target, recipe):
     (its ``threshold`` and ``block_length`` are that scheduler's arguments), so only a cache
     term accelerates it; a decoding-policy term is refused there rather than silently unused."""
     from cadence.accel.registry import TECHNIQUES
-    from cadence.dllm import cache, cache_features, cache_refresh, policies  # noqa: F401  (register the terms)
+    from cadence.dllm import cache, cache_features, cache_refresh, policies, sparse  # noqa: F401  (register the terms)
     from cadence.recipe import accelerate as accelerate_model
     from cadence.recipe import as_recipe
 

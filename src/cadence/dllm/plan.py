@@ -21,9 +21,10 @@ from cadence.accel.registry import Handle, TechniqueConfig
 PLAN = "_cadence_dllm_plan"
 # What a plan holds one of: a second term of a role is refused, as a recipe holds one
 # step-reuse policy. "commit" decides which masked tokens a step fills; "blocks" the
-# semi-autoregressive block length; "cache" the KV reuse; "stop" when a row is finished.
+# semi-autoregressive block length; "cache" the KV reuse; "stop" when a row is finished;
+# "sparse" which of the prompt's key blocks attention reads.
 ROLES = {"commit": "decoding policy", "blocks": "block schedule", "cache": "KV cache", "stop": "stopping rule",
-         "edit": "token-editing rule"}
+         "edit": "token-editing rule", "sparse": "prompt attention sparsity"}
 
 
 @dataclass
@@ -51,6 +52,10 @@ def install_term(model, role: str, config: TechniqueConfig, on_remove=None, stat
     if held is not None:
         raise ValueError(f"cannot apply {config}: the model already has a {ROLES[role]}, {held}; a dLLM recipe holds "
                          f"one {ROLES[role]}: remove() it first, or choose one")
+    for installed in plan.terms.values():  # a term that cannot be sound beside another says why
+        for term, other in ((installed, config), (config, installed)):
+            if hasattr(term, "check_composes"):
+                term.check_composes(other)
     plan.terms[role] = config
 
     def remove():
