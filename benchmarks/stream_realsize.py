@@ -5,6 +5,7 @@ KV), with a sink of 3 + a window of 12 latent frames by default (LongLive's).
 
     python benchmarks/stream_realsize.py --seconds 120 --out $OUT/stream_realsize.json
     python benchmarks/stream_realsize.py --kv-format fp8 --compile --out $OUT/stream_fp8_compiled.json
+    python benchmarks/stream_realsize.py --recipe fp8 --compile --out $OUT/stream_fp8_linears_compiled.json
     python benchmarks/stream_realsize.py --size tiny --device cpu      # the CPU check, seconds
 
 Reports, after a warm-up stream of two chunks (which also compiles, with ``--compile``):
@@ -37,6 +38,7 @@ from types import SimpleNamespace
 import torch
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 
+from cadence import accelerate
 from cadence.accel.registry import get_technique
 from cadence.accel.sequence import FullConfig, KVFormatConfig, SinkWindowConfig, WindowConfig
 from cadence.accel.sequence.formats import FORMATS
@@ -97,7 +99,9 @@ def run(args) -> dict:
     if args.vae:  # a pipeline-like holder: stream() decodes through its vae
         vae = torch.nn.Module.to(AutoencoderKLWan(**VAES[args.size]), args.device, dtype).eval()  # none kept in fp32
         target = SimpleNamespace(transformer=transformer, vae=vae, scheduler=None)
-    handles = [get_technique("compile").apply(transformer, get_technique("compile").config())] if args.compile else []
+    handles = [accelerate(transformer, args.recipe)] if args.recipe else []  # before compile, as accelerate orders
+    if args.compile:
+        handles.append(get_technique("compile").apply(transformer, get_technique("compile").config()))
     policy, kv_format = make_policy(args), KVFormatConfig(format=args.kv_format)
     call = {"frames_per_chunk": args.frames_per_chunk, "steps_per_chunk": args.steps_per_chunk, "policy": policy,
             "kv_format": kv_format, "height": height, "width": width,
@@ -124,7 +128,7 @@ def run(args) -> dict:
             if cuda:
                 peaks.append(torch.cuda.max_memory_allocated() / 2**30)
                 torch.cuda.reset_peak_memory_stats()
-    for handle in handles:
+    for handle in reversed(handles):
         handle.remove()
 
     total, generated = chunk_ends[-1], chunks * args.frames_per_chunk
@@ -133,7 +137,7 @@ def run(args) -> dict:
         "size": args.size, "device": torch.cuda.get_device_name() if cuda else "cpu",
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
         "latent": {"height": height, "width": width}, "policy": str(policy), "kv_format": args.kv_format,
-        "compile": args.compile, "vae_decode": args.vae,
+        "compile": args.compile, "recipe": args.recipe, "vae_decode": args.vae,
         "frames_per_chunk": args.frames_per_chunk, "steps_per_chunk": args.steps_per_chunk,
         "seconds_of_video": args.seconds, "chunks": chunks, "latent_frames": generated,
         "video_frames": generated * VIDEO_PER_LATENT,
@@ -156,6 +160,8 @@ def main() -> None:
     parser.add_argument("--cap-frames", type=int, default=120, help="full: most latent frames cached")
     parser.add_argument("--kv-format", choices=list(FORMATS), default="native")
     parser.add_argument("--compile", action="store_true", help="regional torch.compile of the blocks (cadence's)")
+    parser.add_argument("--recipe", default=None,
+                        help="bit-level terms (e.g. fp8) applied with cadence.accelerate; the KV terms are the options above")
     parser.add_argument("--vae", action="store_true", help="also decode each chunk with Wan2.1's VAE as it comes")
     parser.add_argument("--seconds", type=float, default=120.0, help="seconds of video at 16 frames a second")
     parser.add_argument("--frames-per-chunk", type=int, default=3)
