@@ -53,13 +53,14 @@ log=$OUT/$name.log
 source benchmarks/gpu/carried.sh
 install_wheels() {  # parallel runs on one machine install once, one at a time
     compgen -G ".whl/*" >/dev/null || return 0
-    local wanted; wanted=$(ls .whl/* | sort | md5sum)
+    local wanted rc=0; wanted=$(ls .whl/* | sort | md5sum)
     exec 9>/tmp/site.lock
     command -v flock >/dev/null && flock 9
     if [[ $(cat /tmp/site/.carried-wheels 2>/dev/null) != "$wanted" ]]; then
-        install_carried .whl && echo "$wanted" >/tmp/site/.carried-wheels
+        { install_carried .whl && echo "$wanted" >/tmp/site/.carried-wheels; } || rc=1
     fi
     exec 9>&-
+    return $rc
 }
 
 run_python() {  # LOG ARGS...: the script under the timeout, all output to LOG

@@ -143,7 +143,8 @@ def _packed_transformer(path: Path) -> dict:
     """``{"transformer": model}`` for a pipeline folder whose transformer weights are packed
     (:func:`unpacked`: a shipped student), loaded from their unpacked copy; ``{}`` otherwise."""
     folder = path / "transformer"
-    if not folder.is_dir() or unpacked(folder) == folder.resolve():
+    weights = unpacked(folder) if folder.is_dir() else None
+    if weights is None or weights == folder.resolve():
         return {}
     import diffusers
 
@@ -151,8 +152,8 @@ def _packed_transformer(path: Path) -> dict:
     model_cls = getattr(diffusers, str(class_name), None)
     if model_cls is None:
         raise ValueError(f"{folder / 'config.json'}: _class_name {class_name!r} is not a diffusers model class")
-    check_files(unpacked(folder))
-    return {"transformer": model_cls.from_pretrained(str(unpacked(folder)), use_safetensors=True)}
+    check_files(weights)
+    return {"transformer": model_cls.from_pretrained(str(weights), use_safetensors=True)}
 
 
 def reference_weights(name: str) -> Path:
@@ -194,6 +195,9 @@ def unpacked(folder: Path) -> Path:
     for path in files:
         stat = path.stat()
         stamp.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    for path in _delta_bases(packed):  # other teacher weights: unpacked again, and so refused by the digest
+        stat = path.stat()
+        stamp.update(f"base:{path}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     cache = Path(os.environ.get("CADENCE_CACHE", Path.home() / ".cache" / "cadence"))
     target = cache / "checkpoints" / f"{folder.parent.name}-{folder.name}-{stamp.hexdigest()[:16]}"
     if (target / "config.json").is_file():
@@ -201,14 +205,18 @@ def unpacked(folder: Path) -> Path:
     partial = target.with_name(f"{target.name}.{os.getpid()}.partial")  # never read before it is whole
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    for path in files:
-        if path.name.endswith(DELTA):
-            _undo_delta(path, partial / path.name.removesuffix(DELTA))
-        elif path.suffix == ".xz":
-            with lzma.open(path) as source, open(partial / path.stem, "wb") as out:
-                shutil.copyfileobj(source, out, length=2**22)
-        else:
-            shutil.copy2(path, partial / path.name)
+    try:
+        for path in files:
+            if path.name.endswith(DELTA):
+                _undo_delta(path, partial / path.name.removesuffix(DELTA))
+            elif path.suffix == ".xz":
+                with lzma.open(path) as source, open(partial / path.stem, "wb") as out:
+                    shutil.copyfileobj(source, out, length=2**22)
+            else:
+                shutil.copy2(path, partial / path.name)
+    except BaseException:  # a refused or interrupted unpack leaves nothing behind
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     if target.exists() and not (target / "config.json").is_file():
         shutil.rmtree(target, ignore_errors=True)  # a damaged copy, not one being written (those are partial)
     try:
@@ -264,14 +272,35 @@ def pack_delta(student: Path, out: Path, base: str) -> None:
                                         preset=9))
 
 
+def _delta_meta(stream) -> dict:
+    """The safetensors metadata of a packed difference: the format's own JSON header, read from
+    the start of its (decompressed) stream, a few kB."""
+    size = int.from_bytes(stream.read(8), "little")
+    return json.loads(stream.read(size)).get("__metadata__") or {}
+
+
+def _delta_bases(packed: list[Path]) -> list[Path]:
+    """The teacher weight files the packed differences among ``packed`` were made against."""
+    import lzma
+
+    bases = []
+    for path in packed:
+        if path.name.endswith(DELTA):
+            with lzma.open(path) as stream:
+                base = _delta_meta(stream).get("base")
+            if base in REFERENCE_MODELS:
+                bases.extend(sorted(reference_weights(base).glob("*.safetensors")))
+    return bases
+
+
 def _undo_delta(path: Path, out: Path) -> None:
+    import io
     import lzma
 
     from safetensors.torch import load, save_file
 
     data = lzma.decompress(path.read_bytes())
-    header = json.loads(data[8: 8 + int.from_bytes(data[:8], "little")])  # the safetensors format's own header
-    meta = header.get("__metadata__") or {}
+    meta = _delta_meta(io.BytesIO(data))
     base = meta.get("base")
     if base not in REFERENCE_MODELS:
         raise ValueError(f"{path}: a packed difference from {base!r}, not a reference model; the checkpoint is damaged")

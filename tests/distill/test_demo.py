@@ -11,7 +11,6 @@ def test_the_shipped_student_is_shown_beside_its_teacher(tmp_path):
     shown = student_beside_teacher("ref-video-4step", captions, 2, "cpu", tmp_path)
     assert shown["teacher"] == "ref-video" and shown["captions"] == 2
     assert (shown["teacher_forwards"], shown["student_forwards"]) == (4, 4)  # 2 steps with CFG; 4 without
-    assert shown["teacher_seconds"] > 0 and shown["student_seconds"] > 0
     assert all(0 <= shown["adherence"][name] <= 1 for name in ("teacher", "student"))
     assert shown["fd"]["student"] is not None and shown["fd"]["student"] >= 0
     assert (tmp_path / "student.png").stat().st_size > 0

@@ -50,14 +50,24 @@ def test_a_packed_student_loads_bit_for_bit_as_the_student(teacher_and_student):
     assert all(torch.equal(loaded[name].to(torch.bfloat16), tensor) for name, tensor in student.state_dict().items())
 
 
-def test_a_delta_is_refused_against_other_teacher_weights(teacher_and_student):
+def test_a_delta_is_refused_against_other_teacher_weights_even_once_unpacked(teacher_and_student):
     teacher, _, tmp_path = teacher_and_student
     packed = pack(tmp_path / "student", tmp_path / "packed")
+    cadence.load(str(packed), text_encoder=False)  # unpacked into the cache against the right teacher
     with torch.no_grad():
         next(teacher.parameters()).add_(1.0)
     teacher.save_pretrained(tmp_path / "checkpoints" / "ref-video" / "transformer")
     with pytest.raises(ValueError, match="packed against other ref-video weights than the shipped ones"):
         cadence.load(str(packed), text_encoder=False)
+    assert not list((tmp_path / "cache" / "checkpoints").glob("*.partial"))  # the refused unpack left nothing
+
+
+def test_a_refused_pack_leaves_no_folder(teacher_and_student):
+    _, student, tmp_path = teacher_and_student
+    student.float().save_pretrained(tmp_path / "student" / "transformer")  # float32: not packable
+    with pytest.raises(ValueError, match="are not bf16 tensors of the teacher's shape and dtype"):
+        pack(tmp_path / "student", tmp_path / "packed")
+    assert not (tmp_path / "packed").exists()
 
 
 def test_packing_refuses_a_teacher_that_is_not_a_reference_model_and_an_existing_out(teacher_and_student):

@@ -4,29 +4,24 @@ held-out captions and noise, timed and read by the judge."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from types import SimpleNamespace
-
-import torch
 
 from cadence.reference.models import STUDENTS
 
 
 def _timed(pipe, captions: list[str], steps: int, guidance_scale: float, device: str) -> tuple[list, float]:
+    """The clips of ``captions`` (seed 0) and the seconds they took (``bench.runner.timed``)."""
     from cadence import generation
+    from cadence.bench.runner import timed
 
     size = generation.resolve_size(pipe)
     clips, seconds = [], 0.0
     for caption in captions:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        begin = time.perf_counter()
-        clip = generation.generate(pipe, caption, steps=steps, seed=0, guidance_scale=guidance_scale, size=size)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        seconds += time.perf_counter() - begin
+        clip, spent, _ = timed(lambda caption=caption: generation.generate(
+            pipe, caption, steps=steps, seed=0, guidance_scale=guidance_scale, size=size), device)
         clips.append(clip.float().cpu())
+        seconds += spent
     return clips, seconds
 
 
@@ -46,7 +41,8 @@ def student_beside_teacher(student: str, captions: list[str], teacher_steps: int
     for pipe in (teacher_pipe, student_pipe):
         pipe.set_progress_bar_config(disable=True)
     steps, guidance = record["steps"], record["guidance_scale"]
-    _timed(student_pipe, captions[:1], steps, guidance, device)  # warm-up
+    _timed(teacher_pipe, captions[:1], 1, 4.0, device)  # warm-ups: first calls cost more
+    _timed(student_pipe, captions[:1], 1, guidance, device)
     teacher, teacher_seconds = _timed(teacher_pipe, captions, teacher_steps, 4.0, device)
     students, student_seconds = _timed(student_pipe, captions, steps, guidance, device)
     (out / "videos").mkdir(parents=True, exist_ok=True)

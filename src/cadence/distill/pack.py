@@ -31,7 +31,11 @@ def pack(student: Path, out: Path) -> Path:
     if out.exists():
         raise ValueError(f"{out} exists; pack into a new folder")
     shutil.copytree(student, out, ignore=shutil.ignore_patterns("state", "*.safetensors", "*.safetensors.index.json"))
-    pack_delta(student / "transformer", out / "transformer" / f"{WEIGHTS}{DELTA}", teacher)
+    try:
+        pack_delta(student / "transformer", out / "transformer" / f"{WEIGHTS}{DELTA}", teacher)
+    except BaseException:  # a refused pack leaves no half-written folder behind
+        shutil.rmtree(out, ignore_errors=True)
+        raise
     return out
 
 

@@ -298,7 +298,7 @@ def _run(ctx, chunk_stream, acceleration, out: Path, timing: Timing, wanted: int
     """Write the chunks as they come, with the progress line; the last line sums up, also after Ctrl-C."""
     from tqdm import tqdm
 
-    from cadence.stream.writer import open_writer
+    from cadence.stream.writer import WriterError, open_writer
 
     summary, interrupted = _Summary(timing.fps), False
     try:
@@ -313,7 +313,7 @@ def _run(ctx, chunk_stream, acceleration, out: Path, timing: Timing, wanted: int
                     progress.write(f"chunk {chunk.index}: new prompt; re-cached {len(chunk.recached_frames)} frames")
     except KeyboardInterrupt:
         interrupted = True
-    except RuntimeError as error:  # ffmpeg stopped (a full disk, killed)
+    except WriterError as error:  # ffmpeg stopped (a full disk, killed)
         raise click.ClickException(str(error)) from None
     finally:
         chunk_stream.close()  # the KV cache's memory goes with the stream

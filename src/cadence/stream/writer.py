@@ -38,8 +38,20 @@ SUFFIXES = (".mp4", ".gif")
 GIF_MAX_FRAMES = 600
 
 
+class WriterError(RuntimeError):
+    """ffmpeg stopped writing the file (a full disk, killed)."""
+
+
 def has_ffmpeg() -> bool:
-    return importlib.util.find_spec("imageio_ffmpeg") is not None
+    if importlib.util.find_spec("imageio_ffmpeg") is None:
+        return False
+    import imageio_ffmpeg
+
+    try:
+        imageio_ffmpeg.get_ffmpeg_exe()
+    except RuntimeError:  # the package without its binary
+        return False
+    return True
 
 
 def check_out(path: Path) -> None:
@@ -152,8 +164,9 @@ class Mp4Writer(_Writer):
             self.process.stdin.write(frames.tobytes())
             self.process.stdin.flush()
         except BrokenPipeError:
-            self.process.wait()
-            raise RuntimeError(
+            process, self.process = self.process, None  # close() then has nothing to report twice
+            process.wait()
+            raise WriterError(
                 f"ffmpeg stopped writing {self.path} after {self.frames} frames: {self._log()}"
             ) from None
         self.frames += len(frames)
@@ -170,7 +183,7 @@ class Mp4Writer(_Writer):
         message = self._log() if process is not None and process.returncode else None
         self.log.close()
         if message is not None:
-            raise RuntimeError(f"ffmpeg exited with {process.returncode} writing {self.path}: {message}")
+            raise WriterError(f"ffmpeg exited with {process.returncode} writing {self.path}: {message}")
 
     def _log(self) -> str:
         self.log.seek(0)
@@ -206,3 +219,4 @@ class GifWriter(_Writer):
 
     def close(self) -> None:
         self.held = []
+        self.path.with_name(f".{self.path.name}.partial").unlink(missing_ok=True)  # a save cut by Ctrl-C
