@@ -29,7 +29,7 @@ from cadence.dllm.tasks import check_tasks, evaluation_set
 
 BASELINE = "baseline"  # the empty recipe: one token per step over the whole canvas
 PEER = re.compile(r"^peer:llada2\((?:threshold=)?([0-9.]+)\)$")
-GEMMA_PEER = re.compile(r"^peer:diffusion-gemma\((.*)\)$")
+GEMMA_PEER = re.compile(r"^peer:diffusion-gemma(?:\((.*)\))?$")  # its defaults without parentheses
 
 
 @dataclass
@@ -89,7 +89,7 @@ def _peer(model, tokenizer, recipe: str, gen_length: int):
         raise ValueError(f"{recipe} does not decode a {type(model).__name__}; its peer is {valid}")
     if llada2:
         return lambda prompts: _decode_llada2(model, tokenizer, prompts, gen_length, 32, float(llada2.group(1)))
-    settings = gemma.parse_peer_settings(diffusion_gemma.group(1))
+    settings = gemma.parse_peer_settings(diffusion_gemma.group(1) or "")
 
     def decode(prompts):
         tokens, forwards = gemma.decode_with_generate(model, tokenizer, prompts, gen_length, settings)
