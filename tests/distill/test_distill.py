@@ -202,8 +202,7 @@ def test_ode_pairs_start_from_noise_and_end_at_the_teacher_sample():
     ("changes", "message"),
     [
         ({"steps": 0}, "steps=0 must be an integer >= 1"),
-        ({"method": "gan"}, "method='gan' is unknown; valid: dmd"),
-        ({"method": "consistency"}, "method='consistency' is not implemented yet; valid: dmd"),
+        ({"method": "gan"}, "method='gan' is unknown; valid: dmd, consistency"),
         ({"critic_updates": 0}, "critic_updates=0 must be an integer >= 1"),
         ({"guidance_scale": 0.5}, "guidance_scale=0.5 must be >= 1"),
         ({"size": {"depth": 3}}, "size has depth; valid keys: frames, height, width"),
@@ -236,8 +235,7 @@ def test_an_out_folder_of_another_run_or_of_something_else_is_refused(tmp_path):
     ("options", "message"),
     [
         (["--steps", "0"], "steps=0 must be an integer >= 1"),
-        (["--method", "gan"], "method='gan' is unknown; valid: dmd"),
-        (["--method", "consistency"], "method='consistency' is not implemented yet; valid: dmd"),
+        (["--method", "gan"], "method='gan' is unknown; valid: dmd, consistency"),
     ],
 )
 def test_cli_refuses_bad_options_before_loading_the_teacher(tmp_path, options, message):

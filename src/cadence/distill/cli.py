@@ -19,7 +19,7 @@ def _fail(error: Exception):
 @click.command("distill")
 @click.option("--teacher", required=True, help="ref-video, ref-image, or a checkpoint folder cadence.load opens")
 @click.option("--steps", type=int, default=4, show_default=True, help="the student's step count")
-@click.option("--method", default="dmd", show_default=True, help="dmd (consistency: not implemented yet)")
+@click.option("--method", default="dmd", show_default=True, help="dmd (DMD2) or consistency (CD / LCM)")
 @click.option(
     "--out", required=True, type=click.Path(path_type=Path), help="the run's folder (a new one, or one to resume)"
 )
@@ -29,7 +29,13 @@ def _fail(error: Exception):
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--guidance-scale", type=float, default=4.0, show_default=True, help="the teacher's CFG (real score)")
 @click.option("--critic-updates", type=int, default=5, show_default=True, help="critic steps per generator step")
-@click.option("--ode-steps", type=int, default=200, show_default=True, help="ODE-pair regression steps before DMD")
+@click.option(
+    "--ema-decay", type=float, default=0.95, show_default=True, help="consistency: the EMA target's decay, in (0, 1)"
+)
+@click.option(
+    "--skip", type=int, default=1, show_default=True, help="consistency: teacher grid intervals between a pair's points"
+)
+@click.option("--ode-steps", type=int, default=200, show_default=True, help="ODE-pair regression steps first")
 @click.option("--ode-pairs", type=int, default=256, show_default=True, help="teacher trajectories for that phase")
 @click.option("--teacher-steps", type=int, default=48, show_default=True, help="Euler steps of those trajectories")
 @click.option("--sample-steps", type=int, default=50, show_default=True, help="the teacher's steps in samples.png")
@@ -56,6 +62,8 @@ def distill(
     batch_size,
     guidance_scale,
     critic_updates,
+    ema_decay,
+    skip,
     ode_steps,
     ode_pairs,
     teacher_steps,
@@ -82,6 +90,8 @@ def distill(
             batch_size=batch_size,
             guidance_scale=guidance_scale,
             critic_updates=critic_updates,
+            ema_decay=ema_decay,
+            skip=skip,
             ode_steps=ode_steps,
             ode_pairs=ode_pairs,
             teacher_steps=teacher_steps,
@@ -92,8 +102,9 @@ def distill(
             save_every=save_every,
             eval_every=eval_every or None,
         )
-        summary = run_distill(teacher, out, settings=settings, device=device, embeddings=embeddings,
-                              command=command_line("distill"))
+        summary = run_distill(
+            teacher, out, settings=settings, device=device, embeddings=embeddings, command=command_line("distill")
+        )
     except (ValueError, RuntimeError) as error:
         _fail(error)
     click.echo(

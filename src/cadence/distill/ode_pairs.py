@@ -27,6 +27,16 @@ from cadence.distill.student import (
 )
 
 
+def substeps(student_steps: int, teacher_steps: int) -> int:
+    """Teacher Euler steps per student step: ``teacher_steps`` rounded to a multiple of K (at least K)."""
+    return max(1, round(teacher_steps / student_steps))
+
+
+def teacher_grid(sigmas: list[float], teacher_steps: int) -> tuple[list[float], list[int]]:
+    """The teacher's grid through the student's sigmas to 0; -> (grid, index of each student sigma in it)."""
+    return refined_grid(sigmas, substeps(len(sigmas), teacher_steps))
+
+
 @torch.no_grad()
 def record(
     denoiser: Denoiser,
@@ -39,8 +49,7 @@ def record(
     guidance_scale: float,
 ) -> dict[str, torch.Tensor]:
     """-> {"points": (K, B, ...) the trajectory at each student sigma, "x0": (B, ...) its end}."""
-    substeps = max(1, round(teacher_steps / len(sigmas)))
-    grid, marks = refined_grid(sigmas, substeps)
+    grid, marks = teacher_grid(sigmas, teacher_steps)
     x0, kept = euler(denoiser, teacher, noise, grid, condition, empty, guidance_scale, keep=marks)
     return {"points": torch.stack(kept), "x0": x0}
 

@@ -6,6 +6,13 @@ from pathlib import Path
 
 import torch
 
+TITLES = {
+    "ode": "ODE-pair regression",
+    "generator": "DMD generator",
+    "critic": "critic (flow matching)",
+    "consistency": "consistency (pseudo-Huber)",
+}
+
 
 def _pyplot():
     import matplotlib
@@ -17,19 +24,16 @@ def _pyplot():
 
 
 def plot_losses(history: list[dict], evaluations: list[dict], path: Path) -> None:
-    """One panel per loss (ODE regression, DMD generator, critic) and the judge's scores."""
+    """One panel per loss (ODE regression, DMD generator, critic, consistency) and the judge's scores."""
     plt = _pyplot()
-    series = {key: [(h["step"], h[key]) for h in history if key in h] for key in ("ode", "generator", "critic")}
+    series = {key: [(h["step"], h[key]) for h in history if key in h] for key in TITLES}
     series = {key: points for key, points in series.items() if points}
     panels = len(series) + bool(evaluations)
     fig, axes = plt.subplots(1, max(panels, 1), figsize=(4 * max(panels, 1), 3.2), squeeze=False)
     for ax, (key, points) in zip(axes[0], series.items()):
         steps, values = zip(*points)
         ax.plot(steps, values, lw=0.8)
-        ax.set_title(
-            {"ode": "ODE-pair regression", "generator": "DMD generator", "critic": "critic (flow matching)"}[key],
-            fontsize=9,
-        )
+        ax.set_title(TITLES[key], fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     if evaluations:
@@ -87,6 +91,18 @@ def plot_samples(teacher: torch.Tensor, student: torch.Tensor, labels: list[str]
     plt.close(fig)
 
 
+def method_line(settings: dict) -> str:
+    """The method and its settings, in one sentence of the card."""
+    if settings["method"] == "consistency":
+        return (
+            f"consistency distillation (CD / LCM on the teacher's CFG ODE: EMA target decay {settings['ema_decay']:g}, "
+            f"pairs {settings['skip']} teacher grid interval(s) apart, pseudo-Huber distance)"
+        )
+    return (
+        f"DMD2 (critic from the teacher, {settings['critic_updates']} critic updates per generator step, no GAN head)"
+    )
+
+
 def card(summary: dict) -> str:
     last = summary["evaluations"][-1] if summary["evaluations"] else None
     fd = "" if last is None or last.get("fd") is None else f", FD {last['fd']:.2f}"
@@ -111,11 +127,12 @@ A few-step student made by `cadence distill`: it generates in {summary["steps"]}
 `cadence.load` opens this folder with those steps, sigmas and guidance 1 as its defaults.
 
 ## Training
-- Teacher: `{summary["teacher"]}` with CFG {summary["teacher_guidance_scale"]} as the real score.
+- Teacher: `{summary["teacher"]}` with CFG {summary["teacher_guidance_scale"]} (the student distils it to one
+  forward a step without CFG).
+- Method: `{summary["method"]}`, {method_line(settings)}.
 - {summary["ode_steps"]} steps of ODE-pair regression ({settings["ode_pairs"]} teacher trajectories of
-  {settings["teacher_steps"]} Euler steps), then DMD2 (critic from the teacher, {settings["critic_updates"]} critic
-  updates per generator step, no GAN head): {summary["steps_trained"]} steps in all, batch {settings["batch_size"]},
-  in {summary["seconds"]} s on {summary["device"]} (torch {summary["torch"]}, {summary["date"]}).
+  {settings["teacher_steps"]} Euler steps), then the method: {summary["steps_trained"]} steps in all, batch
+  {settings["batch_size"]}, in {summary["seconds"]} s on {summary["device"]} (torch {summary["torch"]}, {summary["date"]}).
 - Command: `{summary["command"]}`
 {judged}
 ![losses](loss.png)
@@ -126,6 +143,6 @@ weights as shipped in `transformer/`), same conditions and noise.
 
 ![samples](samples.png)
 
-`state/` holds what a resumed run needs (student, critic, optimizers, RNG states): delete it before
-shipping the student.
+`state/` holds what a resumed run needs (student, the critic or EMA target, optimizers, RNG states):
+delete it before shipping the student.
 """

@@ -1,10 +1,14 @@
 """``distill(teacher, out, steps=4, method="dmd")``: a few-step student of a reference model.
 
 A run has two phases on one time budget (and, for exact tests, an optional step budget):
-``ode_steps`` steps of ODE-pair regression (``ode_pairs.py``), then DMD2 (``dmd.py``). The
-student is a copy of the teacher's transformer trained to run without CFG (CFG distillation:
-the real score it matches is the teacher with CFG), one forward per step; its checkpoint says
-guidance 1, so ``cadence.load(out)`` runs it in K steps at its own sigmas with one forward each.
+``ode_steps`` steps of ODE-pair regression (``ode_pairs.py``), then the method's: DMD2
+(``dmd.py``) or consistency distillation (``consistency.py``), the two families issue 17 compares
+at equal compute. The student is a copy of the teacher's transformer trained to run without CFG
+(CFG distillation: the real score DMD matches, and the ODE the consistency target follows, are
+the teacher's with CFG), one forward per step; its checkpoint says guidance 1, so
+``cadence.load(out)`` runs it in K steps at its own sigmas with one forward each. Each method owns
+its networks beside the student: DMD its critic (the fake score), consistency its EMA target;
+both are part of the state.
 
 The run folder is the student's diffusers checkpoint (``transformer/`` in bf16, the scheduler,
 ``model_index.json``), ``student.json`` (what the loader reads), ``loss.png``, ``samples.png``
@@ -30,7 +34,10 @@ Where the loop differs from DMD2's: no EMA of the student, a constant learning r
 phase's steps and starts again at the first DMD step, for the generator and the critic, since
 the generator's loss changes there and the critic takes its first step there (a warm-up on
 global steps would end inside the ODE phase at the default ode_steps=200). Gradient clipping at
-norm 1 as reference/train.py trains, fp32 on the CPU and bf16 autocast on CUDA.
+norm 1 as reference/train.py trains, fp32 on the CPU and bf16 autocast on CUDA. The consistency
+phase keeps the same loop (its warm-up restarts at its first step too, where the student's loss
+changes); its EMA target starts there as a copy of the student, and the student shipped is the
+online network, not the target (the one the gradient trained).
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from cadence.distill import dmd, ode_pairs, state
+from cadence.distill import consistency, dmd, ode_pairs, state
 from cadence.distill.student import (
     Condition,
     Denoiser,
@@ -60,8 +67,10 @@ from cadence.distill.student import (
     trainable_copy,
 )
 
-METHODS = ("dmd",)
-NOT_YET = ("consistency",)  # issue 17's second family: not built yet
+METHODS = ("dmd", "consistency")
+# The settings only one method reads: they are not part of another method's resumed identity (a
+# DMD run's state, written before the consistency settings existed, still resumes).
+METHOD_SETTINGS = {"dmd": ("critic_updates", "critic_lr"), "consistency": ("ema_decay", "skip")}
 SIZE_KEYS = ("frames", "height", "width")
 # Settings that may change between a run and its resumption: budgets and reporting only (none
 # of them draws from the training generators). Not eval_prompts nor sample_steps: the teacher's
@@ -83,9 +92,11 @@ class DistillSettings:
     critic_lr: float = 1e-5
     guidance_scale: float = 4.0  # the real score's CFG: the teacher's sampling default (reference/train.py)
     critic_updates: int = 5  # fake-score steps per generator step (DMD2's TTUR: 5)
-    ode_steps: int = 200  # ODE-pair regression steps before DMD
+    ode_steps: int = 200  # ODE-pair regression steps before the method's phase
     ode_pairs: int = 256  # teacher trajectories recorded for that phase
-    teacher_steps: int = 48  # Euler steps of the teacher's trajectories (ODE pairs)
+    teacher_steps: int = 48  # Euler steps of the teacher's trajectories (ODE pairs; consistency's grid)
+    ema_decay: float = consistency.EMA_DECAY  # consistency: the EMA target's decay (LCM's 0.95)
+    skip: int = 1  # consistency: teacher grid intervals between the two points of a pair (LCM's k)
     seed: int = 0
     save_every: float = 300.0  # seconds between state saves (0: every step)
     eval_every: float | None = 600.0  # seconds between judge evaluations (None: none)
@@ -95,8 +106,6 @@ class DistillSettings:
     size: dict | None = field(default=None, hash=False)  # frames/height/width; None: the teacher's own
 
     def __post_init__(self):
-        if self.method in NOT_YET:
-            raise ValueError(f"method={self.method!r} is not implemented yet; valid: {', '.join(METHODS)}")
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is unknown; valid: {', '.join(METHODS)}")
         positive = {
@@ -108,6 +117,7 @@ class DistillSettings:
             "eval_prompts": self.eval_prompts,
             "sample_prompts": self.sample_prompts,
             "sample_steps": self.sample_steps,
+            "skip": self.skip,
         }
         for name, value in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -121,6 +131,14 @@ class DistillSettings:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
         if not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 1.0):
             raise ValueError(f"guidance_scale={self.guidance_scale!r} must be >= 1 (1: the teacher without CFG)")
+        if not (isinstance(self.ema_decay, (int, float)) and 0 < self.ema_decay < 1):
+            raise ValueError(f"ema_decay={self.ema_decay!r} must be in (0, 1): 0 < ema_decay < 1 (LCM: 0.95)")
+        intervals = self.steps * ode_pairs.substeps(self.steps, self.teacher_steps)
+        if self.skip > intervals:
+            raise ValueError(
+                f"skip={self.skip} is more than the teacher grid's {intervals} intervals "
+                f"({self.steps} steps x {intervals // self.steps} teacher steps each); valid: 1 to {intervals}"
+            )
         if self.save_every < 0:
             raise ValueError(f"save_every={self.save_every!r} must be >= 0 seconds (0: every step)")
         if self.eval_every is not None and not self.eval_every > 0:
@@ -130,8 +148,10 @@ class DistillSettings:
             raise ValueError(f"size has {', '.join(sorted(unknown))}; valid keys: {', '.join(SIZE_KEYS)}")
 
     def identity(self) -> dict:
-        """What makes two runs the same run (a resumption may change its budgets only)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in RESUMABLE}
+        """What makes two runs the same run (a resumption may change its budgets only); the other
+        methods' settings are not read, so they are not part of it."""
+        unread = {name for method, names in METHOD_SETTINGS.items() if method != self.method for name in names}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in RESUMABLE and k not in unread}
 
 
 @dataclass
@@ -265,7 +285,8 @@ def distill(
     command: str = "cadence.distill.distill (Python)",
     progress: bool = True,
 ) -> dict:
-    """Train (or resume) a few-step student; -> the run's summary (also in student.json).
+    """Train (or resume) a few-step student (``method``: dmd or consistency); -> the run's summary
+    (also in student.json).
 
     ``settings`` wins over ``steps``/``method``/``seconds`` when given. ``conditions``: caption
     embeddings to distil on; else ``embeddings`` (reference/train.py's file; for a reference
@@ -339,16 +360,22 @@ class _Run:
         self.out, self.device, self.teacher_name, self.source = out, device, teacher_name, source
         self.teacher = pipe.transformer.to(device).float().eval().requires_grad_(False)
         self.student = trainable_copy(self.teacher)
-        self.critic = trainable_copy(self.teacher)
         self.sigmas = student_sigmas(pipe.scheduler, settings.steps)
         self.optimizers = {
             "student": torch.optim.AdamW(
                 self.student.parameters(), lr=settings.lr, betas=(0.9, 0.99), weight_decay=0.01
-            ),
-            "critic": torch.optim.AdamW(
-                self.critic.parameters(), lr=settings.critic_lr, betas=(0.9, 0.99), weight_decay=0.01
-            ),
+            )
         }
+        # The method's own network: DMD's critic (trained), or consistency's EMA target (never by a gradient).
+        self.critic = self.target = None
+        if settings.method == "dmd":
+            self.critic = trainable_copy(self.teacher)
+            self.optimizers["critic"] = torch.optim.AdamW(
+                self.critic.parameters(), lr=settings.critic_lr, betas=(0.9, 0.99), weight_decay=0.01
+            )
+        else:
+            self.target = trainable_copy(self.teacher).eval().requires_grad_(False)
+            self.grid, _ = ode_pairs.teacher_grid(self.sigmas, settings.teacher_steps)
         self.noise = torch.Generator(device).manual_seed(settings.seed)
         self.picker = torch.Generator().manual_seed(settings.seed)
         self.step, self.elapsed, self.history, self.evaluations = 0, 0.0, [], []
@@ -359,8 +386,9 @@ class _Run:
     # -- state ---------------------------------------------------------------------------
 
     def _state_parts(self):
+        networks = {"critic": self.critic, "target": self.target}
         return (
-            {"student": self.student, "critic": self.critic},
+            {"student": self.student} | {name: net for name, net in networks.items() if net is not None},
             self.optimizers,
             {"noise": self.noise, "picker": self.picker},
         )
@@ -428,9 +456,10 @@ class _Run:
         ode_steps = self.settings.ode_steps
         step_in_phase = self.step if self.step < ode_steps else self.step - ode_steps
         warm = min(1.0, (step_in_phase + 1) / WARMUP_STEPS)
-        for name, base in (("student", self.settings.lr), ("critic", self.settings.critic_lr)):
-            for group in self.optimizers[name].param_groups:
-                group["lr"] = base * warm
+        rates = {"student": self.settings.lr, "critic": self.settings.critic_lr}
+        for name, optimizer in self.optimizers.items():
+            for group in optimizer.param_groups:
+                group["lr"] = rates[name] * warm
 
     def _update(self, name: str, loss: torch.Tensor) -> float:
         optimizer = self.optimizers[name]
@@ -489,11 +518,53 @@ class _Run:
             "critic": sum(critic_losses) / len(critic_losses),
         }
 
+    def consistency_step(self) -> dict:
+        """One consistency update on a fresh batch: teacher samples (the ODE pairs' ends), fresh
+        noise, one teacher grid index per sample."""
+        if self.pairs is None:
+            self.pairs = self._pairs()
+        s = self.settings
+        index = torch.randint(self.pairs["x0"].shape[0], (s.batch_size,), generator=self.picker)
+        grid_index = torch.randint(len(self.grid) - 1, (s.batch_size,), generator=self.picker)
+        x0 = self.pairs["x0"][index.to(self.device)]
+        noise = torch.randn(x0.shape, generator=self.noise, device=self.device)
+        condition = self.conditions.batch(self.pairs["condition"][index.to(self.device)].cpu(), self.device)
+        return self.consistency_update(x0, noise, grid_index.to(self.device), condition)
+
+    def consistency_update(
+        self, x0: torch.Tensor, noise: torch.Tensor, grid_index: torch.Tensor, condition: Condition
+    ) -> dict:
+        """The student's step on d(f_student, f_target) and the target's EMA step after it. The
+        target starts as the student at the phase's first step (after the ODE-pair phase)."""
+        s = self.settings
+        if self.step == s.ode_steps:
+            self.target.load_state_dict(self.student.state_dict())
+        loss = consistency.consistency_loss(
+            self.denoiser,
+            self.student,
+            self.teacher,
+            self.target,
+            x0,
+            noise,
+            self.grid,
+            grid_index,
+            s.skip,
+            condition,
+            self.conditions.empty(x0.shape[0], self.device),
+            s.guidance_scale,
+        )
+        record = {"phase": "consistency", "consistency": self._update("student", loss)}
+        consistency.update_target(self.target, self.student, s.ema_decay)
+        return record
+
     def _draw(self) -> tuple[Condition, int]:
         """A batch of conditions and the student step to train (one per batch, as DMD2 does)."""
         index = torch.randint(len(self.conditions.tokens), (self.settings.batch_size,), generator=self.picker)
         step = int(torch.randint(self.settings.steps, (1,), generator=self.picker))
         return self.conditions.batch(index, self.device), step
+
+    def method_step(self) -> dict:
+        return {"dmd": self.dmd_step, "consistency": self.consistency_step}[self.settings.method]()
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -530,7 +601,7 @@ class _Run:
         while self._more():
             self._learning_rates()
             with self._precision():
-                record = self.ode_step() if self.step < s.ode_steps else self.dmd_step()
+                record = self.ode_step() if self.step < s.ode_steps else self.method_step()
             self.history.append({"step": self.step, **record})
             self.step += 1
             self.elapsed = time.time() - start
