@@ -247,6 +247,12 @@ class AttentionControl:
                     f"{config.name}: {type(module.processor).__name__} is a module (trained weights, such as an "
                     "IP-Adapter's); cadence's attention techniques take diffusers' plain attention processors"
                 )
+            if type(module.processor).__module__ == "cadence.accel.sequence._base":
+                raise ValueError(
+                    f"{config.name}: the model streams with a KV cache, whose attention over [cached frames, chunk] "
+                    "no token pattern models; valid beside the KV cache: attention-backend (a dense backend), "
+                    "applied before or after it"
+                )
             if isinstance(module.processor, _Routed):
                 raise ValueError(
                     f"{config.name}: the model already has an attention technique; remove it first "

@@ -28,7 +28,12 @@ class AttentionBackendConfig(AttentionConfig):
 
 
 def apply(model: torch.nn.Module, config: AttentionBackendConfig) -> Handle:
-    return install(model, config)
+    """On a model with a streaming KV cache the term goes beneath the cache's stand-ins, whose call
+    over [cache, chunk] then runs this backend (:mod:`cadence.accel.sequence.backend`)."""
+    from cadence.accel.sequence._base import beneath_cache
+
+    handle = beneath_cache(model, lambda: install(model, config))
+    return Handle(config, lambda: beneath_cache(model, handle.remove), handle.stats)
 
 
 register(AttentionBackendConfig, apply)

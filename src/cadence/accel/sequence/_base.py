@@ -29,6 +29,10 @@ removed, and the model is then exactly as before. With nothing cached (the first
 plain pipeline call) the stand-in computes what the model computes: the chunk alone, at
 positions 0..F-1, rotated by the same elementwise operations.
 
+The token level's dense ``attention-backend`` term runs inside the cache: its backend answers the
+cache's call over [cache, chunk] (:mod:`cadence.accel.sequence.backend`), whichever of the two
+was applied first; sparse token patterns are refused beside the cache.
+
 Where this differs from Self-Forcing / CausVid: one timestep per chunk (not per frame), the
 cache is per chunk and batch of the stream, and there is no cross-attention cache (Wan's
 cross-attention to the text is cheap and recomputed).
@@ -36,14 +40,15 @@ cross-attention to the text is cheap and recomputed).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from cadence.accel.intercept import SDPAIntercept
 from cadence.accel.registry import Handle, TechniqueConfig, param
+from cadence.accel.sequence import backend as dense_backend
 from cadence.accel.sequence.formats import FORMATS, INT4_GROUPS, Stored, int4_group, load
 from cadence.accel.sequence.rope import rotary_tables, rotary_tables_at, rotate
 
@@ -149,15 +154,24 @@ class _Cached:
     """Stands in for a Wan block's self-attention processor: runs it without its rotary
     embedding (the cache rotates Q and K itself) under ``_Intercept``."""
 
-    def __init__(self, processor, handle: int, layer: int):
-        self.processor, self.handle, self.layer = processor, handle, torch.tensor(layer)
+    def __init__(self, below, handle: int, layer: int):
+        self.handle, self.layer = handle, torch.tensor(layer)
+        self.place(below)
+
+    def place(self, below) -> None:
+        """Stand over ``below`` (what ``remove`` puts back): diffusers' processor, or the stand-in
+        of a dense ``attention-backend`` term, whose diffusers processor then runs here without
+        the term's intercept while the cache's call takes the term's backend (one intercept a call)."""
+        backend = dense_backend.backend_beneath(below)  # refuses a sparse pattern's stand-in
+        self.below, self.backend = below, backend
+        self.processor = below if backend is None else below.processor
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         with _Intercept(self.handle, self.layer):
             return self.processor(attn, hidden_states, encoder_hidden_states, attention_mask, None)
 
     def __getattr__(self, name):  # the processor's own settings (_attention_backend, ...)
-        if name == "processor":
+        if name in ("processor", "below"):
             raise AttributeError(name)
         return getattr(self.processor, name)
 
@@ -187,17 +201,14 @@ class KVCache:
         self.modules = [block.attn1 for block in blocks]
         for module in self.modules:
             _check_native(module)
-            # Another technique's stand-in (an attention technique, a KV cache) routes the same call.
-            if not type(module.processor).__module__.startswith("diffusers."):
-                raise ValueError(f"the model's self-attention processor is {type(module.processor).__name__}, not "
-                                 "diffusers' own: it already has a cadence technique (an attention technique or a KV "
-                                 "cache); remove it first, the KV cache routes the same call")
+            # Another technique's stand-in routes the same call; a dense backend term's goes beneath.
+            dense_backend.backend_beneath(module.processor)
         self.model, self.rope = model, rope
         self.handle = next(i for i in range(len(_CACHES) + 1) if i not in _CACHES)
         _CACHES[self.handle] = self
-        self.processors = [module.processor for module in self.modules]
-        for layer, module in enumerate(self.modules):
-            module.processor = _Cached(module.processor, self.handle, layer)
+        self.stand_ins = [_Cached(module.processor, self.handle, layer) for layer, module in enumerate(self.modules)]
+        for module, stand_in in zip(self.modules, self.stand_ins):
+            module.processor = stand_in
         self.layout_hook = model.register_forward_pre_hook(self._read_layout, with_kwargs=True)
         setattr(model, KV_CACHE, self)
         self.policy: KVPolicyConfig | None = None
@@ -306,7 +317,7 @@ class KVCache:
             cached_key, cached_value = self._cached(layer, batch, heads, key.dtype, query.device)
             rotated = torch.cat([cached_key, rotated], dim=2)
             value = torch.cat([cached_value, value], dim=2)
-        return F.scaled_dot_product_attention(query, rotated, value, scale=scale)
+        return dense_backend.attend(query, rotated, value, scale, self.stand_ins[layer].backend)
 
     def commit(self) -> list[int]:
         """Append the chunk the last ``write`` forward saw to the cache, evict what the policy
@@ -358,9 +369,22 @@ class KVCache:
         return fresh if held is None else held.append(fresh)
 
     # -- terms -------------------------------------------------------------------------------
+    @contextmanager
+    def lifted(self):
+        """The cache's stand-ins taken off while the processors beneath them change (a dense
+        ``attention-backend`` term applied or removed), then put back over whatever is there."""
+        for module, stand_in in zip(self.modules, self.stand_ins):
+            module.processor = stand_in.below
+        try:
+            yield
+        finally:
+            for module, stand_in in zip(self.modules, self.stand_ins):
+                stand_in.place(module.processor)
+                module.processor = stand_in
+
     def remove(self) -> None:
-        for module, processor in zip(self.modules, self.processors):
-            module.processor = processor
+        for module, stand_in in zip(self.modules, self.stand_ins):
+            module.processor = stand_in.below
         self.layout_hook.remove()
         delattr(self.model, KV_CACHE)
         _CACHES.pop(self.handle, None)
@@ -375,6 +399,15 @@ def attach(model: torch.nn.Module) -> KVCache:
     cache = getattr(model, KV_CACHE, None) or KVCache(model)
     cache.users += 1
     return cache
+
+
+def beneath_cache(model: torch.nn.Module, change):
+    """``change()`` (a token-level term's apply or remove), beneath the model's KV cache if it has one."""
+    cache = getattr(model, KV_CACHE, None)
+    if cache is None:
+        return change()
+    with cache.lifted():
+        return change()
 
 
 def detach(cache: KVCache) -> None:
