@@ -5,7 +5,7 @@ KV), with a sink of 3 + a window of 12 latent frames by default (LongLive's).
 
     python benchmarks/stream_realsize.py --seconds 120 --out $OUT/stream_realsize.json
     python benchmarks/stream_realsize.py --kv-format fp8 --compile --out $OUT/stream_fp8_compiled.json
-    python benchmarks/stream_realsize.py --recipe fp8 --compile --out $OUT/stream_fp8_linears_compiled.json
+    python benchmarks/stream_realsize.py --recipe "attention-backend(backend='sage') + fp8" --compile --out $OUT/stream_composed.json
     python benchmarks/stream_realsize.py --size tiny --device cpu      # the CPU check, seconds
 
 Reports, after a warm-up stream of two chunks (which also compiles, with ``--compile``):
@@ -161,7 +161,8 @@ def main() -> None:
     parser.add_argument("--kv-format", choices=list(FORMATS), default="native")
     parser.add_argument("--compile", action="store_true", help="regional torch.compile of the blocks (cadence's)")
     parser.add_argument("--recipe", default=None,
-                        help="bit-level terms (e.g. fp8) applied with cadence.accelerate; the KV terms are the options above")
+                        help="bit-level terms and attention-backend (e.g. \"attention-backend(backend='sage') + fp8\"), "
+                             "applied with cadence.accelerate; the KV terms are the options above")
     parser.add_argument("--vae", action="store_true", help="also decode each chunk with Wan2.1's VAE as it comes")
     parser.add_argument("--seconds", type=float, default=120.0, help="seconds of video at 16 frames a second")
     parser.add_argument("--frames-per-chunk", type=int, default=3)
