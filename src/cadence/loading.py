@@ -178,7 +178,8 @@ def unpacked(folder: Path) -> Path:
     packed as their difference from its teacher's (``*.safetensors.delta.xz``, :func:`pack_delta`:
     ref-video-4step's 17.5 MiB are 5.9 MiB so). They are unpacked once into the cache with the
     folder's JSON (configs, tokenizer) beside them, keyed by the folder's place and its files'
-    names, sizes and times (no file read on a cache hit). Several processes may unpack at once
+    names, sizes and times, and for a packed difference its teacher's weight files' too (on a
+    cache hit no weights are read: a difference's few-kB header says its teacher). Several processes may unpack at once
     (torchrun's ranks): each into its own folder, and the first to finish is the one kept.
     Unpacked weights in the folder (a fresh ``cadence train``) win over packed ones."""
     import hashlib

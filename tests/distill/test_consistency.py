@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import tiny_pipe
-from distill.test_distill import SIZES, conditions, run, settings  # the DMD tests' tiny runs
+from distill.test_distill import SIZES, conditions, run, settings, teacher_folder  # the DMD tests' tiny runs
 from safetensors.torch import load_file
 
 import cadence
@@ -181,20 +181,7 @@ def test_cli_refuses_a_bad_ema_decay_before_loading_the_teacher(tmp_path):
 
 
 def test_cli_consistency_student_loads_and_its_card_says_the_method(tmp_path):
-    from diffusers import FlowMatchEulerDiscreteScheduler
-    from safetensors.torch import save_file
-
-    from cadence.reference.pipelines import RefVideoPipeline
-
-    teacher = tmp_path / "teacher"
-    RefVideoPipeline(
-        transformer=tiny_pipe("video").transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        sample_size=SIZES["video"],
-    ).save_pretrained(str(teacher))
-    c = conditions("video")
-    embeddings = tmp_path / "embeddings.safetensors"
-    save_file({"train_tokens": c.tokens, "empty_tokens": c.empty_tokens}, str(embeddings))
+    teacher, embeddings = teacher_folder(tmp_path)
     options = ["--teacher", str(teacher), "--out", str(tmp_path / "student"), "--embeddings", str(embeddings)]
     options += ["--method", "consistency", "--ema-decay", "0.9", "--skip", "2", "--steps", "2", "--max-steps", "2"]
     options += ["--ode-steps", "0", "--ode-pairs", "2", "--teacher-steps", "4", "--batch-size", "2"]

@@ -56,6 +56,25 @@ def settings(kind: str, **changes) -> DistillSettings:
     return DistillSettings(**(base | changes))
 
 
+def teacher_folder(tmp_path):
+    """A tiny video teacher saved as a checkpoint folder, and an embeddings file of its conditions."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from safetensors.torch import save_file
+
+    from cadence.reference.pipelines import RefVideoPipeline
+
+    teacher = tmp_path / "teacher"
+    RefVideoPipeline(
+        transformer=tiny_pipe("video").transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        sample_size=SIZES["video"],
+    ).save_pretrained(str(teacher))
+    c = conditions("video")
+    embeddings = tmp_path / "embeddings.safetensors"
+    save_file({"train_tokens": c.tokens, "empty_tokens": c.empty_tokens}, str(embeddings))
+    return teacher, embeddings
+
+
 def run(kind: str, out, **changes) -> dict:
     return distill(
         tiny_pipe(kind), out, settings=settings(kind, **changes), conditions=conditions(kind), progress=False
@@ -298,20 +317,7 @@ def test_judge_evaluation_is_logged_and_kept_in_the_state(tmp_path):
 
 
 def test_cli_distils_a_checkpoint_folder_resumes_it_and_refuses_other_settings(tmp_path):
-    from diffusers import FlowMatchEulerDiscreteScheduler
-    from safetensors.torch import save_file
-
-    from cadence.reference.pipelines import RefVideoPipeline
-
-    teacher = tmp_path / "teacher"
-    RefVideoPipeline(
-        transformer=tiny_pipe("video").transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        sample_size=SIZES["video"],
-    ).save_pretrained(str(teacher))
-    c = conditions("video")
-    embeddings = tmp_path / "embeddings.safetensors"
-    save_file({"train_tokens": c.tokens, "empty_tokens": c.empty_tokens}, str(embeddings))
+    teacher, embeddings = teacher_folder(tmp_path)
     options = [
         "--teacher",
         str(teacher),
