@@ -44,11 +44,10 @@ def backend_beneath(processor) -> str | None:
     """The dense backend the token-level term whose stand-in is ``processor`` chose; None for a
     processor of diffusers' own. Any other cadence stand-in is refused, with the reason."""
     from cadence.accel.attention._base import _CONTROLS, _Routed
-    from cadence.accel.attention.backend import AttentionBackendConfig
 
     if isinstance(processor, _Routed):
         config = _CONTROLS[processor.handle].config
-        if isinstance(config, AttentionBackendConfig):
+        if config.name == "attention-backend":  # by name: importing its module here would close an import circle
             return config.backend
         reason = (
             f"{config}, a sparse token pattern whose block mask covers the model's whole token layout, "
