@@ -11,14 +11,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import tiny_pipe
-from distill.test_distill import SIZES, conditions, run, settings, teacher_folder  # the DMD tests' tiny runs
+from distill.test_distill import SIZES, conditions, new_run, run, teacher_folder  # the DMD tests' tiny runs
 from safetensors.torch import load_file
 
 import cadence
 from cadence.distill import DistillSettings, consistency, report, state
 from cadence.distill.cli import distill as distill_command
 from cadence.distill.student import Denoiser, euler, student_scheduler, student_sigmas
-from cadence.distill.trainer import _Run
 
 
 def consistency_run(kind: str, out, **changes) -> dict:
@@ -50,15 +49,7 @@ def test_interrupted_consistency_run_resumed_is_the_uninterrupted_run_bit_for_bi
 def test_consistency_loss_falls_on_a_fixed_batch(tmp_path):
     kind = "video"
     pipe = tiny_pipe(kind)
-    run_ = _Run(
-        pipe,
-        Denoiser(pipe, SIZES[kind]),
-        settings(kind, method="consistency", ode_steps=0, ode_pairs=2, batch_size=2, lr=1e-2),
-        conditions(kind),
-        tmp_path,
-        "cpu",
-        "tiny",
-    )
+    run_ = new_run(pipe, tmp_path, method="consistency", ode_steps=0, ode_pairs=2, batch_size=2, lr=1e-2)
     pairs = run_._pairs()
     x0 = pairs["x0"]
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
@@ -123,15 +114,7 @@ def test_the_students_euler_sampler_is_multistep_consistency_sampling(kind):
 def test_the_target_starts_as_the_student_and_trails_it_by_the_ema(tmp_path):
     kind = "video"
     pipe = tiny_pipe(kind)
-    run_ = _Run(
-        pipe,
-        Denoiser(pipe, SIZES[kind]),
-        settings(kind, method="consistency", ode_steps=1, ema_decay=0.9),
-        conditions(kind),
-        tmp_path,
-        "cpu",
-        "tiny",
-    )
+    run_ = new_run(pipe, tmp_path, method="consistency", ode_steps=1, ema_decay=0.9)
     with torch.no_grad():
         for p in run_.student.parameters():  # as after the ODE phase: the student is no longer the teacher
             p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(4)))

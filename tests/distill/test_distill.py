@@ -56,6 +56,12 @@ def settings(kind: str, **changes) -> DistillSettings:
     return DistillSettings(**(base | changes))
 
 
+def new_run(pipe, tmp_path, **changes) -> _Run:
+    """A training run of the tiny video ``pipe``, its steps driven by the test."""
+    return _Run(pipe, Denoiser(pipe, SIZES["video"]), settings("video", **changes), conditions("video"), tmp_path,
+                "cpu", "tiny")
+
+
 def teacher_folder(tmp_path):
     """A tiny video teacher saved as a checkpoint folder, and an embeddings file of its conditions."""
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -161,15 +167,8 @@ def test_dmd_gradient_is_zero_when_the_critic_is_the_real_score(kind):
 def test_ode_pair_phase_lowers_its_regression_loss_on_a_fixed_batch(tmp_path):
     kind = "video"
     pipe = tiny_pipe(kind)
-    run_ = _Run(
-        pipe,
-        Denoiser(pipe, SIZES[kind]),
-        settings(kind, ode_pairs=4, batch_size=4, lr=3e-3, ode_steps=12),  # the 12 steps below: all ODE phase
-        conditions(kind),
-        tmp_path,
-        "cpu",
-        "tiny",
-    )
+    # the 12 steps below: all ODE phase
+    run_ = new_run(pipe, tmp_path, ode_pairs=4, batch_size=4, lr=3e-3, ode_steps=12)
     pairs = run_._pairs()
     assert pairs["points"].shape[:2] == (2, 4)
     # Every pair at every student step: a fixed batch.
@@ -449,15 +448,7 @@ def test_resuming_on_other_conditions_is_refused(tmp_path):
 
 def test_warm_up_restarts_at_the_first_dmd_step_for_generator_and_critic(tmp_path):
     pipe = tiny_pipe("video")
-    run_ = _Run(
-        pipe,
-        Denoiser(pipe, SIZES["video"]),
-        settings("video", ode_steps=150, lr=1e-3, critic_lr=2e-3),
-        conditions("video"),
-        tmp_path,
-        "cpu",
-        "tiny",
-    )
+    run_ = new_run(pipe, tmp_path, ode_steps=150, lr=1e-3, critic_lr=2e-3)
 
     def rates(step):
         run_.step = step
