@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 import cadence
 from cadence import generation
 from cadence.judge import checkpoint, score
+from cadence.loading import STUDENT_FILE
 from cadence.reference import data
 from cadence.reference.models import STUDENTS, reference_model
 
@@ -94,7 +95,7 @@ def main() -> None:
     parser.add_argument("--no-degradations", action="store_true")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    teacher = json.loads((STUDENTS[args.model] / "student.json").read_text())["teacher"] \
+    teacher = json.loads((STUDENTS[args.model] / STUDENT_FILE).read_text())["teacher"] \
         if args.model in STUDENTS else args.model
     video = reference_model(teacher).task == "video"
     prompts = data.heldout_prompts(args.prompts, video=video)

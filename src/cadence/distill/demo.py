@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+from cadence.loading import STUDENT_FILE
 from cadence.reference.models import STUDENTS
 
 
@@ -35,7 +36,7 @@ def student_beside_teacher(student: str, captions: list[str], teacher_steps: int
     from cadence.distill.report import plot_samples
     from cadence.judge.score import judge_clips
 
-    record = json.loads((STUDENTS[student] / "student.json").read_text())
+    record = json.loads((STUDENTS[student] / STUDENT_FILE).read_text())
     teacher_pipe = cadence.load(record["teacher"], device=device)
     student_pipe = cadence.load(student, device=device)
     for pipe in (teacher_pipe, student_pipe):

@@ -18,7 +18,7 @@ current chunk the next ones (KV-relative RoPE). A policy may also keep evicted f
 (``kv-pack``, :mod:`cadence.accel.sequence.pack`): fewer tokens a frame, in a second store, each
 pooled frame at its own temporal position between the whole frames before and after it, its
 tokens at their patches' centres. Storing keys before RoPE costs one rotation of
-the cached keys per attention call (elementwise, small beside the attention itself) and buys
+the cached keys per attention call (elementwise; its share of a step is not measured apart) and buys
 free re-indexing: a key rotated once at write time would keep its absolute position forever
 (Self-Forcing's rolling cache) or need un-rotating and re-rotating on eviction.
 
