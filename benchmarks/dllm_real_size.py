@@ -1,6 +1,6 @@
 """Diffusion-LM decoding at the real size: the LLaDA-8B configuration with random weights.
 
-Question: at LLaDA-8B's size on one GPU, how many tokens/s do plain decoding (one token per
+Question: at LLaDA-8B's size (``--size llada-8b``; LLaDA-MoE-7B-A1B's with ``--size llada-moe-7b-a1b``) on one GPU, how many tokens/s do plain decoding (one token per
 step, no cache) and the cached recipes reach at generation lengths 256 / 512 / 1,024, block
 32, batch 1 and 8, and what peak memory do they take? Every ratio is against plain decoding
 measured in the same run.
@@ -121,6 +121,7 @@ def main():
     meta = dict(size=args.size, device=torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
                 torch=torch.__version__, dtype=str(dtype), block=args.block, blocks_timed=args.blocks,
                 prompt_length=args.prompt_length, tokens_per_step=args.tokens_per_step,
+                experts_implementation=getattr(model.model.layers[0].mlp, "experts_implementation", None),
                 date=time.strftime("%Y-%m-%d"))
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
 

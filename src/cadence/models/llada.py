@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 
 @dataclass(frozen=True)
 class DllmFamily:
@@ -98,16 +100,72 @@ LLADA = register_dllm_family(DllmFamily(
                          num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
                          rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
                          pad_token_id=126081, bos_token_id=126080, eos_token_id=126081, mask_token_id=126336),
+        # LLaDA-MoE-7B-A1B (inclusionAI; its LLaDAMoEConfig defaults): 16 layers, 2,048 wide, 16 heads,
+        # 64 experts of SwiGLU 1,024 with 8 routed a token (softmax router, no renormalisation of the
+        # top 8), vocabulary 157,184. Its special ids are not in that config: these are placeholders,
+        # which random weights do not care about. What differs from the checkpoint: no QK-norm
+        # (EuroBert's attention has none; two RMSNorms per layer over q and k), OLMoE's router
+        # and experts from transformers (the architecture LLaDA-MoE's modeling code derives from).
+        "llada-moe-7b-a1b": dict(vocab_size=157184, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
+                                 num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=8192,
+                                 rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
+                                 pad_token_id=156892, bos_token_id=156891, eos_token_id=156892,
+                                 mask_token_id=156895, experts=dict(num_experts=64, num_experts_per_tok=8)),
+        # the same MoE layout at a CPU size, for its test
+        "tiny-moe": dict(vocab_size=59, hidden_size=96, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=3, max_position_embeddings=512, experts=dict(num_experts=4,
+                         num_experts_per_tok=2), **_SPECIAL_IDS),
     },
 ))
 
 
 def build_llada(size: str = "ref-dllm", **overrides):
-    """A randomly initialised LLaDA-architecture model of a named size (``LLADA.configs``)."""
+    """A randomly initialised LLaDA-architecture model of a named size (``LLADA.configs``).
+
+    A size with ``experts`` is a mixture of experts: every layer's SwiGLU is replaced by transformers'
+    OLMoE sparse block (router and experts; ``intermediate_size`` is then an expert's width). The
+    model stays an ``EuroBertForMaskedLM``, so the engine and every cache take it unchanged; the
+    experts run through transformers' ``grouped_mm`` kernel where it has one (one grouped GEMM a
+    projection instead of a loop over the experts)."""
     from transformers import EuroBertConfig, EuroBertForMaskedLM
 
     if size not in LLADA.configs:
         raise ValueError(f"unknown LLaDA size {size!r}; valid: {', '.join(LLADA.configs)}")
-    config = EuroBertConfig(**{**LLADA.configs[size], **overrides})
+    settings = {**LLADA.configs[size], **overrides}
+    experts = settings.pop("experts", None)
+    config = EuroBertConfig(**settings)
     config._attn_implementation = "sdpa"
-    return EuroBertForMaskedLM(config)
+    model = EuroBertForMaskedLM(config)
+    if experts:
+        for layer in model.model.layers:
+            layer.mlp = _MixtureOfExperts(config, **experts)
+    return model
+
+
+class _MixtureOfExperts(torch.nn.Module):
+    """transformers' OLMoE sparse block in a SwiGLU's place, initialised as the model's linears are."""
+
+    def __init__(self, config, num_experts: int, num_experts_per_tok: int):
+        from transformers import OlmoeConfig
+        from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
+
+        super().__init__()
+        moe = OlmoeConfig(hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+                          num_experts=num_experts, num_experts_per_tok=num_experts_per_tok, norm_topk_prob=False,
+                          hidden_act=config.hidden_act)
+        moe._experts_implementation = "grouped_mm" if _has_grouped_mm() else "eager"
+        self.experts_implementation = moe._experts_implementation
+        self.block = OlmoeSparseMoeBlock(moe)
+        for parameter in self.block.parameters():
+            torch.nn.init.normal_(parameter, std=config.initializer_range)
+
+    def forward(self, hidden_states):
+        out = self.block(hidden_states)
+        return out[0] if isinstance(out, tuple) else out  # transformers before 5.x returned the router logits too
+
+
+def _has_grouped_mm() -> bool:
+    from transformers.integrations import moe
+
+    return "grouped_mm" in getattr(moe, "ALL_EXPERTS_FUNCTIONS", ()) and (
+        hasattr(torch.nn.functional, "grouped_mm") or hasattr(torch, "_grouped_mm"))
