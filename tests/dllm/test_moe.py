@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from cadence import dllm
-from cadence.dllm.tokenizer import build_tokenizer
 from cadence.dllm.plan import plan_of
+from cadence.dllm.tokenizer import build_tokenizer
 from cadence.models.llada import LLADA, build_llada, dllm_family_of
 
 PROMPTS = ["12+34=", "copy:abc="]
