@@ -28,6 +28,9 @@ def load(name_or_path: str, device: str | torch.device | None = None, dtype: tor
         check_finite_weights(pipe, reference_weights(name_or_path).parent)
     else:
         path = STUDENTS.get(name_or_path) or Path(name_or_path)
+        if name_or_path in STUDENTS and not path.is_dir():
+            raise ValueError(f"{name_or_path!r} is registered but not shipped yet (no {path}): benchmarks/README.md "
+                             "gives the cadence distill command that trains it")
         if not path.is_dir():
             raise ValueError(
                 f"unknown model {name_or_path!r}; valid: {', '.join([*REFERENCE_MODELS, *STUDENTS])}, "
@@ -68,6 +71,8 @@ def open_student(pipe, path: Path, text_encoder: bool = True) -> None:
                          f"this one has shift={shift}")
     pipe.student = {"steps": steps, "sigmas": [float(s) for s in sigmas],
                     "guidance_scale": float(record.get("guidance_scale", 1.0))}
+    if record.get("causal"):  # a stream student (cadence distill --method self-forcing): the chunk it was trained on
+        pipe.student["chunk_frames"] = int(record["chunk_frames"])
     pipe.transformer.float()
     if text_encoder and pipe.text_encoder is None and record.get("teacher") in REFERENCE_MODELS:
         from cadence.reference.text import load_text_encoder

@@ -19,7 +19,15 @@ def _fail(error: Exception):
 @click.command("distill")
 @click.option("--teacher", required=True, help="ref-video, ref-image, or a checkpoint folder cadence.load opens")
 @click.option("--steps", type=int, default=4, show_default=True, help="the student's step count")
-@click.option("--method", default="dmd", show_default=True, help="dmd (DMD2) or consistency (CD / LCM)")
+@click.option(
+    "--method", default="dmd", show_default=True, help="dmd (DMD2), consistency (CD / LCM) or self-forcing (causal)"
+)
+@click.option(
+    "--chunk-frames",
+    type=int,
+    default=None,
+    help="self-forcing: latent frames a chunk of the causal student (dividing the clip's frames, e.g. 4 of 16)",
+)
 @click.option(
     "--out", required=True, type=click.Path(path_type=Path), help="the run's folder (a new one, or one to resume)"
 )
@@ -55,6 +63,7 @@ def distill(
     teacher,
     steps,
     method,
+    chunk_frames,
     out,
     seconds,
     max_steps,
@@ -101,14 +110,16 @@ def distill(
             seed=seed,
             save_every=save_every,
             eval_every=eval_every or None,
+            chunk_frames=chunk_frames,
         )
         summary = run_distill(
             teacher, out, settings=settings, device=device, embeddings=embeddings, command=command_line("distill")
         )
     except (ValueError, RuntimeError) as error:
         _fail(error)
+    causal = f", causal in chunks of {summary['chunk_frames']} frames" if summary.get("causal") else ""
     click.echo(
-        f"{summary['steps']}-step student of {summary['teacher']}: {summary['steps_trained']} steps in "
+        f"{summary['steps']}-step student of {summary['teacher']}{causal}: {summary['steps_trained']} steps in "
         f"{summary['seconds']} s, written to {out}"
     )
 

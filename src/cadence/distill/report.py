@@ -8,7 +8,7 @@ import torch
 
 TITLES = {
     "ode": "ODE-pair regression",
-    "generator": "DMD generator",
+    "generator": "DMD generator (self-forcing: on the student's rollouts)",
     "critic": "critic (flow matching)",
     "consistency": "consistency (pseudo-Huber)",
 }
@@ -93,6 +93,12 @@ def plot_samples(teacher: torch.Tensor, student: torch.Tensor, labels: list[str]
 
 def method_line(settings: dict) -> str:
     """The method and its settings, in one sentence of the card."""
+    if settings["method"] == "self-forcing":
+        return (
+            f"Self-Forcing (DMD on the student's own chunk-by-chunk rollouts, chunks of {settings['chunk_frames']} "
+            f"latent frames, gradient through one random exit step; critic from the teacher, "
+            f"{settings['critic_updates']} critic updates per generator step, no GAN head)"
+        )
     if settings["method"] == "consistency":
         return (
             f"consistency distillation (CD / LCM on the teacher's CFG ODE: EMA target decay {settings['ema_decay']:g}, "
@@ -120,12 +126,23 @@ def card(summary: dict) -> str:
             f"{teacher['guidance_scale']:g}): adherence {teacher['adherence']:.3f}{teacher_fd}.\n"
         )
     settings = summary["settings"]
+    sigmas = ", ".join(f"{s:.4f}" for s in summary["sigmas"])
+    if summary.get("causal"):
+        use = f"""A causal, chunk-wise student made by `cadence distill --method self-forcing`: it streams chunks of
+{summary["chunk_frames"]} latent frames, each in {summary["steps"]} transformer forwards (one per step, no CFG) at the
+sigmas {sigmas}, attending to the clean chunks before it through the stream's KV cache:
+`cadence stream --model <this folder> --frames-per-chunk {summary["chunk_frames"]} --steps-per-chunk {summary["steps"]}`
+(`cadence.stream` takes the sigmas from the student). A plain pipeline call runs it bidirectionally, which
+is not how it was trained.
+"""
+    else:
+        use = f"""A few-step student made by `cadence distill`: it generates in {summary["steps"]} transformer forwards
+(one per step, no CFG) at the sigmas {sigmas}.
+`cadence.load` opens this folder with those steps, sigmas and guidance 1 as its defaults.
+"""
     return f"""# {summary["steps"]}-step student of {summary["teacher"]} ({summary["method"]})
 
-A few-step student made by `cadence distill`: it generates in {summary["steps"]} transformer forwards
-(one per step, no CFG) at the sigmas {", ".join(f"{s:.4f}" for s in summary["sigmas"])}.
-`cadence.load` opens this folder with those steps, sigmas and guidance 1 as its defaults.
-
+{use}
 ## Training
 - Teacher: `{summary["teacher"]}` with CFG {summary["teacher_guidance_scale"]} (the student distils it to one
   forward a step without CFG).
@@ -139,7 +156,7 @@ A few-step student made by `cadence distill`: it generates in {summary["steps"]}
 
 ## Samples
 The teacher at {settings["sample_steps"]} steps with CFG {summary["teacher_guidance_scale"]:g} beside the student (its bf16
-weights as shipped in `transformer/`), same conditions and noise.
+weights as shipped in `transformer/`{", chunk by chunk as it streams" if summary.get("causal") else ""}), same conditions and noise.
 
 ![samples](samples.png)
 

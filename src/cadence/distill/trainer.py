@@ -29,6 +29,13 @@ part of the resumed identity: the teacher's scores are not recomputed). The stud
 and drawn in samples.png, through the weights it ships: rounded to bf16 as ``transformer/``
 holds them, computed in fp32 as ``cadence.load`` runs them.
 
+``method="self-forcing"`` (issue 18) trains a causal, chunk-wise student of a video teacher for
+``cadence.stream``: the ODE-pair phase regresses every chunk at its own student step with the
+teacher's clean earlier chunks as context, and the method's phase is DMD on the student's own
+chunk-by-chunk rollouts (``self_forcing.py``), all through one block-causal forward that computes
+what the stream's KV cache computes (``causal.py``). Its samples, judge scores and samples.png
+are the stream's rollouts; student.json says ``causal`` and ``chunk_frames``.
+
 Where the loop differs from DMD2's: no EMA of the student, a constant learning rate after a
 100-step linear warm-up of each phase (DMD2: constant, no warm-up): the warm-up runs on the ODE
 phase's steps and starts again at the first DMD step, for the generator and the critic, since
@@ -56,7 +63,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from cadence.distill import consistency, dmd, ode_pairs, state
+from cadence.distill import consistency, dmd, ode_pairs, self_forcing, state
+from cadence.distill.causal import block_causal
 from cadence.distill.student import (
     Condition,
     Denoiser,
@@ -67,10 +75,15 @@ from cadence.distill.student import (
     trainable_copy,
 )
 
-METHODS = ("dmd", "consistency")
-# The settings only one method reads: they are not part of another method's resumed identity (a
-# DMD run's state, written before the consistency settings existed, still resumes).
-METHOD_SETTINGS = {"dmd": ("critic_updates", "critic_lr"), "consistency": ("ema_decay", "skip")}
+METHODS = ("dmd", "consistency", "self-forcing")
+# The settings only some methods read: they are not part of another method's resumed identity (a
+# DMD run's state, written before the consistency and self-forcing settings existed, still resumes).
+METHOD_SETTINGS = {
+    "dmd": ("critic_updates", "critic_lr"),
+    "consistency": ("ema_decay", "skip"),
+    "self-forcing": ("critic_updates", "critic_lr", "chunk_frames"),
+}
+CAUSAL = ("self-forcing",)  # methods whose student is block-causal, chunk by chunk (self_forcing.py)
 SIZE_KEYS = ("frames", "height", "width")
 # Settings that may change between a run and its resumption: budgets and reporting only (none
 # of them draws from the training generators). Not eval_prompts nor sample_steps: the teacher's
@@ -104,6 +117,7 @@ class DistillSettings:
     sample_prompts: int = 4  # rows of samples.png
     sample_steps: int = 50  # the teacher's steps beside the student in samples.png (issue 17's baseline)
     size: dict | None = field(default=None, hash=False)  # frames/height/width; None: the teacher's own
+    chunk_frames: int | None = None  # self-forcing: latent frames a chunk (the stream's frames_per_chunk)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -143,6 +157,17 @@ class DistillSettings:
             raise ValueError(f"save_every={self.save_every!r} must be >= 0 seconds (0: every step)")
         if self.eval_every is not None and not self.eval_every > 0:
             raise ValueError(f"eval_every={self.eval_every!r} must be > 0 seconds, or None for no evaluation")
+        if self.method in CAUSAL:
+            if isinstance(self.chunk_frames, bool) or not isinstance(self.chunk_frames, int) or self.chunk_frames < 1:
+                raise ValueError(
+                    f"chunk_frames={self.chunk_frames!r} must be an integer >= 1 for method={self.method!r} "
+                    "(latent frames a chunk, dividing the clip's frames: e.g. 4 of ref-video's 16)"
+                )
+        elif self.chunk_frames is not None:
+            raise ValueError(
+                f"chunk_frames={self.chunk_frames!r} is read by the causal methods only "
+                f"({', '.join(CAUSAL)}); method={self.method!r} takes chunk_frames=None"
+            )
         unknown = set(self.size or {}) - set(SIZE_KEYS)
         if unknown:
             raise ValueError(f"size has {', '.join(sorted(unknown))}; valid keys: {', '.join(SIZE_KEYS)}")
@@ -150,7 +175,8 @@ class DistillSettings:
     def identity(self) -> dict:
         """What makes two runs the same run (a resumption may change its budgets only); the other
         methods' settings are not read, so they are not part of it."""
-        unread = {name for method, names in METHOD_SETTINGS.items() if method != self.method for name in names}
+        mine = set(METHOD_SETTINGS[self.method])
+        unread = {name for method, names in METHOD_SETTINGS.items() if method != self.method for name in names} - mine
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in RESUMABLE and k not in unread}
 
 
@@ -308,6 +334,13 @@ def distill(
         raise ValueError("size: a video teacher needs frames, height and width")
     if not denoiser.video and "frames" in size:
         raise ValueError(f"size has frames={size['frames']}: the teacher makes images; valid keys: height, width")
+    if settings.method in CAUSAL:
+        if not denoiser.video:
+            raise ValueError(
+                f"method={settings.method!r} trains a causal video student chunk by chunk; the teacher "
+                f"{teacher_name} makes images; valid: a video teacher (ref-video)"
+            )
+        self_forcing.check_chunks(size["frames"], settings.chunk_frames)
     if conditions is None:
         embeddings = _embeddings_file(teacher_name, embeddings)
         source = CAPTIONS_SOURCE if embeddings is None else str(Path(embeddings).resolve())
@@ -368,12 +401,13 @@ class _Run:
         }
         # The method's own network: DMD's critic (trained), or consistency's EMA target (never by a gradient).
         self.critic = self.target = None
-        if settings.method == "dmd":
+        self.causal = settings.method in CAUSAL  # the student streams: sampled and judged chunk by chunk
+        if settings.method in ("dmd", *CAUSAL):
             self.critic = trainable_copy(self.teacher)
             self.optimizers["critic"] = torch.optim.AdamW(
                 self.critic.parameters(), lr=settings.critic_lr, betas=(0.9, 0.99), weight_decay=0.01
             )
-        else:
+        if settings.method == "consistency":
             self.target = trainable_copy(self.teacher).eval().requires_grad_(False)
             self.grid, _ = ode_pairs.teacher_grid(self.sigmas, settings.teacher_steps)
         self.noise = torch.Generator(device).manual_seed(settings.seed)
@@ -474,9 +508,11 @@ class _Run:
             self.pairs = self._pairs()
         s = self.settings
         index = torch.randint(self.pairs["x0"].shape[0], (s.batch_size,), generator=self.picker)
-        student_steps = torch.randint(s.steps, (s.batch_size,), generator=self.picker)
         index_d = index.to(self.device)
         condition = self.conditions.batch(self.pairs["condition"][index_d].cpu(), self.device)
+        if self.causal:
+            return {"phase": "ode", "ode": self._update("student", self._causal_regression(index_d, condition))}
+        student_steps = torch.randint(s.steps, (s.batch_size,), generator=self.picker)
         loss = ode_pairs.regression_loss(
             self.denoiser,
             self.student,
@@ -487,6 +523,54 @@ class _Run:
             condition,
         )
         return {"phase": "ode", "ode": self._update("student", loss)}
+
+    def _causal_regression(self, index: torch.Tensor, condition: Condition) -> torch.Tensor:
+        """The ODE-pair loss of a causal student: an independent student step for every chunk."""
+        s = self.settings
+        chunks = self.denoiser.size["frames"] // s.chunk_frames
+        steps = torch.randint(s.steps, (s.batch_size, chunks), generator=self.picker)
+        with block_causal(self.student, s.chunk_frames) as causal:
+            return self_forcing.regression_loss(
+                causal,
+                self.pairs["points"][:, index],
+                self.pairs["x0"][index],
+                self.sigmas,
+                steps.to(self.device),
+                condition,
+            )
+
+    def self_forcing_step(self) -> dict:
+        """DMD on the student's own chunk-by-chunk rollouts (self_forcing.py): the critic's updates on
+        fresh rollouts, then one generator update through each chunk's exit step."""
+        s, d = self.settings, self.denoiser
+        critic_losses = []
+        with block_causal(self.student, s.chunk_frames) as causal:
+            for _ in range(s.critic_updates):
+                condition, step = self._draw()
+                with torch.no_grad():
+                    x0 = self_forcing.student_sample(
+                        causal, d.noise(s.batch_size, self.noise, self.device), self.sigmas, step, condition
+                    )
+                critic_losses.append(self._update("critic", dmd.critic_loss(d, self.critic, x0, condition, self.noise)))
+            condition, step = self._draw()
+            x0 = self_forcing.student_sample(
+                causal, d.noise(s.batch_size, self.noise, self.device), self.sigmas, step, condition
+            )
+        loss = dmd.generator_loss(
+            d,
+            self.teacher,
+            self.critic,
+            x0,
+            condition,
+            self.conditions.empty(s.batch_size, self.device),
+            s.guidance_scale,
+            self.noise,
+        )
+        return {
+            "phase": "self-forcing",
+            "generator": self._update("student", loss),
+            "critic": sum(critic_losses) / len(critic_losses),
+        }
 
     def dmd_step(self) -> dict:
         s, d = self.settings, self.denoiser
@@ -564,7 +648,8 @@ class _Run:
         return self.conditions.batch(index, self.device), step
 
     def method_step(self) -> dict:
-        return {"dmd": self.dmd_step, "consistency": self.consistency_step}[self.settings.method]()
+        steps = {"dmd": self.dmd_step, "consistency": self.consistency_step, "self-forcing": self.self_forcing_step}
+        return steps[self.settings.method]()
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -630,10 +715,13 @@ class _Run:
         self, transformer, condition: Condition, grid: list[float], guidance_scale: float = 1.0, seed: int = 0
     ) -> torch.Tensor:
         """Pixels of a generation from fixed noise (one seed per run of rows: same noise for
-        teacher and student)."""
+        teacher and student); a causal student's chunk by chunk, as the stream runs it."""
         noise = self.denoiser.noise(
             condition.tokens.shape[0], torch.Generator(self.device).manual_seed(seed), self.device
         )
+        if self.causal and transformer is not self.teacher:
+            with block_causal(transformer, self.settings.chunk_frames) as student:
+                return self.denoiser.pixels(self_forcing.generate(student, noise, grid[:-1], condition))
         empty = self.conditions.empty(condition.tokens.shape[0], self.device)
         x, _ = euler(self.denoiser, transformer, noise, grid, condition, empty, guidance_scale)
         return self.denoiser.pixels(x)
@@ -699,6 +787,8 @@ class _Run:
             "evaluated_weights": "bfloat16, as shipped in transformer/ (computed in float32)",
             "teacher_evaluation": self.teacher_evaluation,
         }
+        if self.causal:  # what cadence.stream needs to run it as trained
+            summary |= {"causal": True, "chunk_frames": self.settings.chunk_frames}
         (self.out / "student.json").write_text(json.dumps(summary, indent=1))
         report.plot_losses(self.history, self.evaluations, self.out / "loss.png")
         condition, captions = self.conditions.heldout(self.settings.sample_prompts, self.device)

@@ -82,8 +82,13 @@ REFERENCE_MODELS: dict[str, ReferenceModel] = {
 
 
 # Few-step students of the reference models made by ``cadence distill`` and shipped beside them,
-# opened by name like any checkpoint folder (``cadence.load("ref-video-4step")``).
-STUDENTS: dict[str, Path] = {"ref-video-4step": CHECKPOINTS / "ref-video-4step"}
+# opened by name like any checkpoint folder (``cadence.load("ref-video-4step")``). ref-stream: the
+# causal, chunk-wise student of ref-video for ``cadence stream`` (issue 18; ``cadence distill --method
+# self-forcing --chunk-frames 4``), its folder written by that run on the GPU.
+STUDENTS: dict[str, Path] = {
+    "ref-video-4step": CHECKPOINTS / "ref-video-4step",
+    "ref-stream": CHECKPOINTS / "ref-stream",
+}
 
 
 def reference_model(name: str) -> ReferenceModel:

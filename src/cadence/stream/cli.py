@@ -213,7 +213,10 @@ def _pixels(frames, scale: int):
     help="at a switch, re-encode the cached frames with the new prompt (LongLive's KV re-cache)",
 )
 @click.option(
-    "--frames-per-chunk", type=click.IntRange(min=1), default=3, show_default=True, help="latent frames per chunk"
+    "--frames-per-chunk",
+    type=click.IntRange(min=1),
+    default=None,
+    help="latent frames per chunk [default: a stream student's own (ref-stream: 4), else 3]",
 )
 @click.option(
     "--steps-per-chunk", type=click.IntRange(min=1), default=4, show_default=True, help="denoising steps per chunk"
@@ -256,6 +259,8 @@ def stream(
         parsed = _stream_recipe(recipe)
         _check_model(model)
         pipe = cadence.load(model, device=device)
+        trained_chunk = (getattr(pipe, "student", None) or {}).get("chunk_frames")  # a causal stream student's
+        frames_per_chunk = frames_per_chunk or trained_chunk or 3
         timing = _timing(pipe, frames_per_chunk)
         check_length(out, timing.frames(seconds))
         size = generation.resolve_size(pipe, height, width, 1)
@@ -281,7 +286,8 @@ def stream(
         if acceleration is not None:
             acceleration.remove()
         raise click.ClickException(str(error)) from None
-    click.echo(NOT_A_STUDENT.format(model=model), err=True)
+    if trained_chunk is None:
+        click.echo(NOT_A_STUDENT.format(model=model), err=True)
     _run(
         ctx,
         chunk_stream,

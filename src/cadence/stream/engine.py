@@ -8,8 +8,12 @@ bidirectionally within the chunk and to the cached keys and values of the earlie
 more at timestep 0, in ``write`` mode, and its keys and values go into the cache (CausVid, Yin
 et al. 2025; Self-Forcing, Huang et al. 2025): later chunks see the clean past, as at training.
 
-Where this differs from Self-Forcing: the steps are the scheduler's own spread of
-``steps_per_chunk`` timesteps (Self-Forcing's student runs at its trained 1000/750/500/250);
+The steps are the scheduler's own spread of ``steps_per_chunk`` timesteps, or the ``sigmas`` given:
+a few-step student (``cadence.distill``, ``pipe.student``) of ``steps_per_chunk`` steps runs at its own
+trained sigmas by default, as Self-Forcing's student runs at its trained 1000/750/500/250; the
+causal student ``ref-stream`` is trained on exactly this loop (:mod:`cadence.distill.causal`).
+
+Where this differs from Self-Forcing:
 there is no classifier-free guidance (distilled stream students run without it, and CFG would
 need a cache per branch); one timestep per chunk, not per frame. The model is any Wan
 transformer; no trained stream model exists here yet, so nothing is claimed about quality, and a
@@ -79,6 +83,7 @@ def stream(
     decode: bool = True,
     prompts: Mapping[int, torch.Tensor] | None = None,
     recache: bool = True,
+    sigmas: list[float] | None = None,
 ) -> Iterator[StreamChunk]:
     """Generate ``chunks`` chunks (None: until the generator is closed), yielding each as it
     finishes. Every argument is checked here, before anything is generated; the KV cache's hooks
@@ -89,7 +94,9 @@ def stream(
     size. ``policy`` and ``kv_format`` default to kv-sink-window(sink=3, frames=12) and the native
     format, unless the model already carries sequence terms (``accelerate``), which are then used
     as they are. ``decode``: give each chunk's video frames (a pipeline's VAE decodes them chunk by
-    chunk, :mod:`cadence.stream.decode`)."""
+    chunk, :mod:`cadence.stream.decode`). ``sigmas``: the noise levels of a chunk's steps (one per step,
+    decreasing, in (0, 1]); default: a student pipeline's own when it has ``steps_per_chunk`` steps,
+    else the scheduler's spread."""
     transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
     pipe = pipe_or_transformer if transformer is not pipe_or_transformer else None
     if chunks is not None and (isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1):
@@ -136,10 +143,28 @@ def stream(
     if scheduler is None:
         source = getattr(pipe, "scheduler", None)
         scheduler = type(source).from_config(source.config) if source is not None else FlowMatchEulerDiscreteScheduler()
+    sigmas = _check_sigmas(sigmas, getattr(pipe, "student", None), steps_per_chunk)
+    shift = scheduler.config.get("shift", 1.0)
+    if sigmas is not None and (shift != 1.0 or scheduler.config.get("use_dynamic_shifting")):
+        raise ValueError(f"sigmas={sigmas} with a scheduler of shift={shift}: set_timesteps would shift them again; "
+                         "valid: a scheduler at shift 1.0 without dynamic shifting (a student's own)")
     vae = getattr(pipe, "vae", None)
     decoder = WanStreamDecoder(vae) if decode and vae is not None else None
     return _generate(transformer, prompt_embeds, chunks, frames_per_chunk, steps_per_chunk, policy, kv_format,
-                     held is None, (height, width), seed, scheduler, decode, decoder, schedule, recache)
+                     held is None, (height, width), seed, scheduler, decode, decoder, schedule, recache, sigmas)
+
+
+def _check_sigmas(sigmas, student: dict | None, steps: int) -> list[float] | None:
+    """The chunk's sigmas: those given, else a student's own of ``steps`` steps, else None (the
+    scheduler's spread); refused unless one per step, decreasing, in (0, 1]."""
+    if sigmas is None:
+        return list(student["sigmas"]) if student and student.get("steps") == steps else None
+    values = list(sigmas) if isinstance(sigmas, (list, tuple)) else None
+    if (values is None or len(values) != steps or not all(isinstance(v, (int, float)) and 0 < v <= 1 for v in values)
+            or any(a <= b for a, b in itertools.pairwise(values))):
+        raise ValueError(f"sigmas={sigmas!r}; valid: {steps} noise levels (one per step of a chunk), decreasing, "
+                         "each in (0, 1]")
+    return [float(v) for v in values]
 
 
 def _check_prompts(prompts, prompt_embeds: torch.Tensor, chunks: int | None) -> dict[int, torch.Tensor]:
@@ -163,7 +188,7 @@ def _check_prompts(prompts, prompt_embeds: torch.Tensor, chunks: int | None) -> 
 
 
 def _generate(transformer, prompt_embeds, chunks, frames_per_chunk, steps_per_chunk, policy, kv_format, install,
-              size, seed, scheduler, decode, decoder, schedule, recache):
+              size, seed, scheduler, decode, decoder, schedule, recache, sigmas):
     handles = [apply_policy(transformer, policy)] if install else []
     if install and kv_format is not None:
         handles.append(apply_format(transformer, kv_format))
@@ -183,7 +208,7 @@ def _generate(transformer, prompt_embeds, chunks, frames_per_chunk, steps_per_ch
                 if recache and cache.frames:
                     recached = _recache(transformer, cache, clean, embeds, frames_per_chunk, scheduler)
             latents = _chunk(transformer, cache, embeds, generator, frames_per_chunk, steps_per_chunk, size,
-                             scheduler, write=not last)
+                             scheduler, write=not last, sigmas=sigmas)
             ahead = recache and any(switch > index for switch in schedule)
             if ahead and not last:
                 first = index * frames_per_chunk
@@ -206,14 +231,18 @@ def _generate(transformer, prompt_embeds, chunks, frames_per_chunk, steps_per_ch
 
 
 @torch.no_grad()
-def _chunk(transformer, cache: KVCache, prompt_embeds, generator, frames, steps, size, scheduler, write: bool):
+def _chunk(transformer, cache: KVCache, prompt_embeds, generator, frames, steps, size, scheduler, write: bool,
+           sigmas: list[float] | None = None):
     """Denoise one chunk against the cache; with ``write``, put its clean K/V into the cache."""
     parameter = next(transformer.parameters())
     device, dtype = parameter.device, transformer.dtype
     embeds = prompt_embeds.to(device=device, dtype=dtype)
     batch, channels = embeds.shape[0], transformer.config.in_channels
     latents = torch.randn(batch, channels, frames, *size, generator=generator).to(device)  # (B, C, F, H, W)
-    scheduler.set_timesteps(steps, device=device)
+    if sigmas is None:
+        scheduler.set_timesteps(steps, device=device)
+    else:  # set_timesteps shifts what it is given: a student's sigmas are stored shifted, its scheduler at shift 1
+        scheduler.set_timesteps(sigmas=sigmas, device=device)
     scheduler.set_begin_index(0)
     cache.set_mode("read")
     for t in scheduler.timesteps:
