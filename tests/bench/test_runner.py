@@ -242,3 +242,20 @@ def test_a_last_recipe_that_fails_leaves_the_next_cases_baseline_measured(tmp_pa
         ("baseline", "a blue circle"), ("fixed-interval", "a blue circle")]
     assert [row["speedup"] for row in rows] == pytest.approx([1.0, 2.0, 1.0, 2.0])
     assert "teacache: ValueError: teacache: no calibration" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_a_shipped_student_is_benched_on_its_teachers_held_out_captions(tmp_path, monkeypatch):
+    from cadence.bench.runner import default_prompts
+    from cadence.reference import data, models
+
+    assert default_prompts("ref-video-4step", "heldout", 3) == data.heldout_prompts(3, video=True)
+    monkeypatch.setitem(models.STUDENTS, "unshipped", tmp_path / "unshipped")  # registered, no folder yet
+    with pytest.raises(ValueError, match="reference models' own .*text file"):
+        default_prompts("unshipped", "heldout", 3)
+
+
+def test_a_shipped_students_baseline_key_follows_its_own_weights():
+    """A student is named, not given as a path: its digest reads its folder, not a missing 'ref-video-4step/'."""
+    from cadence.bench.runner import _checkpoint_digest
+
+    assert _checkpoint_digest("ref-video-4step") != _checkpoint_digest("no-such-folder")

@@ -43,7 +43,7 @@ from cadence.bench import metrics, quality, report
 from cadence.command import command_line
 from cadence.recipe import Recipe, accelerate
 from cadence.reference import data
-from cadence.reference.models import REFERENCE_MODELS, reference_model
+from cadence.reference.models import REFERENCE_MODELS, STUDENTS, reference_model, reference_of
 
 
 @dataclass
@@ -68,12 +68,14 @@ class BenchSettings:
 
 
 def default_prompts(model: str, source: str, limit: int | None) -> list[str]:
-    """``heldout`` (the reference models' held-out captions) or a text file with one prompt per line."""
+    """``heldout`` (the held-out captions of a reference model, or of a shipped student's teacher)
+    or a text file with one prompt per line."""
     if source == "heldout":
-        if model not in REFERENCE_MODELS:
-            raise ValueError(f"--prompts heldout: the held-out captions are the reference models' own; for {model!r} "
-                             "give a text file with one prompt per line")
-        return data.heldout_prompts(limit or 32, video=reference_model(model).task == "video")
+        reference = reference_of(model)
+        if reference is None:
+            raise ValueError(f"--prompts heldout: the held-out captions are the reference models' own (and their "
+                             f"shipped students'); for {model!r} give a text file with one prompt per line")
+        return data.heldout_prompts(limit or 32, video=reference.task == "video")
     path = Path(source)
     if not path.is_file():
         raise ValueError(f"--prompts {source!r}: expected 'heldout' or a text file with one prompt per line")
@@ -154,7 +156,7 @@ _HASHED_WHOLE = 64 * 2**20
 
 def _checkpoint_digest(model: str) -> str:
     """The weights and configs a baseline output depends on (calibrations excluded)."""
-    root = reference_model(model).checkpoint if model in REFERENCE_MODELS else Path(model)
+    root = reference_model(model).checkpoint if model in REFERENCE_MODELS else STUDENTS.get(model, Path(model))
     digest = hashlib.sha256()
     for path in sorted(root.rglob("*")):
         if not path.is_file() or path.suffix not in (".safetensors", ".xz", ".json") or "calibration" in path.parts:
