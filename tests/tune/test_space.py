@@ -7,17 +7,21 @@ import torch
 from cadence.accel.attention import kernels
 from cadence.accel.registry import LEVELS, load_builtin
 from cadence.recipe import Recipe
+from cadence.tune import realsize
 from cadence.tune.cost import CostModel
 from cadence.tune.prompts import split_prompts
+from cadence.tune.settings import TuneSettings
 from cadence.tune.space import (
     CUDA_ONLY_BACKENDS,
     NONE,
+    REFERENCE_BACKENDS,
     STREAM_ONLY_LEVELS,
     SearchSpace,
     features,
     fp4_left_out,
     is_fp4,
     is_peer,
+    native_linear_format,
     unusable_backends,
 )
 
@@ -176,11 +180,12 @@ def _failing(monkeypatch, failing: set[str]) -> list:
 def test_a_dense_backend_that_fails_on_the_model_is_left_out_with_its_error(monkeypatch):
     calls = _failing(monkeypatch, {"flash", "cudnn"})
     space = SearchSpace.from_registry(include=("attention-backend", "magcache"), device="cuda", model=_TinyAttention())
-    assert {backend for backend, _, _ in calls} == set(kernels.DENSE_BACKENDS)  # every backend the device has
+    # every backend the device has but SDPA's reference one, left out on CUDA before the probe
+    assert {backend for backend, _, _ in calls} == set(kernels.DENSE_BACKENDS) - set(REFERENCE_BACKENDS)
     assert all(shape[-1] == 64 and dtype == torch.float32 for _, shape, dtype in calls)  # the model's head size
     assert "attention-backend backend 'flash' left out: it fails on this model's float32 attention: RuntimeError: " \
            "No available kernel. Aborting execution." in space.notes
-    assert set(space.backends) == set(kernels.DENSE_BACKENDS) - {"flash", "cudnn"}
+    assert set(space.backends) == set(kernels.DENSE_BACKENDS) - {"flash", "cudnn", "math"}
     assert "attention-backend" in space.choices["token"] and "cudnn/flash left out" in space.describe()
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     proposed = {getattr(config, "backend", None) for _ in range(40) for config in space.suggest(study.ask()).techniques}
@@ -242,3 +247,65 @@ def test_fp4_stays_on_blackwell_and_on_the_cpu(monkeypatch):
     _cuda_device(monkeypatch, (9, 0), "NVIDIA H200")
     cpu = SearchSpace.from_registry(device="cpu")  # every format is emulated on the CPU: today's space
     assert {"nvfp4", "mxfp4"} <= set(cpu.choices["bit"]) and fp4_left_out("cpu") is None
+
+
+def test_the_math_backend_is_left_out_on_cuda_with_the_reason_and_no_include_brings_it_back(monkeypatch):
+    calls = _failing(monkeypatch, set())
+    sampled = SearchSpace.from_registry(include=("attention-backend", "magcache"), device="cuda",
+                                        model=_TinyAttention())
+    assert REFERENCE_BACKENDS == ("math",) and "math" not in sampled.backends
+    assert "math" not in {backend for backend, _, _ in calls}  # not even probed
+    assert set(sampled.backends) == set(kernels.DENSE_BACKENDS) - {"math"}
+    note = ("attention-backend backend 'math' left out: SDPA's reference kernel, which materialises every query-key "
+            "score: on CUDA never faster than the fused kernels; --include names techniques, not backends, so no "
+            "option searches it (a recipe naming it still runs it)")
+    assert note in sampled.notes  # include named the technique: its backends are not named
+    assert "(math left out on CUDA: SDPA's reference kernel; see the notes)" in sampled.describe()
+    math = Recipe.parse("magcache(budget=0.3) + attention-backend(backend='math')")
+    assert sampled.params_of(math)["token"] == NONE and sampled.restrict(math) == Recipe.parse("magcache(budget=0.3)")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    proposed = {getattr(c, "backend", None) for _ in range(60) for c in sampled.suggest(study.ask()).techniques}
+    assert "math" not in proposed and {"sage", "flex"} <= proposed
+    without_a_dense_technique = SearchSpace.from_registry(include=("magcache",), device="cuda")
+    assert not any("'math'" in line for line in without_a_dense_technique.notes)  # no note on what is not searched
+
+
+def test_the_math_backend_stays_on_the_cpu():
+    cpu = SearchSpace.from_registry(include=("attention-backend",), device="cpu", model=_TinyAttention())
+    assert "math" in cpu.backends and not any("'math'" in note for note in cpu.notes)
+    assert "math left out" not in cpu.describe()
+
+
+def test_with_speed_at_mixed_is_left_out_with_the_reason_and_searched_when_included():
+    assert [name for name, technique in load_builtin().items() if not realsize.timable(technique)] == ["mixed"]
+    assert "mixed" in SearchSpace.from_registry(device="cpu").choices["bit"]  # timed on the tuned model: it stays
+    timed_there = SearchSpace.from_registry(device="cpu", speed_at="wan2.1-1.3b")
+    assert "mixed" not in timed_there.choices["bit"] and {"fp8", "int8"} <= set(timed_there.choices["bit"])
+    assert ("mixed left out: candidates are timed at wan2.1-1.3b, where its sensitivity calibration, made for the "
+            "tuned model only, cannot be read and it has no calibration-free form; --include names it to search it all "
+            "the same") in timed_there.notes
+    assert timed_there.params_of(Recipe.parse("magcache(budget=0.3) + mixed"))["bit"] == NONE  # not enqueued either
+    named = SearchSpace.from_registry(include=("mixed", "magcache"), device="cpu", speed_at="wan2.1-1.3b")
+    assert named.choices["bit"] == (NONE, "mixed") and not any("mixed left out" in note for note in named.notes)
+
+
+def test_the_settings_build_the_space_with_speed_at_and_an_unknown_real_size_is_refused(tmp_path):
+    all_but_mixed = tuple(name for name in load_builtin() if name != "mixed")
+    TuneSettings(out=tmp_path, exclude=all_but_mixed).check()  # mixed alone: searched on the tuned model
+    with pytest.raises(ValueError, match="search space is empty"):  # and left out when timed at the real size
+        TuneSettings(out=tmp_path, exclude=all_but_mixed, speed_at="wan2.1-1.3b").check()
+    with pytest.raises(ValueError, match=r"--speed-at 'wan9' is not a known real size; valid: wan2.1-1.3b .*flux"):
+        SearchSpace.from_registry(speed_at="wan9")
+
+
+@pytest.mark.parametrize("capability, expected", [((9, 0), "fp8"), ((8, 9), "fp8"), ((10, 0), "fp8"),
+                                                  ((8, 6), "int8"), ((8, 0), "int8"), ((7, 5), "int8")])
+def test_the_native_linear_format_follows_the_compute_capability(monkeypatch, capability, expected):
+    _cuda_device(monkeypatch, capability, "a GPU")
+    assert native_linear_format("cuda") == expected and native_linear_format("cuda:0") == expected
+    assert native_linear_format("cpu") is None
+
+
+def test_no_native_linear_format_where_cuda_cannot_be_queried(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert native_linear_format("cuda") is None

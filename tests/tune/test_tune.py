@@ -306,6 +306,51 @@ def test_the_study_is_seeded_with_the_default_its_parts_and_its_step_policy_at_l
     assert search_module.seeds(Recipe.parse("compile"), space) == []
 
 
+def _gpu(monkeypatch, capability: tuple[int, int]) -> None:
+    """This process sees one CUDA device of ``capability`` (none is needed: the seeds only ask)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
+
+
+SAGE = "attention-backend(backend='sage')"
+SHIPPED = Recipe.parse(f"magcache(budget=0.3) + compile + {SAGE}")
+LADDER = [f"magcache(budget={budget}) + {SAGE}" for budget in (0.45, 0.6, 0.75)]
+
+
+@pytest.mark.parametrize("capability, native", [((9, 0), "fp8"), ((8, 9), "fp8"), ((8, 0), "int8")])
+def test_after_the_ladder_the_study_is_seeded_with_its_recipes_on_the_gpus_native_linears(monkeypatch, capability,
+                                                                                             native):
+    _gpu(monkeypatch, capability)
+    space = SearchSpace.from_registry(device="cuda")
+    starts = search_module.seeds(SHIPPED, space)
+    assert [str(recipe) for recipe, _ in starts] == [
+        f"magcache(budget=0.3) + {SAGE}", "magcache(budget=0.3)", SAGE, *LADDER,
+        *(f"{recipe} + {native}" for recipe in LADDER)]
+    assert starts[6][1] == (f"the shipped default's step policy at budget 0.45, with {native} linears: this GPU's "
+                            "native low-precision format")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    note = search_module.enqueue_seeds(study, space, starts)
+    asked = [space.suggest(study.ask()) for _ in starts]  # the enqueued trials come first, in order
+    assert asked == [recipe for recipe, _ in starts]
+    assert note.startswith("seeded before the sampler")
+    assert f"trial 6: `{LADDER[0]} + {native}` ({starts[6][1]})" in note
+
+
+def test_no_native_linear_seeds_on_the_cpu_or_where_the_space_or_the_default_rules_them_out(monkeypatch):
+    cpu = search_module.seeds(SHIPPED, SearchSpace.from_registry(device="cpu", compile=True))
+    assert [str(recipe) for recipe, _ in cpu][-3:] == LADDER and len(cpu) == 6  # nothing after the ladder
+    _gpu(monkeypatch, (9, 0))
+    without_fp8 = search_module.seeds(SHIPPED, SearchSpace.from_registry(device="cuda", exclude=("fp8",)))
+    assert [str(recipe) for recipe, _ in without_fp8][-3:] == LADDER  # excluded: not seeded either
+    quantized = Recipe.parse(f"magcache(budget=0.3) + {SAGE} + int8")  # the default quantizes its own linears
+    starts = search_module.seeds(quantized, SearchSpace.from_registry(device="cuda"))
+    assert [str(recipe) for recipe, _ in starts][-1] == f"magcache(budget=0.75) + {SAGE} + int8"
+    assert not any("native" in why for _, why in starts)
+    no_ladder = search_module.seeds(Recipe.parse(SAGE), SearchSpace.from_registry(device="cuda"))
+    assert [str(recipe) for recipe, _ in no_ladder] == [SAGE]  # no step policy: no ladder to add linears to
+
+
 def test_a_new_study_runs_the_seeds_first_and_the_report_names_them(pipe, tmp_path, monkeypatch):
     monkeypatch.setattr(search_module, "default_recipe",
                         lambda name: type("Default", (), {"recipe": "fixed-interval(budget=0.65)"})())

@@ -60,7 +60,8 @@ to the same kernels), and the knobs that need one take their calibration-free va
 The two errors go opposite ways and, by this arithmetic, are small next to the 8-bit GEMMs
 themselves (neither is measured apart). A part with no calibration-free form (``mixed``: its
 sensitivity calibration decides which format each linear takes) is refused at the real size,
-its message naming the calibration.
+its message naming the calibration; ``timable`` says so from its registration, and the search
+space leaves it out with ``--speed-at`` (``space.SearchSpace.from_registry``).
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import FluxTransformer2DModel, WanTransformer3DModel
 
-from cadence.accel.registry import TechniqueConfig, get_technique
+from cadence.accel.quant.calibration import ACTIVATION_RANGES
+from cadence.accel.registry import Technique, TechniqueConfig, get_technique
 from cadence.bench.runner import timed
 from cadence.models.real_configs import (
     FLUX_DEV,
@@ -98,6 +100,10 @@ POINTER_FIELDS = ("calibration", "checkpoint")
 # The knobs that need the activation calibration (QuantConfig.needs_calibration), set to the
 # value that needs none: SmoothQuant off, activation scales per token.
 CALIBRATION_FREE = {"smooth": 0.0, "activations": "dynamic"}
+# The calibration stores every use of which CALIBRATION_FREE's knobs turn off: the activation
+# ranges (SmoothQuant's factors, static scales). A per-forward technique calibrated into any other
+# store (mixed's sensitivity: which format each linear takes) has no calibration-free form.
+CALIBRATION_FREE_STORES = (ACTIVATION_RANGES.store,)
 
 
 @dataclass(frozen=True)
@@ -195,6 +201,14 @@ def calibration_free(config: TechniqueConfig) -> TechniqueConfig:
         **{name: value for name, value in CALIBRATION_FREE.items() if name in params},
     }
     return type(config).from_params({**params, **changed})
+
+
+def timable(technique: Technique) -> bool:
+    """Whether ``technique`` can be timed at a real size: a step policy is not timed there (its
+    share of the block work is measured on the tuned model); a per-forward technique needs no
+    calibration, or only one its calibration-free form drops (``CALIBRATION_FREE_STORES``)."""
+    calibration = technique.calibration
+    return technique.config.level == STEP_LEVEL or calibration is None or calibration.store in CALIBRATION_FREE_STORES
 
 
 class OutOfTime(RuntimeError):

@@ -47,7 +47,12 @@ runs only where its new measures fit, and no closing baseline runs after a candi
 The study starts from the shipped default (``seeds``): the default, each of its techniques
 alone, then its step policy at ``BUDGET_LADDER`` larger budgets with its per-forward part (the
 budget is the knob that decides quality; issue 22's run never reached the budgets where the
-default met the bar), before the sampler's own exploration.
+default met the bar), then those ladder recipes again with the device's native low-precision
+linears (``space.native_linear_format``: fp8 on Ada and Hopper, int8 on older GPUs, none on the
+CPU), before the sampler's own exploration. Issue 22's run never proposed the default's
+``attention-backend(backend='sage')`` with fp8, the fastest per-forward part of the
+quantization table at the Wan2.1-1.3B size on the H100 (benchmarks/RESULTS.md, "End to end,
+Wan2.1-1.3B size, 480p x 81 frames"); seeded, it is measured among the first candidates.
 
 The study lives in ``OUT/study.db`` (SQLite): a killed run, started again with the same
 settings, resumes it; the candidate that was running is tried again. Baseline outputs and
@@ -66,6 +71,7 @@ import optuna
 import torch
 
 from cadence import generation
+from cadence.accel.registry import get_technique
 from cadence.models import adapter_for, find_transformer
 from cadence.models.defaults import default_recipe
 from cadence.recipe import Recipe
@@ -75,7 +81,7 @@ from cadence.tune.cost import CostModel
 from cadence.tune.evaluate import FAILURES, Evaluator, TooSlow
 from cadence.tune.prompts import PromptSplit, split_prompts
 from cadence.tune.settings import TuneSettings, duration
-from cadence.tune.space import KNOB_RANGE, KNOB_STEP, SearchSpace, features
+from cadence.tune.space import KNOB_RANGE, KNOB_STEP, SearchSpace, features, native_linear_format
 
 STUDY = "cadence-tune"
 # A candidate whose median time per case is this much longer than the best found's is
@@ -150,7 +156,7 @@ def tune(pipe, settings: TuneSettings) -> TuneResult:
         except TypeError as error:
             raise TuneRefused(str(error)) from None
     space = SearchSpace.from_registry(settings.include, settings.exclude, settings.device, settings.compile,
-                                      model=find_transformer(pipe))
+                                      model=find_transformer(pipe), speed_at=settings.speed_at)
     split = split_prompts(settings.prompts, video=generation.is_video(pipe), tuning=settings.tuning_prompts,
                           check=settings.check_prompts, seeds=settings.seeds, confirm=settings.confirm_prompts)
     size = generation.resolve_size(pipe, settings.height, settings.width, settings.frames)
@@ -247,11 +253,7 @@ class _Run:
                               f"policy), is more than {MODELLED_MARGIN:.0%} slower than the best found")
         default = self.shipped_default()
         if default is not None and not study.trials:
-            starts = seeds(default, self.space)
-            for start, _ in starts:
-                study.enqueue_trial(self.space.params_of(start))
-            self.notes.append("seeded before the sampler's own candidates: " + "; ".join(
-                f"trial {number}: `{start}` ({why})" for number, (start, why) in enumerate(starts)))
+            self.notes.append(enqueue_seeds(study, self.space, seeds(default, self.space)))
         searching = self.remaining() - self.reserve()
         if searching > 0 and (self.settings.trials is None or self.settings.trials > _finished(study)):
             trials = None if self.settings.trials is None else self.settings.trials - _finished(study)
@@ -641,9 +643,11 @@ def least_share(recipe: Recipe, steps: int) -> float:
 
 def seeds(default: Recipe, space: SearchSpace) -> list[tuple[Recipe, str]]:
     """The candidates the study starts from, each with why: the shipped default, each of its
-    searched techniques alone (which of them costs the fidelity) when it has several, and its
+    searched techniques alone (which of them costs the fidelity) when it has several, its
     step policy at each ``BUDGET_LADDER`` larger budget on the search's grid, with the default's
-    per-forward part (budgets past the searched range are left out)."""
+    per-forward part (budgets past the searched range are left out), then each of those with
+    the device's native low-precision linears added (``native_linear_format``; only where the
+    space searches that format and the default quantizes no linear of its own)."""
     searched = [config for config in default.techniques if config.name not in space.late]
     if not searched:
         return []
@@ -655,14 +659,29 @@ def seeds(default: Recipe, space: SearchSpace) -> list[tuple[Recipe, str]]:
     if policy is None or not space.params_of(Recipe([policy])).get("budget"):
         return starts
     high = KNOB_RANGE["budget"][1]
+    ladder = []
     for rise in BUDGET_LADDER:
         budget = round(round((policy.budget + rise) / KNOB_STEP) * KNOB_STEP, 2)
         if budget > high:
             break
         raised = type(policy).from_params({**policy.params(), "budget": budget})
-        starts.append((Recipe([raised if config is policy else config for config in searched]),
+        ladder.append((Recipe([raised if config is policy else config for config in searched]),
                        f"the shipped default's step policy at budget {budget:g}"))
-    return starts
+    native = native_linear_format(space.device)
+    if native is None or native not in space.choices["bit"] or any(c.level == "bit" for c in searched):
+        return starts + ladder
+    linears = get_technique(native).config.from_params({})
+    why_native = f"with {native} linears: this GPU's native low-precision format"
+    native_ladder = [(Recipe([*recipe.techniques, linears]), f"{why}, {why_native}") for recipe, why in ladder]
+    return starts + ladder + native_ladder
+
+
+def enqueue_seeds(study: optuna.Study, space: SearchSpace, starts: list[tuple[Recipe, str]]) -> str:
+    """Enqueue ``starts`` (``seeds``) in order, before the sampler's own candidates; the report's note on them."""
+    for start, _ in starts:
+        study.enqueue_trial(space.params_of(start))
+    return "seeded before the sampler's own candidates: " + "; ".join(
+        f"trial {number}: `{start}` ({why})" for number, (start, why) in enumerate(starts))
 
 
 def _finished(study: optuna.Study) -> int:

@@ -57,7 +57,8 @@ class TuneSettings:
         quality.check_adherence(self.min_adherence)
         if self.speed_at is not None:
             realsize.spec(self.speed_at)
-        SearchSpace.from_registry(self.include, self.exclude, self.device, self.compile)  # names checked before loading
+        # names checked before loading
+        SearchSpace.from_registry(self.include, self.exclude, self.device, self.compile, speed_at=self.speed_at)
 
     def identity(self) -> dict:
         """What a study's results depend on: a resumed study must have been run with these."""

@@ -10,13 +10,19 @@ range its ``param`` declares, every other parameter stays at its default:
 - token: the attention pattern, its ``density`` and (on a GPU) its ``precision`` (bf16,
   int8 or fp8: the kept blocks on the sparse sage kernel; on the CPU that kernel is an emulation,
   slower than bf16, so precision is not searched there), or a dense backend's ``backend``
-  among those the model runs (``unusable_backends``: probed on the model before the study);
+  among those the model runs (``unusable_backends``: probed on the model before the study).
+  On a CUDA device SDPA's ``math`` backend is left out (``REFERENCE_BACKENDS``): the reference
+  kernel, never faster there than the fused ones; ``include`` names techniques, not backends,
+  so nothing brings it back into a search (a recipe naming it still runs it);
 - bit: the precision (each quantization technique at its defaults). On a CUDA device without
   FP4 tensor cores (compute capability below ``FP4_CAPABILITY``) the FP4 formats are left out
   unless named in ``include`` (``fp4_left_out``): cadence simulates them there, several times
   a bf16 step's cost, so they cannot win on speed, and with ``--speed-at`` (timed on the same
   device) their measure was the longest of issue 22's run. On the CPU, where no format has a
-  tensor-core path and the 8-bit ones are emulated too, they stay;
+  tensor-core path and the 8-bit ones are emulated too, they stay. With ``--speed-at`` a
+  technique that cannot be timed at the real size is left out unless named in ``include``
+  (``realsize.timable``: ``mixed``, whose sensitivity calibration is made for the tuned model
+  only and which has no calibration-free form; each of its candidates failed in issue 22);
 - graph: nothing searched. ``compile`` changes how fast a recipe runs, not what it computes
   (one bf16 rounding step at most), so the search would pay its warm-up (15-20 s a new
   candidate on the H200, inductor tracing the blocks with new hooks) for no information on
@@ -40,6 +46,7 @@ from cadence.accel.quant.formats import FORMATS
 from cadence.accel.quant.formats.fp4 import FP4Format
 from cadence.accel.registry import LEVELS, TechniqueConfig, load_builtin
 from cadence.recipe import Recipe
+from cadence.tune import realsize
 from cadence.tune.evaluate import FAILURES
 
 NONE = "none"
@@ -57,6 +64,13 @@ FORECASTS = (0, 1)
 PRECISIONS = ("bf16", "int8", "fp8")
 # SDPA backends that only exist on CUDA: on the CPU they fail or fall back to the default.
 CUDA_ONLY_BACKENDS = ("cudnn", "flash", "efficient")
+# SDPA's reference kernel: it materialises every query-key score, so on CUDA it is never faster
+# than the fused kernels; at wan2.1-1.3b on the H200 its part was 14x the baseline's step and
+# its measure took a third of a 9-minute run (issue 22). Left out on CUDA, kept on the CPU.
+REFERENCE_BACKENDS = ("math",)
+REFERENCE_REASON = ("SDPA's reference kernel, which materialises every query-key score: on CUDA never faster than "
+                    "the fused kernels; --include names techniques, not backends, so no option searches it (a recipe "
+                    "naming it still runs it)")
 # The probe's query length: one 128-token tile, the block the sage kernels' tiles are cut from.
 PROBE_TOKENS = 128
 # A head size for the probe when the model's attention modules do not say theirs (diffusers'
@@ -76,6 +90,9 @@ LATE_REASON = ("{names} not searched (no change to the output, a warm-up per can
 # Blackwell's compute capability: the first with FP4 (E2M1) tensor cores. Below it cadence's
 # nvfp4 and mxfp4 run simulated (accel/quant/fp4.py).
 FP4_CAPABILITY = (10, 0)
+# Ada's and Hopper's: the first with FP8 (E4M3) tensor cores. Below it (Turing, Ampere) the
+# native low-precision GEMM is INT8's.
+FP8_CAPABILITY = (8, 9)
 
 
 # Levels whose techniques act only while streaming (cadence.stream): not in a one-shot search.
@@ -139,6 +156,15 @@ def fp4_left_out(device: str) -> str | None:
             "slower than bf16; --include names them to search them all the same")
 
 
+def native_linear_format(device: str) -> str | None:
+    """The bit-level technique whose linears run on ``device``'s own low-precision tensor cores:
+    ``fp8`` from compute capability ``FP8_CAPABILITY``, ``int8`` below it; None on the CPU (every
+    format is emulated there) or a CUDA device this process cannot query."""
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    return "fp8" if tuple(torch.cuda.get_device_capability(device)) >= FP8_CAPABILITY else "int8"
+
+
 def _check_names(names: tuple[str, ...], what: str, known: dict) -> None:
     unknown = [name for name in names if name not in known]
     if unknown:
@@ -158,11 +184,13 @@ class SearchSpace:
 
     @classmethod
     def from_registry(cls, include: tuple[str, ...] = (), exclude: tuple[str, ...] = (), device: str = "cpu",
-                      compile: bool | None = None, model: torch.nn.Module | None = None) -> SearchSpace:
+                      compile: bool | None = None, model: torch.nn.Module | None = None,
+                      speed_at: str | None = None) -> SearchSpace:
         """Every registered technique, less the peers; ``include`` narrows to the named ones
         (peers may be named), ``exclude`` removes some. ``compile=None``: on CUDA only.
         ``model``: the dense backends that fail on it are left out (``unusable_backends``), and
-        a dense technique left with none is left out."""
+        a dense technique left with none is left out. ``speed_at`` (a real size candidates are
+        timed at): the techniques that cannot be timed there are left out unless included."""
         techniques = load_builtin()
         _check_names(include, "include", techniques)
         _check_names(exclude, "exclude", techniques)
@@ -186,8 +214,22 @@ class SearchSpace:
         if fp4_reason and fp4:
             choices["bit"] = tuple(name for name in choices["bit"] if name not in fp4)
             notes.append(f"{', '.join(fp4)} left out: {fp4_reason}")
-        backends = tuple(b for b in kernels.DENSE_BACKENDS if device.startswith("cuda") or b not in CUDA_ONLY_BACKENDS)
+        if speed_at is not None:
+            realsize.spec(speed_at)  # refused naming the known real sizes
+            untimable = [name for level, names in choices.items() for name in names if name != NONE
+                         and not realsize.timable(techniques[name]) and name not in include]
+            choices = {level: tuple(n for n in names if n not in untimable) for level, names in choices.items()}
+            notes += [f"{name} left out: candidates are timed at {speed_at}, where its "
+                      f"{techniques[name].calibration.store} calibration, made for the tuned model only, cannot be "
+                      "read and it has no calibration-free form; --include names it to search it all the same"
+                      for name in untimable]
+        cuda = device.startswith("cuda")
+        backends = tuple(b for b in kernels.DENSE_BACKENDS
+                         if b not in (REFERENCE_BACKENDS if cuda else CUDA_ONLY_BACKENDS))
         dense = [name for name in choices["token"] if name != NONE and is_dense_backend(techniques[name].config)]
+        if cuda:
+            notes += [f"{name} backend {backend!r} left out: {REFERENCE_REASON}" for name in dense
+                      for backend in REFERENCE_BACKENDS if backend in _backend_choices(techniques[name].config)]
         if model is not None and dense:
             # A resumed study builds the same space: the probe gives the same answer on the same machine.
             failing = unusable_backends(model, backends)
@@ -287,10 +329,14 @@ class SearchSpace:
             lines.append(f"- added at the confirmation: {', '.join(self.late)}")
         knobs = ", ".join(f"{knob} in [{low}, {high}] by {KNOB_STEP}" for knob, (low, high) in KNOB_RANGE.items())
         knobs += f"; cfg_reuse true/false; MagCache's forecast 0/1; a dense backend's backend {'/'.join(self.backends)}"
+        cuda = self.device.startswith("cuda")
         left_out = [b for b in kernels.DENSE_BACKENDS if b not in self.backends
-                    and (self.device.startswith("cuda") or b not in CUDA_ONLY_BACKENDS)]
-        if left_out:
-            knobs += f" ({'/'.join(left_out)} left out: they fail on this model, see the notes)"
+                    and b not in (REFERENCE_BACKENDS if cuda else CUDA_ONLY_BACKENDS)]
+        why = [f"{'/'.join(left_out)} left out: they fail on this model"] if left_out else []
+        if cuda:
+            why.append(f"{'/'.join(REFERENCE_BACKENDS)} left out on CUDA: SDPA's reference kernel")
+        if why:
+            knobs += f" ({'; '.join(why)}; see the notes)"
         if self.device.startswith("cuda"):
             knobs += f"; a sparse pattern's precision {'/'.join(PRECISIONS)}"
         return "\n".join([*lines, f"- knobs: {knobs}"])
