@@ -62,7 +62,7 @@ def tune(model, min_psnr, min_ssim, min_adherence, prompts, tuning, confirm, che
     _quiet()
     import cadence
     from cadence.bench.runner import check_writable
-    from cadence.reference.models import REFERENCE_MODELS
+    from cadence.reference.models import REFERENCE_MODELS, reference_of
     from cadence.tune.search import TuneRefused
     from cadence.tune.search import tune as run_tune
     from cadence.tune.settings import TuneSettings, parse_duration
@@ -75,9 +75,9 @@ def tune(model, min_psnr, min_ssim, min_adherence, prompts, tuning, confirm, che
             exclude=_names(exclude), compile=compile_blocks, height=height, width=width, frames=frames, model=model,
             command=command_line(), speed_at=speed_at)
         settings.check()
-        if prompts == "heldout" and model not in REFERENCE_MODELS:
-            raise ValueError(f"--prompts heldout: the held-out captions are the reference models' own; for {model!r} "
-                             "give a text file with one prompt per line")
+        if prompts == "heldout" and reference_of(model) is None:
+            raise ValueError(f"--prompts heldout: the held-out captions are the reference models' own (and their "
+                             f"shipped students'); for {model!r} give a text file with one prompt per line")
         if save_default and model in REFERENCE_MODELS:
             raise ValueError(f"--save-default: {model} keeps the shipped defaults (`cadence recipes --model {model}`); "
                              "save a tuned recipe beside your own checkpoint directory")
