@@ -52,6 +52,15 @@ def test_recipes_model_shows_a_valid_default_recipe_and_its_evidence(family):
     assert "measured:" in result.output and "needs:" in result.output
 
 
+def test_a_students_default_is_its_teachers_without_the_step_policy():
+    result = invoke("recipes", "--model", "ref-video-4step")
+    assert result.exit_code == 0, result.output
+    recipe = Recipe.parse(re.search(r'--recipe "(.*)"', result.output).group(1))
+    teacher = Recipe.parse(re.search(r'--recipe "(.*)"', invoke("recipes", "--model", "ref-video").output).group(1))
+    assert [c.name for c in recipe.techniques] == [c.name for c in teacher.techniques if c.level != "step"]
+    assert any(c.level == "step" for c in teacher.techniques) and "4-step student" in result.output
+
+
 def test_recipes_model_refuses_an_unknown_family_with_the_valid_ones():
     result = invoke("recipes", "--model", "unet")
     assert result.exit_code != 0
