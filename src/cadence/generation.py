@@ -320,7 +320,9 @@ def sampling(pipe, steps: int | None = None, guidance_scale: float | None = None
     (a distilled student's K steps and guidance 1: ``cadence.distill``), else 20 steps at 4.0."""
     if hasattr(pipe, "sampling_defaults"):
         return pipe.sampling_defaults(steps, guidance_scale)
-    return (20 if steps is None else steps, 4.0 if guidance_scale is None else guidance_scale)
+    student = getattr(pipe, "student", None) or {}  # a student of a user's Wan / FLUX checkpoint (cadence.load)
+    return (student.get("steps", 20) if steps is None else steps,
+            student.get("guidance_scale", 4.0) if guidance_scale is None else guidance_scale)
 
 
 def call_arguments(pipe, prompt: str, *, steps: int, seed: int, guidance_scale: float, size: Size,

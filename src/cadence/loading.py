@@ -57,10 +57,11 @@ def open_student(pipe, path: Path, text_encoder: bool = True) -> None:
 
     record = json.loads((path / STUDENT_FILE).read_text())
     steps, sigmas = record.get("steps"), record.get("sigmas")
-    if not isinstance(pipe, _RefPipeline):
-        raise ValueError(  # noqa: TRY004 - every refusal of a checkpoint is a ValueError (module docstring)
-            f"{path / STUDENT_FILE}: a student of a {type(pipe).__name__}; cadence opens students of the "
-            "reference pipelines (RefVideoPipeline, RefImagePipeline) only")
+    users = ("WanPipeline", "FluxPipeline")  # a student of a user's checkpoint (cadence.distill.user)
+    if not isinstance(pipe, _RefPipeline) and type(pipe).__name__ not in users:
+        raise ValueError(
+            f"{path / STUDENT_FILE}: a student of a {type(pipe).__name__}; cadence opens students of "
+            f"RefVideoPipeline, RefImagePipeline, {', '.join(users)} only")
     if not isinstance(steps, int) or steps < 1 or not isinstance(sigmas, list) or len(sigmas) != steps:
         raise ValueError(f"{path / STUDENT_FILE}: steps={steps!r} and sigmas={sigmas!r} must be a positive step "
                          "count and one sigma per step; the checkpoint is damaged")
@@ -74,11 +75,23 @@ def open_student(pipe, path: Path, text_encoder: bool = True) -> None:
     if record.get("causal"):  # a stream student (cadence distill --method self-forcing): the chunk it was trained on
         pipe.student["chunk_frames"] = int(record["chunk_frames"])
     pipe.transformer.float()
+    if not isinstance(pipe, _RefPipeline):
+        _open_user_student(pipe)
+        return
     if text_encoder and pipe.text_encoder is None and record.get("teacher") in REFERENCE_MODELS:
         from cadence.reference.text import load_text_encoder
 
         tokenizer, encoder = load_text_encoder()
         pipe.register_modules(tokenizer=tokenizer, text_encoder=encoder)
+
+
+def _open_user_student(pipe) -> None:
+    """A diffusers pipeline sets its scheduler's timesteps itself: its scheduler becomes one that
+    runs the student's sigmas at K steps (``StudentScheduler``); ``cadence.generation.sampling``
+    reads the student's steps and guidance from ``pipe.student``."""
+    from cadence.distill.student import StudentScheduler
+
+    pipe.scheduler = StudentScheduler.of(pipe.scheduler.config, pipe.student["sigmas"])
 
 
 def check_safetensors_only(path: Path) -> None:

@@ -17,7 +17,11 @@ def _fail(error: Exception):
 
 
 @click.command("distill")
-@click.option("--teacher", required=True, help="ref-video, ref-image, or a checkpoint folder cadence.load opens")
+@click.option(
+    "--teacher",
+    required=True,
+    help="ref-video, ref-image, or a checkpoint folder cadence.load opens (a reference one, or a Wan or FLUX pipeline)",
+)
 @click.option("--steps", type=int, default=4, show_default=True, help="the student's step count")
 @click.option(
     "--method", default="dmd", show_default=True, help="dmd (DMD2), consistency (CD / LCM) or self-forcing (causal)"
@@ -35,7 +39,13 @@ def _fail(error: Exception):
 @click.option("--max-steps", type=int, default=None, help="a step budget as well (default: time only)")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available)")
 @click.option("--batch-size", type=int, default=16, show_default=True)
-@click.option("--guidance-scale", type=float, default=4.0, show_default=True, help="the teacher's CFG (real score)")
+@click.option(
+    "--guidance-scale",
+    type=float,
+    default=4.0,
+    show_default=True,
+    help="the teacher's CFG (real score); FLUX.1-dev: its embedded guidance",
+)
 @click.option("--critic-updates", type=int, default=5, show_default=True, help="critic steps per generator step")
 @click.option(
     "--ema-decay", type=float, default=0.95, show_default=True, help="consistency: the EMA target's decay, in (0, 1)"
@@ -59,6 +69,16 @@ def _fail(error: Exception):
     default=None,
     help="caption embeddings (reference/train.py's file); default: .carry/embeddings-<teacher>.safetensors",
 )
+@click.option(
+    "--prompts",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="a Wan or FLUX teacher: a text file of prompts, one a line (a seeded share held out for the card)",
+)
+@click.option("--negative-prompt", default="", help="a Wan teacher: its CFG's negative prompt (default: empty)")
+@click.option("--height", type=int, default=None, help="the size to distil at (a Wan or FLUX teacher: in pixels)")
+@click.option("--width", type=int, default=None)
+@click.option("--frames", type=int, default=None)
 def distill(
     teacher,
     steps,
@@ -82,6 +102,11 @@ def distill(
     save_every,
     eval_every,
     embeddings,
+    prompts,
+    negative_prompt,
+    height,
+    width,
+    frames,
 ):
     """Distil TEACHER into a student that generates in --steps steps without CFG."""
     import torch
@@ -111,9 +136,17 @@ def distill(
             save_every=save_every,
             eval_every=eval_every or None,
             chunk_frames=chunk_frames,
+            size={k: v for k, v in (("frames", frames), ("height", height), ("width", width)) if v is not None} or None,
         )
         summary = run_distill(
-            teacher, out, settings=settings, device=device, embeddings=embeddings, command=command_line("distill")
+            teacher,
+            out,
+            settings=settings,
+            device=device,
+            embeddings=embeddings,
+            command=command_line("distill"),
+            prompts=prompts,
+            negative_prompt=negative_prompt,
         )
     except (ValueError, RuntimeError) as error:
         _fail(error)

@@ -24,7 +24,8 @@ def _pyplot():
 
 
 def plot_losses(history: list[dict], evaluations: list[dict], path: Path) -> None:
-    """One panel per loss (ODE regression, DMD generator, critic, consistency) and the judge's scores."""
+    """One panel per loss (ODE regression, DMD generator, critic, consistency) and the evaluations:
+    the judge's scores, or for a Wan or FLUX student its PSNR against the teacher's samples."""
     plt = _pyplot()
     series = {key: [(h["step"], h[key]) for h in history if key in h] for key in TITLES}
     series = {key: points for key, points in series.items() if points}
@@ -36,7 +37,13 @@ def plot_losses(history: list[dict], evaluations: list[dict], path: Path) -> Non
         ax.set_title(TITLES[key], fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    if evaluations:
+    if evaluations and "psnr" in evaluations[0]:
+        ax = axes[0][-1]
+        ax.plot([e["step"] for e in evaluations], [e["psnr"] for e in evaluations], "o-")
+        ax.set_xlabel("step")
+        ax.set_ylabel("dB")
+        ax.set_title("PSNR vs the teacher's samples (held-out prompts)", fontsize=9)
+    elif evaluations:
         ax = axes[0][-1]
         ax.plot([e["step"] for e in evaluations], [e["adherence"] for e in evaluations], "o-", label="adherence")
         ax.set_xlabel("step")
@@ -59,8 +66,11 @@ def _frames(clip: torch.Tensor) -> list[torch.Tensor]:
     return [clip[0], clip[clip.shape[0] // 2], clip[-1]]
 
 
-def plot_samples(teacher: torch.Tensor, student: torch.Tensor, labels: list[str], settings, path: Path) -> None:
-    """Rows: conditions; columns: the teacher's frames, then the student's (same noise)."""
+def plot_samples(
+    teacher: torch.Tensor, student: torch.Tensor, labels: list[str], settings, path: Path, guidance: str | None = None
+) -> None:
+    """Rows: conditions; columns: the teacher's frames, then the student's (same noise). ``guidance``:
+    how the teacher was guided when not by CFG at ``settings.guidance_scale`` (FLUX)."""
     plt = _pyplot()
     per = len(_frames(teacher[0]))
     fig, axes = plt.subplots(len(labels), 2 * per, figsize=(1.4 * 2 * per + 2.6, 1.4 * len(labels)), squeeze=False)
@@ -73,7 +83,7 @@ def plot_samples(teacher: torch.Tensor, student: torch.Tensor, labels: list[str]
                 ax.set_yticks([])
                 if row == 0 and col == 0:
                     ax.set_title(
-                        f"teacher, {settings.sample_steps} steps, CFG {settings.guidance_scale:g}"
+                        f"teacher, {settings.sample_steps} steps, {guidance or f'CFG {settings.guidance_scale:g}'}"
                         if side == 0
                         else f"student, {settings.steps} steps",
                         fontsize=7,
@@ -109,7 +119,52 @@ def method_line(settings: dict) -> str:
     )
 
 
+def fidelity_lines(summary: dict) -> str:
+    """A Wan or FLUX student's evaluation in the card: not the judge's, PSNR/SSIM to its teacher."""
+    last = summary["evaluations"][-1] if summary["evaluations"] else None
+    settings = summary["settings"]
+    lines = "- Adherence and FD are not measured: the judge scores the procedural world of the reference models only.\n"
+    if last:
+        lines += (
+            f"- Against the teacher's samples ({settings['sample_steps']} steps, {teacher_guidance(summary)}) on "
+            f"{settings['eval_prompts']} held-out prompts, same noise, at step {last['step']}: PSNR "
+            f"{last['psnr']:.2f} dB, SSIM {last['ssim']:.4f} (the student's bf16 weights as shipped).\n"
+        )
+    held = summary.get("heldout_prompts") or []
+    lines += (
+        f"- Held out from training, for the evaluation and samples.png: {len(held)} prompts of the prompts file, "
+        f"chosen by a permutation seeded with the run's seed ({settings['seed']}): "
+        + "; ".join(f"`{prompt}`" for prompt in held)
+        + ".\n"
+    )
+    return lines + "- Not evaluated (evaluation off).\n" * (last is None)
+
+
+def outside_cadence(summary: dict) -> str:
+    """How a Wan or FLUX student runs at its own sigmas without cadence.load (which sets them)."""
+    sigmas = "[" + ", ".join(f"{s:.6f}" for s in summary["sigmas"]) + "]"
+    if summary.get("family") == "flux":
+        return (
+            f"In plain diffusers: `FluxPipeline.from_pretrained(<this folder>)(prompt, num_inference_steps="
+            f"{summary['steps']}, sigmas={sigmas}, guidance_scale={summary['guidance_scale']:g})`.\n"
+        )
+    return (
+        "In plain diffusers, WanPipeline takes no sigmas and its scheduler would spread its own: load it with "
+        f"`cadence.load`, or set `pipe.scheduler.set_timesteps(sigmas={sigmas})` in your own loop.\n"
+    )
+
+
+def teacher_guidance(summary: dict) -> str:
+    """How the teacher was guided: CFG, or FLUX.1-dev's embedded guidance (one forward, no CFG)."""
+    if summary.get("family") == "flux":  # FLUX.1-dev embeds its guidance; a FLUX without the embedding runs without
+        embedded = summary["guidance_scale"] != 1.0
+        return f"embedded guidance {summary['guidance_scale']:g}, no CFG" if embedded else "no CFG"
+    return f"CFG {summary['teacher_guidance_scale']:g}"
+
+
 def card(summary: dict) -> str:
+    if summary.get("family") in ("wan", "flux"):
+        return _card(summary, fidelity_lines(summary))
     last = summary["evaluations"][-1] if summary["evaluations"] else None
     fd = "" if last is None or last.get("fd") is None else f", FD {last['fd']:.2f}"
     judged = (
@@ -125,7 +180,16 @@ def card(summary: dict) -> str:
             f"- The teacher on the same captions and noise ({teacher['steps']} steps, CFG "
             f"{teacher['guidance_scale']:g}): adherence {teacher['adherence']:.3f}{teacher_fd}.\n"
         )
+    return _card(summary, judged)
+
+
+def _card(summary: dict, judged: str) -> str:
     settings = summary["settings"]
+    flux_note = (
+        "; FLUX.1-dev is guidance-distilled, so DMD's teacher with CFG is the teacher at its guidance"
+        if summary.get("family") == "flux" and summary["guidance_scale"] != 1.0
+        else ""
+    )
     sigmas = ", ".join(f"{s:.4f}" for s in summary["sigmas"])
     if summary.get("causal"):
         use = f"""A causal, chunk-wise student made by `cadence distill --method self-forcing`: it streams chunks of
@@ -136,16 +200,20 @@ sigmas {sigmas}, attending to the clean chunks before it through the stream's KV
 is not how it was trained.
 """
     else:
+        guidance = summary["guidance_scale"]
+        embedded = f" (FLUX's embedded guidance {guidance:g}, kept from its teacher)" if guidance != 1 else ""
         use = f"""A few-step student made by `cadence distill`: it generates in {summary["steps"]} transformer forwards
 (one per step, no CFG) at the sigmas {sigmas}.
-`cadence.load` opens this folder with those steps, sigmas and guidance 1 as its defaults.
+`cadence.load` opens this folder with those steps, sigmas and guidance {guidance:g}{embedded} as its defaults.
 """
+        if summary.get("family") in ("wan", "flux"):
+            use += outside_cadence(summary)
     return f"""# {summary["steps"]}-step student of {summary["teacher"]} ({summary["method"]})
 
 {use}
 ## Training
-- Teacher: `{summary["teacher"]}` with CFG {summary["teacher_guidance_scale"]} (the student distils it to one
-  forward a step without CFG).
+- Teacher: `{summary["teacher"]}` with {teacher_guidance(summary)} (the student distils it to one
+  forward a step without CFG{flux_note}).
 - Method: `{summary["method"]}`, {method_line(settings)}.
 - {summary["ode_steps"]} steps of ODE-pair regression ({settings["ode_pairs"]} teacher trajectories of
   {settings["teacher_steps"]} Euler steps), then the method: {summary["steps_trained"]} steps in all, batch
@@ -155,7 +223,7 @@ is not how it was trained.
 ![losses](loss.png)
 
 ## Samples
-The teacher at {settings["sample_steps"]} steps with CFG {summary["teacher_guidance_scale"]:g} beside the student (its bf16
+The teacher at {settings["sample_steps"]} steps with {teacher_guidance(summary)} beside the student (its bf16
 weights as shipped in `transformer/`{", chunk by chunk as it streams" if summary.get("causal") else ""}), same conditions and noise.
 
 ![samples](samples.png)

@@ -6,6 +6,13 @@ transformer predicts the velocity v = noise - x0, so x0 = x_sigma - sigma * v. T
 that parameterisation: it is trained through its x0 prediction, and it samples with the same
 Euler step as ``FlowMatchEulerDiscreteScheduler`` (x <- x + (sigma_next - sigma) v), so the
 checkpoint runs in the unchanged reference pipeline (``cadence.load`` sets its sigmas).
+
+The user's own Wan (``WanPipeline``) and FLUX (``FluxPipeline``) checkpoints are called the same
+way in their pipelines' latent space (``user.py`` holds what else they need: prompts, the VAE,
+the output folder): Wan's transformer takes the reference video call unchanged (timestep sigma *
+1000), FLUX's the reference image call on 2x2-packed VAE latents plus, for a guidance-distilled
+FLUX.1-dev, its ``guidance`` embedding at every forward (no CFG: ``guided_velocity`` is then the
+conditional velocity at that guidance).
 """
 
 from __future__ import annotations
@@ -53,6 +60,34 @@ def student_scheduler(scheduler: FlowMatchEulerDiscreteScheduler) -> FlowMatchEu
     return FlowMatchEulerDiscreteScheduler.from_config(scheduler.config, shift=1.0, use_dynamic_shifting=False)
 
 
+class StudentScheduler(FlowMatchEulerDiscreteScheduler):
+    """A student's scheduler (shift 1) inside a diffusers pipeline, which calls ``set_timesteps``
+    itself: every K-step schedule asked of it is the student's K sigmas, as the reference
+    pipelines set them (``_RefPipeline._denoise``). WanPipeline asks for K steps, FluxPipeline for
+    its K default sigmas; a caller's own K sigmas are replaced too (the student runs at no others)."""
+
+    student_sigmas: tuple[float, ...] = ()
+
+    @classmethod
+    def of(cls, config, sigmas: list[float]) -> StudentScheduler:
+        """A scheduler of ``config`` (shift 1, no dynamic shifting) running ``sigmas`` at K steps."""
+        if config.get("shift", 1.0) != 1.0 or config.get("use_dynamic_shifting"):
+            raise ValueError(
+                f"a student's scheduler must have shift 1 and no dynamic shifting (its sigmas are "
+                f"stored shifted), this one has shift={config.get('shift')}"
+            )
+        scheduler = cls.from_config(config)
+        scheduler.student_sigmas = tuple(float(s) for s in sigmas)
+        return scheduler
+
+    def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None, timesteps=None):
+        given = sigmas if sigmas is not None else timesteps
+        asked = num_inference_steps if num_inference_steps is not None else None if given is None else len(given)
+        if asked == len(self.student_sigmas):
+            return super().set_timesteps(device=device, sigmas=list(self.student_sigmas))
+        return super().set_timesteps(num_inference_steps, device, sigmas, mu, timesteps)
+
+
 def refined_grid(sigmas: list[float], substeps: int) -> tuple[list[float], list[int]]:
     """The student's sigmas (and the terminal 0) with each interval split into ``substeps``
     equal Euler steps: the teacher's grid for ODE pairs. -> (grid with the final 0, the index
@@ -76,26 +111,52 @@ class Condition:
         return Condition(self.tokens.to(device), None if self.pooled is None else self.pooled.to(device))
 
 
-class Denoiser:
-    """A reference pipeline's transformer call in the pipeline's latent layout: video
-    (B, C, T, H, W); image 2x2-packed (B, H/2 * W/2, 4C). ``size``: frames/height/width."""
+def family(pipe) -> str:
+    """Which pipeline family ``pipe`` is: the reference pipelines, or a user's Wan or FLUX."""
+    from diffusers import FluxPipeline, WanPipeline
 
-    def __init__(self, pipe, size: dict):
-        if not isinstance(pipe, (RefVideoPipeline, RefImagePipeline)):
-            raise ValueError(  # noqa: TRY004 - cadence refuses bad input with ValueError (the CLI shows it)
-                f"the teacher is a {type(pipe).__name__}; cadence distill trains students of the "
-                "reference pipelines (RefVideoPipeline, RefImagePipeline) so far"
-            )
-        self.video = isinstance(pipe, RefVideoPipeline)
+    families = {RefVideoPipeline: "ref-video", RefImagePipeline: "ref-image", WanPipeline: "wan", FluxPipeline: "flux"}
+    kind = next((name for cls, name in families.items() if isinstance(pipe, cls)), None)
+    if kind is None:
+        raise ValueError(
+            f"the teacher is a {type(pipe).__name__}; cadence distill trains students of "
+            f"{', '.join(cls.__name__ for cls in families)}"
+        )
+    if kind == "wan" and (pipe.transformer_2 is not None or pipe.config.get("expand_timesteps")):
+        raise ValueError(
+            "the teacher is a Wan2.2 pipeline (two experts, or per-token timesteps: expand_timesteps); cadence "
+            "distill trains students of single-transformer Wan2.1-style WanPipelines"
+        )
+    return kind
+
+
+class Denoiser:
+    """A pipeline's transformer call in the pipeline's latent layout: video (B, C, T, H, W);
+    image 2x2-packed (B, H/2 * W/2, 4C). ``size``: frames/height/width, in latents for the
+    reference pipelines (they have no VAE), in pixels for a user's Wan or FLUX. ``guidance``: a
+    guidance-distilled FLUX's embedded guidance (its teacher's "CFG"). ``scheduler``: the
+    teacher's, at a fixed shift (``user.fixed_shift``: FLUX shifts by resolution)."""
+
+    def __init__(self, pipe, size: dict, guidance: float | None = None):
+        self.family = family(pipe)
+        self.reference = self.family.startswith("ref-")
+        self.video = self.family in ("ref-video", "wan")
         self.size = dict(size)
+        self.latent, self.scheduler, self.vae = dict(size), pipe.scheduler, None
+        if not self.reference:
+            from cadence.distill import user
+
+            self.latent, self.scheduler, self.vae = user.latent_size(pipe, size), user.fixed_shift(pipe, size), pipe.vae
         channels = pipe.transformer.config.in_channels
         self.channels = channels if self.video else channels // 4
+        embedded = self.family == "flux" and pipe.transformer.config.guidance_embeds
+        self.guidance = guidance if embedded else None
 
     def noise(self, batch: int, generator: torch.Generator, device) -> torch.Tensor:
         if self.video:
-            shape = (batch, self.channels, self.size["frames"], self.size["height"], self.size["width"])
+            shape = (batch, self.channels, self.latent["frames"], self.latent["height"], self.latent["width"])
             return torch.randn(shape, generator=generator, device=device)
-        shape = (batch, self.channels, self.size["height"], self.size["width"])
+        shape = (batch, self.channels, self.latent["height"], self.latent["width"])
         return pack(torch.randn(shape, generator=generator, device=device))
 
     def velocity(self, transformer, x: torch.Tensor, sigma: torch.Tensor, condition: Condition) -> torch.Tensor:
@@ -104,12 +165,14 @@ class Denoiser:
             return transformer(
                 hidden_states=x, timestep=sigma * 1000, encoder_hidden_states=condition.tokens, return_dict=False
             )[0].float()
+        guidance = None if self.guidance is None else torch.full_like(sigma, self.guidance)
         return transformer(
             hidden_states=x,
             timestep=sigma,
+            guidance=guidance,
             encoder_hidden_states=condition.tokens,
             pooled_projections=condition.pooled,
-            img_ids=image_ids(self.size["height"], self.size["width"], x.device),
+            img_ids=image_ids(self.latent["height"], self.latent["width"], x.device),
             txt_ids=torch.zeros(condition.tokens.shape[1], 3, device=x.device),
             return_dict=False,
         )[0].float()
@@ -124,13 +187,17 @@ class Denoiser:
         """CFG as the pipelines apply it; at guidance <= 1 the conditional branch alone (one
         forward, and exactly the unguided velocity)."""
         velocity = self.velocity(transformer, x, sigma, condition)
-        if guidance_scale <= 1.0 or empty is None:
+        if guidance_scale <= 1.0 or empty is None or self.family == "flux":  # FLUX: embedded guidance, no CFG
             return velocity
         unconditional = self.velocity(transformer, x, sigma, empty)
         return unconditional + guidance_scale * (velocity - unconditional)
 
     def pixels(self, x: torch.Tensor) -> torch.Tensor:
         """Latents -> cadence's pixels: videos (B, T, 3, H, W), images (B, 3, H, W), in [-1, 1]."""
+        if not self.reference:
+            from cadence.distill import user
+
+            return user.decode(self, x)
         if self.video:
             return x.clamp(-1, 1).permute(0, 2, 1, 3, 4).float().cpu()
         return unpack(x.float(), self.size["height"], self.size["width"]).clamp(-1, 1).cpu()
@@ -167,12 +234,15 @@ def euler(
     return x, kept
 
 
-def student_pipeline(teacher_pipe, transformer, sigmas: list[float], size: dict):
-    """The student as a reference pipeline: its transformer, the teacher's scheduler at shift 1,
-    its schedule as defaults (``_RefPipeline.student``), no text encoder (the loader adds it)."""
-    pipe = type(teacher_pipe)(
-        transformer=transformer, scheduler=student_scheduler(teacher_pipe.scheduler), sample_size=size
-    )
+def student_pipeline(teacher_pipe, transformer, sigmas: list[float], size: dict, scheduler=None):
+    """The student as a pipeline of its teacher's class: its transformer, the teacher's
+    ``scheduler`` (default: the pipeline's) at shift 1; a reference student has its schedule as
+    defaults (``_RefPipeline.student``) and no text encoder (the loader adds it), a user's keeps
+    the teacher's other components (those freed are linked from its folder: ``user.write_folder``)."""
+    scheduler = student_scheduler(scheduler or teacher_pipe.scheduler)
+    if not isinstance(teacher_pipe, (RefVideoPipeline, RefImagePipeline)):
+        return type(teacher_pipe)(**(teacher_pipe.components | {"transformer": transformer, "scheduler": scheduler}))
+    pipe = type(teacher_pipe)(transformer=transformer, scheduler=scheduler, sample_size=size)
     pipe.student = {"steps": len(sigmas), "sigmas": list(sigmas), "guidance_scale": 1.0}
     pipe.set_progress_bar_config(disable=True)
     return pipe

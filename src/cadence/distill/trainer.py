@@ -36,6 +36,13 @@ chunk-by-chunk rollouts (``self_forcing.py``), all through one block-causal forw
 what the stream's KV cache computes (``causal.py``). Its samples, judge scores and samples.png
 are the stream's rollouts; student.json says ``causal`` and ``chunk_frames``.
 
+A user's own Wan or FLUX checkpoint (a folder or a pipeline object) is distilled by the same
+loop on conditions from the user's prompts (``prompts``, encoded once by the pipeline) in its VAE's
+latent space at a pixel ``size``; its evaluation is PSNR/SSIM against the teacher's samples, not
+the judge (the judge knows the procedural world only), and the run folder is a full diffusers
+pipeline of the teacher's class. ``user.py`` says what differs and why (FLUX.1-dev's "teacher with
+CFG" is the teacher at its embedded guidance).
+
 Where the loop differs from DMD2's: no EMA of the student, a constant learning rate after a
 100-step linear warm-up of each phase (DMD2: constant, no warm-up): the warm-up runs on the ODE
 phase's steps and starts again at the first DMD step, for the generator and the critic, since
@@ -63,12 +70,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from cadence.distill import consistency, dmd, ode_pairs, self_forcing, state
+from cadence.distill import consistency, dmd, ode_pairs, self_forcing, state, user
 from cadence.distill.causal import block_causal
 from cadence.distill.student import (
     Condition,
     Denoiser,
     euler,
+    family,
     schedule_sigmas,
     student_pipeline,
     student_sigmas,
@@ -116,7 +124,8 @@ class DistillSettings:
     eval_prompts: int = 8  # held-out captions the judge scores
     sample_prompts: int = 4  # rows of samples.png
     sample_steps: int = 50  # the teacher's steps beside the student in samples.png (issue 17's baseline)
-    size: dict | None = field(default=None, hash=False)  # frames/height/width; None: the teacher's own
+    # frames/height/width (a reference teacher: latents; a Wan or FLUX: pixels); None: the teacher's own
+    size: dict | None = field(default=None, hash=False)
     chunk_frames: int | None = None  # self-forcing: latent frames a chunk (the stream's frames_per_chunk)
 
     def __post_init__(self):
@@ -268,7 +277,10 @@ def open_teacher(teacher):
     if not isinstance(teacher, (str, Path)):
         return teacher, type(teacher).__name__
     import cadence
+    from cadence.reference.models import REFERENCE_MODELS
 
+    if str(teacher) not in REFERENCE_MODELS and Path(teacher).is_dir():
+        user.check_folder(Path(teacher))  # a folder of another pipeline is refused before its weights load
     pipe = cadence.load(str(teacher), text_encoder=False)
     return pipe, str(teacher)
 
@@ -310,6 +322,8 @@ def distill(
     embeddings: Path | None = None,
     command: str = "cadence.distill.distill (Python)",
     progress: bool = True,
+    prompts: Path | str | list[str] | None = None,
+    negative_prompt: str = "",
 ) -> dict:
     """Train (or resume) a few-step student (``method``: dmd or consistency); -> the run's summary
     (also in student.json).
@@ -317,6 +331,8 @@ def distill(
     ``settings`` wins over ``steps``/``method``/``seconds`` when given. ``conditions``: caption
     embeddings to distil on; else ``embeddings`` (reference/train.py's file; for a reference
     teacher ``.carry/embeddings-<name>.safetensors`` when it exists), else captions embedded here.
+    A Wan or FLUX teacher (``user.py``) distils on ``prompts`` (a file, one a line, or a list)
+    with ``negative_prompt`` as its CFG negative, unless ``conditions`` are given.
     """
     settings = settings or DistillSettings(steps=steps, method=method, seconds=seconds)
     out = Path(out)
@@ -328,27 +344,51 @@ def distill(
         raise ValueError(
             f"steps={settings.steps} is more than the teacher's schedule of {limit} timesteps; valid: 1 to {limit}"
         )
-    size = dict(pipe.config.sample_size) | dict(settings.size or {})
-    denoiser = Denoiser(pipe, size)
+    if family(pipe).startswith("ref-"):
+        if prompts is not None:
+            raise ValueError(
+                f"prompts are for a Wan or FLUX teacher; {teacher_name} distils on its world's captions "
+                "(--embeddings, or captions embedded here)"
+            )
+        size = dict(pipe.config.sample_size) | dict(settings.size or {})
+        denoiser = Denoiser(pipe, size)
+    else:
+        size = user.resolve_size(pipe, settings.size)
+        denoiser = Denoiser(pipe, size, settings.guidance_scale)
     if denoiser.video and "frames" not in size:
         raise ValueError("size: a video teacher needs frames, height and width")
     if not denoiser.video and "frames" in size:
         raise ValueError(f"size has frames={size['frames']}: the teacher makes images; valid keys: height, width")
     if settings.method in CAUSAL:
-        if not denoiser.video:
+        if denoiser.family != "ref-video":
             raise ValueError(
                 f"method={settings.method!r} trains a causal video student chunk by chunk; the teacher "
-                f"{teacher_name} makes images; valid: a video teacher (ref-video)"
+                f"{teacher_name} {f'is a {type(pipe).__name__}' if denoiser.video else 'makes images'}; "
+                "valid: a reference video teacher (ref-video)"
             )
         self_forcing.check_chunks(size["frames"], settings.chunk_frames)
-    if conditions is None:
+    heldout = max(settings.eval_prompts, settings.sample_prompts)
+    if conditions is not None:
+        source = f"{GIVEN_SOURCE} {conditions.fingerprint()}"
+    elif not denoiser.reference:
+        if embeddings is not None:
+            raise ValueError(
+                f"embeddings={str(embeddings)!r} are the reference models' caption embeddings; a Wan or FLUX "
+                "teacher distils on its own encoding of --prompts"
+            )
+        prompts = user.read_prompts(prompts, heldout + 1)
+        source = user.source(prompts, negative_prompt)
+    else:
         embeddings = _embeddings_file(teacher_name, embeddings)
         source = CAPTIONS_SOURCE if embeddings is None else str(Path(embeddings).resolve())
-    else:
-        source = f"{GIVEN_SOURCE} {conditions.fingerprint()}"
     resume = check_out(out, settings, teacher_name, source)
+    folder = Path(teacher) if isinstance(teacher, (str, Path)) and Path(teacher).is_dir() else None
+    if conditions is None and not denoiser.reference:
+        conditions = user.conditions(pipe, prompts, negative_prompt, heldout, settings.seed)
+        if folder is not None:  # ours to change: the text encoders' memory is freed, write() links their files
+            user.free_text_encoders(pipe)
     conditions = conditions or _conditions(denoiser.video, embeddings, settings)
-    run = _Run(pipe, denoiser, settings, conditions, out, device, teacher_name, source)
+    run = _Run(pipe, denoiser, settings, conditions, out, device, teacher_name, source, folder)
     if resume:
         run.restore()
     return run.train(command, progress)
@@ -388,12 +428,14 @@ class _Run:
         device: str,
         teacher_name: str,
         source: str = GIVEN_SOURCE,
+        teacher_folder: Path | None = None,
     ):
         self.pipe, self.denoiser, self.settings, self.conditions = pipe, denoiser, settings, conditions
         self.out, self.device, self.teacher_name, self.source = out, device, teacher_name, source
+        self.teacher_folder = teacher_folder  # a Wan or FLUX teacher's folder: its freed text encoders' files
         self.teacher = pipe.transformer.to(device).float().eval().requires_grad_(False)
         self.student = trainable_copy(self.teacher)
-        self.sigmas = student_sigmas(pipe.scheduler, settings.steps)
+        self.sigmas = student_sigmas(denoiser.scheduler, settings.steps)
         self.optimizers = {
             "student": torch.optim.AdamW(
                 self.student.parameters(), lr=settings.lr, betas=(0.9, 0.99), weight_decay=0.01
@@ -416,6 +458,7 @@ class _Run:
         self.teacher_evaluation: dict | None = None  # the judge on the teacher (sample_steps, CFG), once
         self.pairs: dict[str, torch.Tensor] | None = None
         self.judge = None
+        self.teacher_samples: torch.Tensor | None = None  # a Wan or FLUX teacher's held-out samples (fidelity)
 
     # -- state ---------------------------------------------------------------------------
 
@@ -542,50 +585,32 @@ class _Run:
     def self_forcing_step(self) -> dict:
         """DMD on the student's own chunk-by-chunk rollouts (self_forcing.py): the critic's updates on
         fresh rollouts, then one generator update through each chunk's exit step."""
-        s, d = self.settings, self.denoiser
-        critic_losses = []
-        with block_causal(self.student, s.chunk_frames) as causal:
-            for _ in range(s.critic_updates):
-                condition, step = self._draw()
-                with torch.no_grad():
-                    x0 = self_forcing.student_sample(
-                        causal, d.noise(s.batch_size, self.noise, self.device), self.sigmas, step, condition
-                    )
-                critic_losses.append(self._update("critic", dmd.critic_loss(d, self.critic, x0, condition, self.noise)))
-            condition, step = self._draw()
-            x0 = self_forcing.student_sample(
-                causal, d.noise(s.batch_size, self.noise, self.device), self.sigmas, step, condition
+        with block_causal(self.student, self.settings.chunk_frames) as causal:
+            return self._dmd_update(
+                "self-forcing",
+                lambda noise, step, condition: self_forcing.student_sample(causal, noise, self.sigmas, step, condition),
             )
-        loss = dmd.generator_loss(
-            d,
-            self.teacher,
-            self.critic,
-            x0,
-            condition,
-            self.conditions.empty(s.batch_size, self.device),
-            s.guidance_scale,
-            self.noise,
-        )
-        return {
-            "phase": "self-forcing",
-            "generator": self._update("student", loss),
-            "critic": sum(critic_losses) / len(critic_losses),
-        }
 
     def dmd_step(self) -> dict:
+        return self._dmd_update(
+            "dmd",
+            lambda noise, step, condition: dmd.student_sample(
+                self.denoiser, self.student, noise, self.sigmas, step, condition
+            ),
+        )
+
+    def _dmd_update(self, phase: str, sample) -> dict:
+        """DMD2's step: ``critic_updates`` critic updates on fresh student samples (``sample(noise,
+        step, condition)``, without gradient), then one generator update on another."""
         s, d = self.settings, self.denoiser
         critic_losses = []
         for _ in range(s.critic_updates):
             condition, step = self._draw()
             with torch.no_grad():
-                x0 = dmd.student_sample(
-                    d, self.student, d.noise(s.batch_size, self.noise, self.device), self.sigmas, step, condition
-                )
+                x0 = sample(d.noise(s.batch_size, self.noise, self.device), step, condition)
             critic_losses.append(self._update("critic", dmd.critic_loss(d, self.critic, x0, condition, self.noise)))
         condition, step = self._draw()
-        x0 = dmd.student_sample(
-            d, self.student, d.noise(s.batch_size, self.noise, self.device), self.sigmas, step, condition
-        )
+        x0 = sample(d.noise(s.batch_size, self.noise, self.device), step, condition)
         loss = dmd.generator_loss(
             d,
             self.teacher,
@@ -597,7 +622,7 @@ class _Run:
             self.noise,
         )
         return {
-            "phase": "dmd",
+            "phase": phase,
             "generator": self._update("student", loss),
             "critic": sum(critic_losses) / len(critic_losses),
         }
@@ -731,13 +756,16 @@ class _Run:
         condition, captions = self.conditions.heldout(self.settings.eval_prompts, self.device)
         if not captions:
             return
+        if not self.denoiser.reference:
+            self.evaluate_fidelity(condition)
+            return
         from cadence.judge import checkpoint
         from cadence.judge.score import judge_clips
 
         if self.judge is None:
             self.judge = checkpoint.load(device=self.device)
         if self.teacher_evaluation is None:
-            grid = [*schedule_sigmas(self.pipe.scheduler, self.settings.sample_steps), 0.0]
+            grid = [*schedule_sigmas(self.denoiser.scheduler, self.settings.sample_steps), 0.0]
             clips = list(self.generate(self.teacher, condition, grid, self.settings.guidance_scale))
             scores = judge_clips(clips, captions, self.judge)
             self.teacher_evaluation = {
@@ -752,6 +780,18 @@ class _Run:
             {"step": self.step, "elapsed": round(self.elapsed, 1), "adherence": scores["adherence"], "fd": scores["fd"]}
         )
 
+    def evaluate_fidelity(self, condition: Condition) -> None:
+        """A Wan or FLUX student's PSNR and SSIM against its teacher's samples (``sample_steps``,
+        the teacher's CFG or embedded guidance) on the held-out prompts, same noise: the judge
+        scores the procedural world only. The teacher's samples are drawn once a process."""
+        if self.teacher_samples is None:
+            grid = [*schedule_sigmas(self.denoiser.scheduler, self.settings.sample_steps), 0.0]
+            self.teacher_samples = self.generate(self.teacher, condition, grid, self.settings.guidance_scale)
+        student = self.generate(self.shipped().float(), condition, [*self.sigmas, 0.0])
+        self.evaluations.append(
+            {"step": self.step, "elapsed": round(self.elapsed, 1), **user.fidelity(student, self.teacher_samples)}
+        )
+
     def shipped(self) -> torch.nn.Module:
         """The student as ``transformer/`` holds it: a bf16 copy (``.float()`` of it is what
         ``cadence.load`` runs, and what the judge and samples.png see)."""
@@ -763,15 +803,18 @@ class _Run:
         self.out.mkdir(parents=True, exist_ok=True)
         size = self.denoiser.size
         shipped = self.shipped()
-        # Shards of at most 12 MB: a file that comes back from the GPU machine is at most 16 MiB.
-        student_pipeline(self.pipe, shipped, self.sigmas, size).save_pretrained(
-            str(self.out), safe_serialization=True, max_shard_size="12MB"
-        )
+        pipe = student_pipeline(self.pipe, shipped, self.sigmas, size, self.denoiser.scheduler)
+        if self.denoiser.reference:
+            # Shards of at most 12 MB: a file that comes back from the GPU machine is at most 16 MiB.
+            pipe.save_pretrained(str(self.out), safe_serialization=True, max_shard_size="12MB")
+        else:
+            user.write_folder(pipe, self.out, self.teacher_folder)
         summary = {
             "method": self.settings.method,
             "steps": self.settings.steps,
             "sigmas": self.sigmas,
-            "guidance_scale": 1.0,
+            "guidance_scale": self.denoiser.guidance or 1.0,  # FLUX.1-dev: its embedded guidance, one forward
+            "family": self.denoiser.family,
             "teacher": self.teacher_name,
             "teacher_guidance_scale": self.settings.guidance_scale,
             "command": command,
@@ -787,16 +830,19 @@ class _Run:
             "evaluated_weights": "bfloat16, as shipped in transformer/ (computed in float32)",
             "teacher_evaluation": self.teacher_evaluation,
         }
+        if not self.denoiser.reference:  # the prompts the card's evaluation and samples are of
+            summary["heldout_prompts"] = self.conditions.heldout_captions
         if self.causal:  # what cadence.stream needs to run it as trained
             summary |= {"causal": True, "chunk_frames": self.settings.chunk_frames}
         (self.out / "student.json").write_text(json.dumps(summary, indent=1))
         report.plot_losses(self.history, self.evaluations, self.out / "loss.png")
         condition, captions = self.conditions.heldout(self.settings.sample_prompts, self.device)
-        teacher_grid = [*schedule_sigmas(self.pipe.scheduler, self.settings.sample_steps), 0.0]
+        teacher_grid = [*schedule_sigmas(self.denoiser.scheduler, self.settings.sample_steps), 0.0]
         teacher = self.generate(self.teacher, condition, teacher_grid, self.settings.guidance_scale)
         student = self.generate(shipped.float(), condition, [*self.sigmas, 0.0])
         labels = captions or [f"condition {i}" for i in range(condition.tokens.shape[0])]
-        report.plot_samples(teacher, student, labels, self.settings, self.out / "samples.png")
+        guidance = report.teacher_guidance(summary) if self.denoiser.family == "flux" else None
+        report.plot_samples(teacher, student, labels, self.settings, self.out / "samples.png", guidance)
         (self.out / "README.md").write_text(report.card(summary))
         return summary
 
