@@ -56,10 +56,10 @@ from cadence import generation
 from cadence.bench.frontier import technique_of
 from cadence.bench.metrics import psnr, ssim, work_fraction
 from cadence.judge import checkpoint, score
-from cadence.loading import STUDENT_FILE
+from cadence.loading import reference_of
 from cadence.recipe import BASELINE, Recipe
 from cadence.reference import data
-from cadence.reference.models import STUDENTS, reference_model
+from cadence.reference.models import REFERENCE_MODELS, STUDENTS
 
 # Issue 16's frontiers on ref-video: the caching policies whose calibration ref-video ships
 # (MagCache, TeaCache) and First-Block at equal budgets, and every sparse pattern at densities
@@ -85,11 +85,14 @@ def expand_recipes(given: list[str]) -> list[str]:
     return recipes
 
 
-def cache_path(cache: Path, model: str, prompts: list[str], seeds: list[int], steps: int, recipe: str) -> Path:
-    # The baseline keeps the key this script gave before --recipes: its stored generations stay valid.
-    fields = [model, prompts, seeds, steps] + ([] if recipe == BASELINE else [recipe])
+def cache_path(cache: Path, model: str, prompts: list[str], seeds: list[int], steps: int, recipe: str,
+               device: str = "cpu") -> Path:
+    # The CPU's baseline keeps the key this script gave before --recipes and devices: its stored
+    # generations stay valid. Another device's clips (and timings) are its own.
+    kind = torch.device(device).type
+    fields = [model, prompts, seeds, steps] + ([] if recipe == BASELINE else [recipe]) + ([] if kind == "cpu" else [kind])
     key = hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
-    return cache / f"{model}-{steps}steps-{key}.safetensors"
+    return cache / f"{Path(model).name}-{steps}steps-{key}.safetensors"
 
 
 def load_pipeline(model: str, device: str, embeddings: Path | None):
@@ -108,7 +111,7 @@ def generate_all(model: str, prompts: list[str], seeds: list[int], steps: int, d
     seconds of each generation and the recipe's ideal speedup at the real size (both None
     for a cache file written before they were stored). ``load``: a function that gives the
     pipeline, called only when the cache misses (default: ``model`` loaded anew)."""
-    path = cache_path(cache, model, prompts, seeds, steps, recipe)
+    path = cache_path(cache, model, prompts, seeds, steps, recipe, device)
     if path.is_file():
         with safe_open(str(path), "pt") as stored:
             made = json.loads((stored.metadata() or {}).get("made", "{}"))
@@ -257,9 +260,11 @@ def main() -> None:
     if args.recipes is not None and len(args.steps) != 1:
         parser.error(f"--steps {' '.join(map(str, args.steps))}: --recipes judges one step count, give one")
     recipes = expand_recipes(args.recipes) if args.recipes is not None else None  # refused before a model loads
-    teacher = json.loads((STUDENTS[args.model] / STUDENT_FILE).read_text())["teacher"] \
-        if args.model in STUDENTS else args.model
-    video = reference_model(teacher).task == "video"
+    reference = reference_of(args.model)
+    if reference is None:
+        parser.error(f"--model {args.model!r}: valid: a reference model ({', '.join(REFERENCE_MODELS)}), a shipped "
+                     f"student ({', '.join(STUDENTS)}: those with a folder), or a student folder of one")
+    video = reference.task == "video"
     prompts = data.heldout_prompts(args.prompts, video=video)
     if args.prepare_embeddings is not None:
         from cadence.reference.text import save_prompt_embeddings

@@ -512,6 +512,25 @@ def quantize(model, recipe, out, device):
     click.echo(f"wrote {path}; use it with --recipe \"{terms[0].name}(checkpoint='{path}')\"")
 
 
+def _student_recipe(record: dict):
+    """A few-step student's default: its teacher's without the step policy. Reusing one of a
+    student's few steps costs far more than on a 50-step teacher (ref-video-4step: 28.7 dB for
+    1.33x at best; benchmarks/RESULTS.md, "Caching on a 4-step student")."""
+    from cadence.models.defaults import default_recipe
+    from cadence.models.family import FamilyRecipe
+    from cadence.recipe import Recipe
+
+    teacher = default_recipe(str(record.get("teacher")))
+    kept = Recipe([config for config in Recipe.parse(teacher.recipe).techniques if config.level != "step"])
+    return FamilyRecipe(
+        str(kept),
+        f"the teacher's ({record.get('teacher')}: {teacher.recipe}) without its step policy: a "
+        f"{record.get('steps')}-step student has no step to spare (benchmarks/RESULTS.md, \"Caching on a 4-step "
+        "student\")",
+        needs="nothing more (in every family's default, only the step policy reads a calibration)",
+    )
+
+
 @main.command()
 @click.option("--model", "family", default=None,
               help="a family (wan, flux, sd3, cogvideox, hunyuan_video, ltx) or ref-video / ref-image: show its "
@@ -521,10 +540,12 @@ def recipes(family):
     from cadence.accel.registry import load_builtin
 
     if family:
+        from cadence.loading import student_record
         from cadence.models.defaults import default_recipe
 
         try:
-            chosen = default_recipe(family)
+            record = student_record(family)
+            chosen = _student_recipe(record) if record else default_recipe(family)
         except ValueError as error:
             raise click.BadParameter(str(error), param_hint="--model") from None
         click.echo(f"{family}: --recipe \"{chosen.recipe}\"")

@@ -48,6 +48,21 @@ def load(name_or_path: str, device: str | torch.device | None = None, dtype: tor
 STUDENT_FILE = "student.json"  # written by cadence.distill beside a few-step student's components
 
 
+def student_record(name_or_path) -> dict | None:
+    """The ``student.json`` of a few-step student, by shipped name or folder (the one reader of
+    it); None for anything else, a registered student not shipped yet included."""
+    path = Path(STUDENTS.get(str(name_or_path), name_or_path)) / STUDENT_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def reference_of(name: str):
+    """The reference model ``name`` is, or the teacher of the student ``name`` (whose held-out
+    captions it is judged on): a ``ReferenceModel``, or None for anything else."""
+    if name in REFERENCE_MODELS:
+        return REFERENCE_MODELS[name]
+    return REFERENCE_MODELS.get((student_record(name) or {}).get("teacher"))
+
+
 def open_student(pipe, path: Path, text_encoder: bool = True) -> None:
     """A few-step student (``cadence.distill``) runs its own schedule by default: its steps and
     sigmas, guidance 1 (``pipeline.sampling_defaults``). Its weights are stored in bf16 and run in
@@ -89,7 +104,7 @@ def _open_user_student(pipe) -> None:
     """A diffusers pipeline sets its scheduler's timesteps itself: its scheduler becomes one that
     runs the student's sigmas at K steps (``StudentScheduler``); ``cadence.generation.sampling``
     reads the student's steps and guidance from ``pipe.student``."""
-    from cadence.distill.student import StudentScheduler
+    from cadence.distill.user import StudentScheduler
 
     pipe.scheduler = StudentScheduler.of(pipe.scheduler.config, pipe.student["sigmas"])
 

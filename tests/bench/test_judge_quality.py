@@ -58,6 +58,17 @@ def test_the_cache_key_holds_the_recipe_and_keeps_the_baselines_old_key(tmp_path
     baseline = judge_quality.cache_path(tmp_path, "m", PROMPTS, [0], 3, "baseline")
     assert baseline.name == f"m-3steps-{old_key}.safetensors"
     assert judge_quality.cache_path(tmp_path, "m", PROMPTS, [0], 3, "magcache(budget=0.3)") != baseline
+    gpu = judge_quality.cache_path(tmp_path, "m", PROMPTS, [0], 3, "baseline", device="cuda:0")
+    assert gpu != baseline and gpu == judge_quality.cache_path(tmp_path, "m", PROMPTS, [0], 3, "baseline", "cuda")
+
+
+def test_a_student_folder_is_judged_on_its_teachers_captions(tmp_path):
+    from cadence.loading import reference_of
+    from cadence.reference.models import REFERENCE_MODELS
+
+    (tmp_path / "student.json").write_text(json.dumps({"teacher": "ref-video", "steps": 2}))
+    assert reference_of(str(tmp_path)) is REFERENCE_MODELS["ref-video"]
+    assert reference_of(str(tmp_path / "elsewhere")) is None
 
 
 def test_recipe_clips_are_cached_timed_and_the_pipeline_is_restored(tmp_path):

@@ -312,6 +312,10 @@ def test_block_causal_refuses_what_it_cannot_run():
             causal.rollout(_noise(1, 2, seed=0), SIGMAS, text(), exit_step=4)
         with pytest.raises(ValueError, match="past the model's rotary table of 32 positions"):
             causal.velocity(_noise(1, 2, seed=0), torch.ones(1, 1), text(), first_chunk=16)
+        with pytest.raises(ValueError, match=r"an input of 34 frames \(clean 30 \+ noisy 4\) reaching frame position 29"):
+            causal.velocity(_noise(1, 4, seed=0), torch.ones(1, 2), text(), clean=_noise(1, 30, seed=1))
+        # at the table's edge: 16 clean frames and 16 noisy ones, 32 in one input
+        assert causal.velocity(_noise(1, 16, seed=0), torch.ones(1, 8), text(), clean=_noise(1, 16, seed=1)).isfinite().all()
         with pytest.raises(ValueError, match="processor is _Masked, not diffusers' own"):
             apply_block_causal(model, 2)
 

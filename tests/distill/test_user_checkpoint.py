@@ -17,7 +17,7 @@ from tiny_checkpoints import FLUX_SIZE, WAN_SIZE, size_options, tiny_flux_pipeli
 
 import cadence
 from cadence import generation
-from cadence.distill import DistillSettings, distill, state, user
+from cadence.distill import Conditions, DistillSettings, distill, state, user
 from cadence.distill.cli import distill as distill_command
 from cadence.distill.student import StudentScheduler, student_sigmas
 
@@ -322,7 +322,7 @@ def test_cli_refuses_prompts_for_a_reference_teacher_and_a_missing_prompts_file(
 
 def test_wan_conditions_are_the_pipelines_own_encodings_with_its_negative_prompt():
     pipe = tiny_wan_pipeline()
-    made = user.conditions(pipe, PROMPTS, "blurry, still", heldout=3, seed=0)
+    made = Conditions(**user.conditions(pipe, PROMPTS, "blurry, still", heldout=3, seed=0))
     train, held = user.split(PROMPTS, 3, seed=0)
     positive, negative = pipe.encode_prompt(
         prompt=train, negative_prompt=["blurry, still"] * len(train), do_classifier_free_guidance=True, device="cpu"

@@ -41,9 +41,10 @@ import cadence
 from cadence import generation
 from cadence.bench import metrics, quality, report
 from cadence.command import command_line
+from cadence.loading import reference_of, student_record
 from cadence.recipe import Recipe, accelerate
 from cadence.reference import data
-from cadence.reference.models import REFERENCE_MODELS, STUDENTS, reference_model, reference_of
+from cadence.reference.models import REFERENCE_MODELS, STUDENTS, reference_model
 
 
 @dataclass
@@ -155,9 +156,13 @@ _HASHED_WHOLE = 64 * 2**20
 
 
 def _checkpoint_digest(model: str) -> str:
-    """The weights and configs a baseline output depends on (calibrations excluded)."""
+    """The weights and configs a baseline output depends on (calibrations excluded); a shipped
+    student's include its teacher's, which its packed weights are a difference from."""
     root = reference_model(model).checkpoint if model in REFERENCE_MODELS else STUDENTS.get(model, Path(model))
     digest = hashlib.sha256()
+    teacher = (student_record(model) or {}).get("teacher") if model in STUDENTS else None
+    if teacher in REFERENCE_MODELS:
+        digest.update(_checkpoint_digest(teacher).encode())
     for path in sorted(root.rglob("*")):
         if not path.is_file() or path.suffix not in (".safetensors", ".xz", ".json") or "calibration" in path.parts:
             continue

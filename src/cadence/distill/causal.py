@@ -116,11 +116,13 @@ class BlockCausal:
         chunks = noisy_frames // frames
         if sigma.shape != (batch, chunks):
             raise ValueError(f"sigma of shape {tuple(sigma.shape)}; valid: (batch={batch}, chunks={chunks})")
-        last = max(first_chunk * frames + noisy_frames, clean_frames + noisy_frames)
-        if last > self.rope.max_seq_len:
+        # Both must fit the rotary table: the highest frame position, and the frames of the one input
+        # (clean and noisy together), for which Wan's own rotary module builds its tables.
+        highest, length = max(clean_frames, first_chunk * frames + noisy_frames), clean_frames + noisy_frames
+        if max(highest, length) > self.rope.max_seq_len:
             raise ValueError(
-                f"a sequence reaching frame position {last - 1} is past the model's rotary table of "
-                f"{self.rope.max_seq_len} positions (rope_max_seq_len)"
+                f"an input of {length} frames (clean {clean_frames} + noisy {noisy_frames}) reaching frame position "
+                f"{highest - 1}: past the model's rotary table of {self.rope.max_seq_len} positions (rope_max_seq_len)"
             )
         _, patch_h, patch_w = self.rope.patch_size
         patches = (height // patch_h, width // patch_w)

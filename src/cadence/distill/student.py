@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from cadence.distill import user
+from cadence.distill.user import StudentScheduler, family
 from cadence.reference.pipelines import (
     RefImagePipeline,
     RefVideoPipeline,
@@ -60,34 +62,6 @@ def student_scheduler(scheduler: FlowMatchEulerDiscreteScheduler) -> FlowMatchEu
     return FlowMatchEulerDiscreteScheduler.from_config(scheduler.config, shift=1.0, use_dynamic_shifting=False)
 
 
-class StudentScheduler(FlowMatchEulerDiscreteScheduler):
-    """A student's scheduler (shift 1) inside a diffusers pipeline, which calls ``set_timesteps``
-    itself: every K-step schedule asked of it is the student's K sigmas, as the reference
-    pipelines set them (``_RefPipeline._denoise``). WanPipeline asks for K steps, FluxPipeline for
-    its K default sigmas; a caller's own K sigmas are replaced too (the student runs at no others)."""
-
-    student_sigmas: tuple[float, ...] = ()
-
-    @classmethod
-    def of(cls, config, sigmas: list[float]) -> StudentScheduler:
-        """A scheduler of ``config`` (shift 1, no dynamic shifting) running ``sigmas`` at K steps."""
-        if config.get("shift", 1.0) != 1.0 or config.get("use_dynamic_shifting"):
-            raise ValueError(
-                f"a student's scheduler must have shift 1 and no dynamic shifting (its sigmas are "
-                f"stored shifted), this one has shift={config.get('shift')}"
-            )
-        scheduler = cls.from_config(config)
-        scheduler.student_sigmas = tuple(float(s) for s in sigmas)
-        return scheduler
-
-    def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None, timesteps=None):
-        given = sigmas if sigmas is not None else timesteps
-        asked = num_inference_steps if num_inference_steps is not None else None if given is None else len(given)
-        if asked == len(self.student_sigmas):
-            return super().set_timesteps(device=device, sigmas=list(self.student_sigmas))
-        return super().set_timesteps(num_inference_steps, device, sigmas, mu, timesteps)
-
-
 def refined_grid(sigmas: list[float], substeps: int) -> tuple[list[float], list[int]]:
     """The student's sigmas (and the terminal 0) with each interval split into ``substeps``
     equal Euler steps: the teacher's grid for ODE pairs. -> (grid with the final 0, the index
@@ -111,25 +85,6 @@ class Condition:
         return Condition(self.tokens.to(device), None if self.pooled is None else self.pooled.to(device))
 
 
-def family(pipe) -> str:
-    """Which pipeline family ``pipe`` is: the reference pipelines, or a user's Wan or FLUX."""
-    from diffusers import FluxPipeline, WanPipeline
-
-    families = {RefVideoPipeline: "ref-video", RefImagePipeline: "ref-image", WanPipeline: "wan", FluxPipeline: "flux"}
-    kind = next((name for cls, name in families.items() if isinstance(pipe, cls)), None)
-    if kind is None:
-        raise ValueError(
-            f"the teacher is a {type(pipe).__name__}; cadence distill trains students of "
-            f"{', '.join(cls.__name__ for cls in families)}"
-        )
-    if kind == "wan" and (pipe.transformer_2 is not None or pipe.config.get("expand_timesteps")):
-        raise ValueError(
-            "the teacher is a Wan2.2 pipeline (two experts, or per-token timesteps: expand_timesteps); cadence "
-            "distill trains students of single-transformer Wan2.1-style WanPipelines"
-        )
-    return kind
-
-
 class Denoiser:
     """A pipeline's transformer call in the pipeline's latent layout: video (B, C, T, H, W);
     image 2x2-packed (B, H/2 * W/2, 4C). ``size``: frames/height/width, in latents for the
@@ -144,8 +99,6 @@ class Denoiser:
         self.size = dict(size)
         self.latent, self.scheduler, self.vae = dict(size), pipe.scheduler, None
         if not self.reference:
-            from cadence.distill import user
-
             self.latent, self.scheduler, self.vae = user.latent_size(pipe, size), user.fixed_shift(pipe, size), pipe.vae
         channels = pipe.transformer.config.in_channels
         self.channels = channels if self.video else channels // 4
@@ -195,8 +148,6 @@ class Denoiser:
     def pixels(self, x: torch.Tensor) -> torch.Tensor:
         """Latents -> cadence's pixels: videos (B, T, 3, H, W), images (B, 3, H, W), in [-1, 1]."""
         if not self.reference:
-            from cadence.distill import user
-
             return user.decode(self, x)
         if self.video:
             return x.clamp(-1, 1).permute(0, 2, 1, 3, 4).float().cpu()

@@ -384,7 +384,7 @@ def distill(
     resume = check_out(out, settings, teacher_name, source)
     folder = Path(teacher) if isinstance(teacher, (str, Path)) and Path(teacher).is_dir() else None
     if conditions is None and not denoiser.reference:
-        conditions = user.conditions(pipe, prompts, negative_prompt, heldout, settings.seed)
+        conditions = Conditions(**user.conditions(pipe, prompts, negative_prompt, heldout, settings.seed))
         if folder is not None:  # ours to change: the text encoders' memory is freed, write() links their files
             user.free_text_encoders(pipe)
     conditions = conditions or _conditions(denoiser.video, embeddings, settings)

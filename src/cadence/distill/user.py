@@ -39,6 +39,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 
 PIPELINES = ("WanPipeline", "FluxPipeline")  # the user's pipelines cadence distils
 REFERENCE_PIPELINES = ("RefVideoPipeline", "RefImagePipeline")
@@ -46,6 +47,55 @@ TEXT_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 # The most latent tokens a sample of a pipeline's default size may have to be taken without a --height /
 # --width (/ --frames): FLUX's 1024 x 1024 is 4096; Wan's 480 x 832 x 81 is 32760 and must be asked for.
 SMALL_DEFAULT_TOKENS = 4096
+
+
+def family(pipe) -> str:
+    """Which pipeline family ``pipe`` is: the reference pipelines, or a user's Wan or FLUX."""
+    from diffusers import FluxPipeline, WanPipeline
+
+    from cadence.reference.pipelines import RefImagePipeline, RefVideoPipeline
+
+    families = {RefVideoPipeline: "ref-video", RefImagePipeline: "ref-image", WanPipeline: "wan", FluxPipeline: "flux"}
+    kind = next((name for cls, name in families.items() if isinstance(pipe, cls)), None)
+    if kind is None:
+        raise ValueError(
+            f"the teacher is a {type(pipe).__name__}; cadence distill trains students of "
+            f"{', '.join(cls.__name__ for cls in families)}"
+        )
+    if kind == "wan" and (pipe.transformer_2 is not None or pipe.config.get("expand_timesteps")):
+        raise ValueError(
+            "the teacher is a Wan2.2 pipeline (two experts, or per-token timesteps: expand_timesteps); cadence "
+            "distill trains students of single-transformer Wan2.1-style WanPipelines"
+        )
+    return kind
+
+
+class StudentScheduler(FlowMatchEulerDiscreteScheduler):
+    """A student's scheduler (shift 1) inside a diffusers pipeline, which calls ``set_timesteps``
+    itself: every K-step schedule asked of it is the student's K sigmas, as the reference
+    pipelines set them (``_RefPipeline._denoise``). WanPipeline asks for K steps, FluxPipeline for
+    its K default sigmas; a caller's own K sigmas are replaced too (the student runs at no others)."""
+
+    student_sigmas: tuple[float, ...] = ()
+
+    @classmethod
+    def of(cls, config, sigmas: list[float]) -> StudentScheduler:
+        """A scheduler of ``config`` (shift 1, no dynamic shifting) running ``sigmas`` at K steps."""
+        if config.get("shift", 1.0) != 1.0 or config.get("use_dynamic_shifting"):
+            raise ValueError(
+                f"a student's scheduler must have shift 1 and no dynamic shifting (its sigmas are "
+                f"stored shifted), this one has shift={config.get('shift')}"
+            )
+        scheduler = cls.from_config(config)
+        scheduler.student_sigmas = tuple(float(s) for s in sigmas)
+        return scheduler
+
+    def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None, timesteps=None):
+        given = sigmas if sigmas is not None else timesteps
+        asked = num_inference_steps if num_inference_steps is not None else None if given is None else len(given)
+        if asked == len(self.student_sigmas):
+            return super().set_timesteps(device=device, sigmas=list(self.student_sigmas))
+        return super().set_timesteps(num_inference_steps, device, sigmas, mu, timesteps)
 
 
 def check_folder(path: Path) -> None:
@@ -106,8 +156,6 @@ def source(prompts: list[str], negative_prompt: str) -> str:
 @torch.no_grad()
 def encode(pipe, prompts: list[str]):
     """Embeddings of every prompt -> (tokens (N, L, D), pooled (N, D) or None), on the CPU."""
-    from cadence.distill.student import family
-
     if family(pipe) == "flux":
         tokens, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device="cpu")
         return tokens.float().cpu(), pooled.float().cpu()
@@ -117,11 +165,9 @@ def encode(pipe, prompts: list[str]):
     return tokens.float().cpu(), None
 
 
-def conditions(pipe, prompts: list[str], negative_prompt: str, heldout: int, seed: int):
-    """The run's ``Conditions`` from the user's prompts; the empty condition is the negative
-    prompt's (Wan's CFG; unused by FLUX, which runs without CFG)."""
-    from cadence.distill.trainer import Conditions
-
+def conditions(pipe, prompts: list[str], negative_prompt: str, heldout: int, seed: int) -> dict:
+    """The fields of the run's ``trainer.Conditions`` from the user's prompts; the empty condition
+    is the negative prompt's (Wan's CFG; unused by FLUX, which runs without CFG)."""
     missing = [name for name in ("text_encoder", "tokenizer") if getattr(pipe, name, None) is None]
     if missing:
         raise ValueError(
@@ -132,15 +178,15 @@ def conditions(pipe, prompts: list[str], negative_prompt: str, heldout: int, see
     tokens, pooled = encode(pipe, train)
     held_tokens, held_pooled = encode(pipe, held)
     empty_tokens, empty_pooled = encode(pipe, [negative_prompt])  # Wan encodes its negative prompt the same way
-    return Conditions(
-        tokens=tokens,
-        pooled=pooled,
-        empty_tokens=empty_tokens,
-        empty_pooled=empty_pooled,
-        heldout_tokens=held_tokens,
-        heldout_pooled=held_pooled,
-        heldout_captions=held,
-    )
+    return {
+        "tokens": tokens,
+        "pooled": pooled,
+        "empty_tokens": empty_tokens,
+        "empty_pooled": empty_pooled,
+        "heldout_tokens": held_tokens,
+        "heldout_pooled": held_pooled,
+        "heldout_captions": held,
+    }
 
 
 def free_text_encoders(pipe) -> None:

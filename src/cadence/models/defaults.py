@@ -53,9 +53,6 @@ def default_recipe(family: str) -> FamilyRecipe:
         first = tuned.read_text().splitlines()[0]
         return FamilyRecipe(str(tuned), first.lstrip("# ") if first.startswith("#") else "tuned by cadence tune",
                             needs="nothing more: the calibrations it reads are named in it")
-    student = _student_record(family)
-    if student is not None:
-        return _student_recipe(family, student)
     found = find_family(family)
     if found is None:
         registered = families()
@@ -63,30 +60,3 @@ def default_recipe(family: str) -> FamilyRecipe:
         raise ValueError(f"no default recipe for {family!r}; valid: {', '.join(valid)} (or a model class name)")
     return found.recipe
 
-
-def _student_record(name: str) -> dict | None:
-    """The ``student.json`` of a few-step student, by shipped name or folder; None for anything else."""
-    import json
-
-    from cadence.loading import STUDENT_FILE
-    from cadence.reference.models import STUDENTS
-
-    record = Path(STUDENTS.get(name, name)) / STUDENT_FILE
-    return json.loads(record.read_text()) if record.is_file() else None
-
-
-def _student_recipe(name: str, record: dict) -> FamilyRecipe:
-    """A few-step student's default: its teacher's without the step policy. Reusing one of a
-    student's few steps costs far more than on a 50-step teacher (ref-video-4step: 28.7 dB
-    for 1.33x at best; benchmarks/RESULTS.md, "Caching on a 4-step student")."""
-    from cadence.recipe import Recipe
-
-    teacher = default_recipe(record.get("teacher", ""))
-    kept = Recipe([config for config in Recipe.parse(teacher.recipe).techniques if config.level != "step"])
-    return FamilyRecipe(
-        str(kept),
-        f"the teacher's ({record.get('teacher')}: {teacher.recipe}) without its step policy: a "
-        f"{record.get('steps')}-step student has no step to spare (benchmarks/RESULTS.md, \"Caching on a 4-step "
-        "student\")",
-        needs="nothing more",
-    )

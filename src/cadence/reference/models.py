@@ -96,15 +96,3 @@ def reference_model(name: str) -> ReferenceModel:
         raise ValueError(f"unknown reference model {name!r}; valid: {', '.join(REFERENCE_MODELS)}")
     return REFERENCE_MODELS[name]
 
-
-def reference_of(name: str) -> ReferenceModel | None:
-    """The reference model ``name`` is, or the teacher of the shipped student ``name`` (whose
-    held-out captions it is judged on); None for anything else."""
-    if name in REFERENCE_MODELS:
-        return REFERENCE_MODELS[name]
-    record = STUDENTS[name] / "student.json" if name in STUDENTS else None  # loading.STUDENT_FILE
-    if record is None or not record.is_file():
-        return None
-    import json
-
-    return REFERENCE_MODELS.get(json.loads(record.read_text()).get("teacher"))

@@ -62,7 +62,8 @@ def tune(model, min_psnr, min_ssim, min_adherence, prompts, tuning, confirm, che
     _quiet()
     import cadence
     from cadence.bench.runner import check_writable
-    from cadence.reference.models import REFERENCE_MODELS, reference_of
+    from cadence.loading import reference_of
+    from cadence.reference.models import REFERENCE_MODELS
     from cadence.tune.search import TuneRefused
     from cadence.tune.search import tune as run_tune
     from cadence.tune.settings import TuneSettings, parse_duration
