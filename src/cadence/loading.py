@@ -89,6 +89,7 @@ def open_student(pipe, path: Path, text_encoder: bool = True) -> None:
                     "guidance_scale": float(record.get("guidance_scale", 1.0))}
     if record.get("causal"):  # a stream student (cadence distill --method self-forcing): the chunk it was trained on
         pipe.student["chunk_frames"] = int(record["chunk_frames"])
+        pipe.student["frames"] = int(record["size"]["frames"])  # the clip it was trained on: positions 0..frames-1
     pipe.transformer.float()
     if not isinstance(pipe, _RefPipeline):
         _open_user_student(pipe)

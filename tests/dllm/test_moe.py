@@ -36,9 +36,11 @@ def test_refreshing_the_dual_cache_every_step_is_the_uncached_moe_bit_for_bit(mo
     plain = "semi-ar(block_length=4) + parallel(threshold=0.03)"
     with dllm.accelerate(model, plain):
         expected = dllm.generate(model, tokenizer, PROMPTS, 16)
-    with dllm.accelerate(model, plain + " + dual-cache(refresh_every=1)"):
+    with dllm.accelerate(model, plain + " + dual-cache(refresh_every=1)") as acceleration:
         cached = dllm.generate(model, tokenizer, PROMPTS, 16)
+        stats = acceleration.stats()
     assert torch.equal(cached.tokens, expected.tokens)
+    assert stats["cached_forwards"] == 0 and stats["full_forwards"] == cached.forwards
 
 
 def test_a_cached_step_on_an_unchanged_canvas_gives_the_full_moe_forward(moe):

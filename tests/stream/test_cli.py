@@ -235,3 +235,15 @@ def test_a_caption_outside_the_reference_world_is_refused(ref_video, tmp_path):
 def test_an_image_model_is_refused(checkpoint_dirs, tmp_path):
     result = invoke("--model", checkpoint_dirs("flux"), "--prompt", "a red cube", "--out", tmp_path / "stream.gif")
     _refused(result, ["FluxPipeline makes images; a stream takes a video model"])
+
+
+def test_a_causal_students_default_policy_stays_within_the_positions_it_was_trained_on():
+    from cadence.accel.sequence.policies import SinkWindowConfig
+    from cadence.stream.cli import _stream_recipe
+
+    student = {"chunk_frames": 4, "frames": 16, "steps": 4}
+    (policy,) = [t for t in _stream_recipe(None, student).techniques if isinstance(t, SinkWindowConfig)]
+    assert (policy.sink, policy.frames) == (4, 8) and policy.sink + policy.frames + 4 <= 16
+    given = _stream_recipe("kv-window(frames=6)", student)
+    assert [str(t) for t in given.techniques] == ["kv-window(frames=6)"]  # the user's policy is kept
+    assert cadence.stream.DEFAULT_POLICY in _stream_recipe(None).techniques  # any other model: LongLive's

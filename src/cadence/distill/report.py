@@ -8,7 +8,7 @@ import torch
 
 TITLES = {
     "ode": "ODE-pair regression",
-    "generator": "DMD generator (self-forcing: on the student's rollouts)",
+    "generator": "DMD generator",
     "critic": "critic (flow matching)",
     "consistency": "consistency (pseudo-Huber)",
 }
@@ -34,7 +34,8 @@ def plot_losses(history: list[dict], evaluations: list[dict], path: Path) -> Non
     for ax, (key, points) in zip(axes[0], series.items()):
         steps, values = zip(*points)
         ax.plot(steps, values, lw=0.8)
-        ax.set_title(TITLES[key], fontsize=9)
+        causal = key == "generator" and any(h.get("phase") == "self-forcing" for h in history)
+        ax.set_title(TITLES[key] + (" (on the student's own rollouts)" if causal else ""), fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     if evaluations and "psnr" in evaluations[0]:

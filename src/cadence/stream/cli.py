@@ -147,9 +147,11 @@ def _embeddings(pipe, prompt: str, device):
     return embeds
 
 
-def _stream_recipe(text: str | None):
+def _stream_recipe(text: str | None, student: dict | None = None):
     """The recipe to apply: the given one, refused if it holds step-level terms, with the default
-    KV policy added where it names none."""
+    KV policy added where it names none: for a causal stream student (``student``: its
+    ``chunk_frames`` and training ``frames``), a sink of one chunk and a window that keeps the kept
+    frames plus one chunk within the frame positions it was trained on."""
     from cadence.accel.sequence import KVPolicyConfig
     from cadence.recipe import Recipe
     from cadence.stream import DEFAULT_POLICY
@@ -163,8 +165,17 @@ def _stream_recipe(text: str | None):
             "(`cadence recipes` lists them)"
         )
     if not any(isinstance(term, KVPolicyConfig) for term in recipe.techniques):
-        recipe = Recipe([*recipe.techniques, DEFAULT_POLICY])
+        recipe = Recipe([*recipe.techniques, _student_policy(student) if student else DEFAULT_POLICY])
     return recipe
+
+
+def _student_policy(student: dict):
+    """kv-sink-window for a causal student: sink = one chunk, window = the rest of its training
+    clip less the chunk being made (ref-stream: chunks of 4 in 16 frames -> sink 4 + window 8)."""
+    from cadence.accel.sequence.policies import SinkWindowConfig
+
+    chunk, frames = student["chunk_frames"], student["frames"]
+    return SinkWindowConfig(sink=chunk, frames=max(chunk, frames - 2 * chunk))
 
 
 def _pixels(frames, scale: int):
@@ -256,10 +267,16 @@ def stream(
         timed = parse_switches(switches, seconds)
         generation.check_seed(seed)
         check_out(out)
-        parsed = _stream_recipe(recipe)
+        parsed = _stream_recipe(recipe)  # refused before the model loads
         _check_model(model)
         pipe = cadence.load(model, device=device)
-        trained_chunk = (getattr(pipe, "student", None) or {}).get("chunk_frames")  # a causal stream student's
+        student = getattr(pipe, "student", None) or {}
+        trained_chunk = student.get("chunk_frames")  # a causal stream student's
+        if trained_chunk is not None:
+            parsed = _stream_recipe(recipe, student)
+            if steps_per_chunk != student["steps"]:
+                click.echo(f"note: {model} was trained at {student['steps']} steps a chunk; at {steps_per_chunk} "
+                           "it runs at the scheduler's own sigmas, which it never saw", err=True)
         frames_per_chunk = frames_per_chunk or trained_chunk or 3
         timing = _timing(pipe, frames_per_chunk)
         check_length(out, timing.frames(seconds))
