@@ -27,9 +27,9 @@ adherence and FD against speedup). Degradations are not run with ``--recipes``.
 
     PYTHONPATH=src python benchmarks/judge_quality.py --prompts 32 --prepare-embeddings \
         .carry/judge-heldout-32.safetensors                        # CPU: the GPU machine has no text encoder
-    bash benchmarks/gpu/run.sh --timeout 420 judge_quality.py --model ref-video --steps 50 --prompts 32 \
+    bash benchmarks/gpu/run.sh --timeout 230 judge_quality.py --model ref-video --steps 50 --prompts 32 \
         --device cuda --embeddings .carry/judge-heldout-32.safetensors --recipes caching \
-        --out $OUT/judge-caching-video.json                        # GPU, one call; then the same with sparse
+        --out $OUT/judge-caching-video.json      # GPU: 206 s on an H200; then --recipes sparse, --timeout 560
     PYTHONPATH=src python benchmarks/judge_quality.py --model ref-video --steps 3 --prompts 2 \
         --recipes "magcache(budget=0.6)" "sparse-window(density=0.5, block=16)" --out /tmp/jq.json     # CPU check
 """
