@@ -116,7 +116,8 @@ def stream(
             raise ValueError(f"the model already carries the KV cache terms {held.policy} + {held.format}; pass "
                              "neither policy nor kv_format, or remove those terms first")
         if held.policy is None:
-            raise ValueError("the model carries kv-format but no KV cache policy; apply kv-full, kv-window, "
+            terms = " + ".join(str(term) for term in (held.format_term, held.sparse_term) if term is not None)
+            raise ValueError(f"the model carries {terms} but no KV cache policy; apply kv-full, kv-window, "
                              "kv-sink-window or kv-pack")
         policy = held.policy
     policy = policy if policy is not None else DEFAULT_POLICY

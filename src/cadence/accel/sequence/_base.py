@@ -22,8 +22,10 @@ the cached keys per attention call (elementwise; its share of a step is not meas
 free re-indexing: a key rotated once at write time would keep its absolute position forever
 (Self-Forcing's rolling cache) or need un-rotating and re-rotating on eviction.
 
-The policy (which frames stay: :mod:`cadence.accel.sequence.policies`) and the number format
-(how they are stored: ``kv-format``, :mod:`cadence.accel.sequence.formats`) are two terms of the
+The policy (which frames stay: :mod:`cadence.accel.sequence.policies`), the number format
+(how they are stored: ``kv-format``, :mod:`cadence.accel.sequence.formats`) and the frame
+selection (which of them each call reads: ``kv-sparse``, :mod:`cadence.accel.sequence.sparse`,
+which keeps a mean key per cached frame beside the cache to score it) are terms of the
 ``sequence`` level that share one cache per model; the stand-ins go when the last of them is
 removed, and the model is then exactly as before. With nothing cached (the first chunk, or a
 plain pipeline call) the stand-in computes what the model computes: the chunk alone, at
@@ -213,6 +215,8 @@ class KVCache:
         setattr(model, KV_CACHE, self)
         self.policy: KVPolicyConfig | None = None
         self.format_term: KVFormatConfig | None = None  # the kv-format term applied, if any
+        self._sparse_term = None  # the kv-sparse term applied, if any (sparse_term)
+        self.sparse_reads = [0, 0]  # cached frames read, cached frames held, summed over the calls since it came
         self.users = 0
         self.mode = "read"
         self.patches: tuple[int, int] | None = None  # (height, width) in patches of the current call
@@ -231,6 +235,20 @@ class KVCache:
         self.pooled: list[int] = []  # their absolute indices, oldest first
         self.written = 0  # frames ever committed: the next chunk's first absolute index
         self.staged: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # kv-sparse's mean key of every kept whole frame, (B, H, frames, dim) float32, while it is applied
+        self.summaries: list[torch.Tensor | None] = [None] * layers
+
+    @property
+    def sparse_term(self):
+        """The kv-sparse term (a ``SparseConfig``) choosing the frames each call reads, or None."""
+        return self._sparse_term
+
+    @sparse_term.setter
+    def sparse_term(self, term) -> None:
+        """Put on or take off the frame selection; its summaries and read counts start afresh."""
+        self._sparse_term = term
+        self.summaries = [None] * len(self.modules)
+        self.sparse_reads = [0, 0]
 
     def set_mode(self, mode: str) -> None:
         if mode not in MODES:
@@ -241,7 +259,8 @@ class KVCache:
     def bytes(self) -> int:
         """Bytes the cached keys and values (and their scales) take."""
         stores = (*self.keys, *self.values, *self.pooled_keys, *self.pooled_values)
-        return sum(s.nbytes() for s in stores if s is not None)
+        return (sum(s.nbytes() for s in stores if s is not None)
+                + sum(s.nbytes for s in self.summaries if s is not None))
 
     @property
     def format(self) -> KVFormatConfig:
@@ -275,14 +294,26 @@ class KVCache:
             self.tables[key] = tuple(t.to(device) for t in tables)
         return self.tables[key]
 
+    def _tables_at(self, positions: list[int], height: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary tables, (1, 1, len(positions) * height * width, dim), of whole frames at ``positions``
+        (any, not only a run); height = width = 1 turns in time only (the spatial parts at 0, no turn)."""
+        key = ("at", tuple(positions), height, width, device)
+        if key not in self.tables:
+            tables = rotary_tables(self.rope, torch.tensor(positions, dtype=torch.long), height, width)
+            self.tables[key] = tuple(t.to(device) for t in tables)
+        return self.tables[key]
+
+    def _check_batch(self, layer: int, batch: int) -> None:
+        if self.keys[layer].data.shape[0] != batch:
+            raise ValueError(f"the cache holds a batch of {self.keys[layer].data.shape[0]}, this call has {batch}: "
+                             "a stream keeps one cache per batch (classifier-free guidance needs one per branch)")
+
     def _cached(self, layer: int, batch: int, heads: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached keys, rotated at their positions, and values of ``layer``, (B, H, cached tokens,
         dim), in generation order: the whole frames older than the pooled ones, the pooled frames,
         the whole frames after them."""
         whole, pooled = len(self.frames), len(self.pooled)
-        if self.keys[layer].data.shape[0] != batch:
-            raise ValueError(f"the cache holds a batch of {self.keys[layer].data.shape[0]}, this call has {batch}: "
-                             "a stream keeps one cache per batch (classifier-free guidance needs one per branch)")
+        self._check_batch(layer, batch)
         keys, values = load(self.keys[layer], dtype), load(self.values[layer], dtype)  # (B, H, frames, tokens, dim)
         older = sum(frame < self.pooled[0] for frame in self.frames) if pooled else whole
         parts = [(keys[:, :, :older], values[:, :, :older], 0, False)]
@@ -296,6 +327,42 @@ class KVCache:
                 cos, sin = self._tables(first, frames, device, is_pooled)
                 rotated.append(rotate(part_keys.reshape(batch, heads, -1, part_keys.shape[-1]), cos, sin))
                 kept_values.append(part_values.reshape(batch, heads, -1, part_values.shape[-1]))
+        return torch.cat(rotated, dim=2), torch.cat(kept_values, dim=2)
+
+    def _sparse_cached(self, layer: int, query: torch.Tensor, batch: int, heads: int,
+                       dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """What ``_cached`` gives, but of the whole frames kv-sparse chooses for each (B, H) from the
+        chunk's rotated ``query``: [chosen whole frames, pooled frames], (B, H, read tokens, dim). A
+        frame not chosen is not read: only the chosen ones are gathered from the store."""
+        if self.policy is None:
+            raise ValueError(f"{self.sparse_term} chooses among the frames a KV cache policy keeps, and the cache has "
+                             "none; valid: a recipe with kv-full, kv-window, kv-sink-window or kv-pack beside it")
+        whole, pooled = len(self.frames), len(self.pooled)
+        self._check_batch(layer, batch)
+        older = sum(frame < self.pooled[0] for frame in self.frames) if pooled else whole
+        positions = [i if i < older else i + pooled for i in range(whole)]  # as _cached reads them
+        cos, sin = self._tables_at(positions, 1, 1, query.device)  # (1, 1, whole, dim): the turn in time
+        chosen = self.sparse_term.choose(self.sparse_term.score(query, self.summaries[layer], cos, sin))
+        if chosen is None:  # every frame: the dense cache itself
+            self.sparse_reads = [self.sparse_reads[0] + whole + pooled, self.sparse_reads[1] + whole + pooled]
+            return self._cached(layer, batch, heads, dtype, query.device)
+        reads = chosen.shape[-1]
+        self.sparse_reads = [self.sparse_reads[0] + reads + pooled, self.sparse_reads[1] + whole + pooled]
+        height, width = self.patches
+        tokens = height * width
+        keys = load(self.keys[layer].gather_frames(chosen), dtype)  # (B, H, reads, tokens, dim)
+        values = load(self.values[layer].gather_frames(chosen), dtype)
+        dim = keys.shape[-1]
+        pick = chosen.view(batch, heads, reads, 1, 1).expand(-1, -1, -1, tokens, dim)
+        cos, sin = (table.view(1, 1, whole, tokens, dim).expand(batch, heads, -1, -1, -1).gather(2, pick)
+                    for table in self._tables_at(positions, height, width, query.device))
+        rotated = [rotate(keys.reshape(batch, heads, -1, dim), cos.reshape(batch, heads, -1, dim),
+                          sin.reshape(batch, heads, -1, dim))]
+        kept_values = [values.reshape(batch, heads, -1, values.shape[-1])]
+        if pooled:
+            cos, sin = self._tables(older, pooled, query.device, True)
+            rotated.append(rotate(load(self.pooled_keys[layer], dtype).reshape(batch, heads, -1, dim), cos, sin))
+            kept_values.append(load(self.pooled_values[layer], dtype).reshape(batch, heads, -1, values.shape[-1]))
         return torch.cat(rotated, dim=2), torch.cat(kept_values, dim=2)
 
     # -- one attention call ----------------------------------------------------------------
@@ -314,7 +381,10 @@ class KVCache:
         if self.mode == "write":
             self.staged[layer] = (key, value)
         if kept:
-            cached_key, cached_value = self._cached(layer, batch, heads, key.dtype, query.device)
+            if self.sparse_term is not None:
+                cached_key, cached_value = self._sparse_cached(layer, query, batch, heads, key.dtype)
+            else:
+                cached_key, cached_value = self._cached(layer, batch, heads, key.dtype, query.device)
             rotated = torch.cat([cached_key, rotated], dim=2)
             value = torch.cat([cached_value, value], dim=2)
         return dense_backend.attend(query, rotated, value, scale, self.stand_ins[layer].backend)
@@ -353,9 +423,20 @@ class KVCache:
                 self.pooled_values[layer] = self._pool(self.pooled_values[layer], stay, value_all, to_pool_index,
                                                        value.dtype)
             self.keys[layer], self.values[layer] = key_all.select_frames(index), value_all.select_frames(index)
+            if self.sparse_term is not None:
+                self.summaries[layer] = self._summarize(layer, key.unflatten(2, (frames, height * width)), index)
         self.frames, self.pooled, self.written = keep, pooled, self.written + frames
         self.set_mode("read")
         return list(keep)
+
+    def _summarize(self, layer: int, key: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """kv-sparse's mean keys after a commit: those held and the new frames' (key: (B, H, frames,
+        tokens, dim), unrotated), of the whole frames at ``index``."""
+        height, width = self.patches
+        cos, sin = self._tables_at([0], height, width, key.device)  # a frame at time 0: spatial turns only
+        fresh = self.sparse_term.summarize(key, cos, sin)  # (B, H, frames, dim)
+        every = fresh if self.summaries[layer] is None else torch.cat([self.summaries[layer], fresh], dim=2)
+        return every.index_select(2, index.to(every.device))
 
     def _pool(self, held: Stored | None, stay: torch.Tensor, every: Stored, to_pool: torch.Tensor,
               dtype) -> Stored | None:
@@ -390,8 +471,13 @@ class KVCache:
         _CACHES.pop(self.handle, None)
 
     def stats(self) -> dict:
-        return {"kv_bytes": self.bytes(), "kept_frames": list(self.frames), "pooled_frames": list(self.pooled),
-                "written_frames": self.written}
+        stats = {"kv_bytes": self.bytes(), "kept_frames": list(self.frames), "pooled_frames": list(self.pooled),
+                 "written_frames": self.written}
+        if self.sparse_term is not None:
+            read, held = self.sparse_reads
+            stats.update(kv_sparse_frames_read=read, kv_sparse_frames_cached=held,
+                         kv_sparse_read_share=read / held if held else 1.0)
+        return stats
 
 
 def attach(model: torch.nn.Module) -> KVCache:
@@ -427,6 +513,16 @@ def apply_format(model: torch.nn.Module, config: KVFormatConfig) -> Handle:
     if rope is not None and hasattr(rope, "attention_head_dim"):  # a model the cache refuses says so in attach()
         config.check_model(rope.attention_head_dim)
     return _hold(model, config, "format_term", "is already stored as")
+
+
+def apply_sparse(model: torch.nn.Module, config) -> Handle:
+    """Put kv-sparse (``config``) on the model's KV cache, before a stream starts: it scores the frames
+    by means kept from their write, which frames cached without it lack."""
+    cache = getattr(model, KV_CACHE, None)
+    if cache is not None and cache.frames:
+        raise ValueError(f"cannot apply {config}: the model's KV cache already holds frames {cache.frames}, cached "
+                         "without the key means it scores frames by; valid: apply it before the stream starts")
+    return _hold(model, config, "sparse_term", "already chooses the frames it reads by")
 
 
 def _index(positions: list[int]) -> torch.Tensor:

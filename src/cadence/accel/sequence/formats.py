@@ -77,6 +77,18 @@ class Stored:
         pick = lambda x: None if x is None else x.index_select(2, index.to(x.device))
         return type(self)(*map(pick, self.tensors()))
 
+    def gather_frames(self, index: torch.Tensor) -> Stored:
+        """The frames at ``index`` ((B, H, n) int64) of each batch row and head: fields (B, H, n, ...),
+        the other frames left unread (``kv-sparse``'s choice per head)."""
+
+        def pick(x):
+            if x is None:
+                return None
+            rows = index.to(x.device).view(*index.shape, *(1,) * (x.dim() - 3))
+            return x.gather(2, rows.expand(*index.shape, *x.shape[3:]))
+
+        return type(self)(*map(pick, self.tensors()))
+
     def append(self, other: Stored) -> Stored:
         cat = lambda a, b: None if a is None else torch.cat([a, b], dim=2)
         return type(self)(*map(cat, self.tensors(), other.tensors()))
