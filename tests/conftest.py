@@ -148,3 +148,25 @@ def checkpoint_dirs(tmp_path_factory):
         return built[name]
 
     return directory
+
+
+def kill_at_the_second_call(monkeypatch, owner, name: str, run) -> None:
+    """``run()`` with ``owner.name`` raising KeyboardInterrupt at its second call (a training run
+    killed mid-way: the distill resume tests), the method restored afterwards."""
+    original, calls = getattr(owner, name), []
+
+    def killed(self):
+        calls.append(self.step)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(owner, name, killed)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(owner, name, original)
+
+
+# `cadence distill` options for a run of a few seconds on the CPU (the distill CLI tests)
+TINY_DISTILL = ["--max-steps", "3", "--ode-steps", "1", "--ode-pairs", "2", "--teacher-steps", "2", "--batch-size", "2",
+                "--critic-updates", "1", "--sample-steps", "2", "--device", "cpu"]

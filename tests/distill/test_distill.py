@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TEXT_DIM, tiny_pipe
+from conftest import TEXT_DIM, TINY_DISTILL, kill_at_the_second_call, tiny_pipe
 from safetensors.torch import load_file
 
 import cadence
@@ -271,18 +271,8 @@ def test_cli_refuses_an_unknown_teacher(tmp_path):
 
 def test_a_run_killed_mid_training_resumes_from_its_last_save_bit_for_bit(tmp_path, monkeypatch):
     whole = run("video", tmp_path / "whole", max_steps=5)
-    original, calls = _Run.dmd_step, []
-
-    def killed_at_the_second_dmd_step(self):
-        calls.append(self.step)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return original(self)
-
-    monkeypatch.setattr(_Run, "dmd_step", killed_at_the_second_dmd_step)
-    with pytest.raises(KeyboardInterrupt):
-        run("video", tmp_path / "killed", max_steps=5, save_every=0)  # a state after every step
-    monkeypatch.setattr(_Run, "dmd_step", original)
+    kill_at_the_second_call(monkeypatch, _Run, "dmd_step",  # a state after every step
+                            lambda: run("video", tmp_path / "killed", max_steps=5, save_every=0))
     assert json.loads((tmp_path / "killed" / "state" / "state.json").read_text())["step"] == 3
     resumed = run("video", tmp_path / "killed", max_steps=5, save_every=0)
     assert resumed["steps_trained"] == whole["steps_trained"] == 5
@@ -322,24 +312,9 @@ def test_cli_distils_a_checkpoint_folder_resumes_it_and_refuses_other_settings(t
         str(teacher),
         "--out",
         str(tmp_path / "student"),
-        "--max-steps",
-        "3",
-        "--ode-steps",
-        "1",
-        "--ode-pairs",
-        "2",
-        "--teacher-steps",
-        "2",
-        "--batch-size",
-        "2",
-        "--critic-updates",
-        "1",
+        *TINY_DISTILL,
         "--eval-every",
         "0",
-        "--sample-steps",
-        "2",
-        "--device",
-        "cpu",
         "--embeddings",
         str(embeddings),
     ]

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TEXT_DIM, text, tiny_flux, tiny_pipe, tiny_wan
+from conftest import TEXT_DIM, kill_at_the_second_call, text, tiny_flux, tiny_pipe, tiny_wan
 from diffusers import FlowMatchEulerDiscreteScheduler
 from safetensors.torch import load_file
 
@@ -188,18 +188,7 @@ def run(out, **changes) -> dict:
 
 def test_a_killed_self_forcing_run_resumes_bit_for_bit_and_streams_at_its_sigmas(tmp_path, monkeypatch):
     whole = run(tmp_path / "whole")
-    original, calls = _Run.self_forcing_step, []
-
-    def killed_at_the_second_self_forcing_step(self):
-        calls.append(self.step)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return original(self)
-
-    monkeypatch.setattr(_Run, "self_forcing_step", killed_at_the_second_self_forcing_step)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "killed", save_every=0)
-    monkeypatch.setattr(_Run, "self_forcing_step", original)
+    kill_at_the_second_call(monkeypatch, _Run, "self_forcing_step", lambda: run(tmp_path / "killed", save_every=0))
     assert json.loads((tmp_path / "killed" / "state" / "state.json").read_text())["step"] == 3
     resumed = run(tmp_path / "killed", save_every=0)
     assert resumed["steps_trained"] == whole["steps_trained"] == 4

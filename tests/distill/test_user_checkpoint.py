@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import tiny_pipe
+from conftest import TINY_DISTILL, tiny_pipe
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from safetensors.torch import load_file
 from tiny_checkpoints import FLUX_SIZE, WAN_SIZE, size_options, tiny_flux_pipeline, tiny_wan_pipeline
@@ -104,22 +104,7 @@ def test_wan_folder_distils_through_the_cli_into_a_pipeline_folder_that_runs_k_f
         str(out),
         "--steps",
         "2",
-        "--max-steps",
-        "3",
-        "--ode-steps",
-        "1",
-        "--ode-pairs",
-        "2",
-        "--teacher-steps",
-        "2",
-        "--batch-size",
-        "2",
-        "--critic-updates",
-        "1",
-        "--sample-steps",
-        "2",
-        "--device",
-        "cpu",
+        *TINY_DISTILL,
         *size_options(WAN_SIZE),
     ]
     result = CliRunner().invoke(distill_command, options)
