@@ -19,7 +19,8 @@ import cadence
 from cadence import generation
 from cadence.distill import Conditions, DistillSettings, distill, state, user
 from cadence.distill.cli import distill as distill_command
-from cadence.distill.student import StudentScheduler, student_sigmas
+from cadence.distill.student import student_sigmas
+from cadence.distill.user import StudentScheduler
 
 PROMPTS = [
     f"a {colour} {animal} on a {place}"

@@ -24,7 +24,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from cadence.distill import user
-from cadence.distill.user import StudentScheduler, family
+from cadence.distill.user import family
 from cadence.reference.pipelines import (
     RefImagePipeline,
     RefVideoPipeline,

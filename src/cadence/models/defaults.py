@@ -59,4 +59,3 @@ def default_recipe(family: str) -> FamilyRecipe:
         valid = sorted(f.name for f in registered) + sorted(ref for f in registered for ref in f.references)
         raise ValueError(f"no default recipe for {family!r}; valid: {', '.join(valid)} (or a model class name)")
     return found.recipe
-
