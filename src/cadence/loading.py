@@ -70,7 +70,7 @@ def open_student(pipe, path: Path, text_encoder: bool = True) -> None:
     encoder its teacher has."""
     from cadence.reference.pipelines import _RefPipeline
 
-    record = json.loads((path / STUDENT_FILE).read_text())
+    record = student_record(path)
     steps, sigmas = record.get("steps"), record.get("sigmas")
     users = ("WanPipeline", "FluxPipeline")  # a student of a user's checkpoint (cadence.distill.user)
     if not isinstance(pipe, _RefPipeline) and type(pipe).__name__ not in users:
