@@ -121,10 +121,11 @@ def fd_against_renders(clips: list[torch.Tensor], captions: list[str], features:
 def adherence(clips: list[torch.Tensor], captions: list[str], judge: Judge | None = None) -> dict:
     """-> {"adherence": pooled share, "attributes": {attribute: share}, "per_clip": [share, ...]}."""
     judge = judge or checkpoint.load()
-    return _adherence_of(read(clips, captions, judge).found)
+    return adherence_of(read(clips, captions, judge).found)
 
 
-def _adherence_of(found: list[dict[str, list[bool]]]) -> dict:
+def adherence_of(found: list[dict[str, list[bool]]]) -> dict:
+    """What ``read`` found -> the pooled share, the share per attribute and per clip (as ``adherence``)."""
     per_clip = [tally([row])["all"] for row in found]
     attributes: dict[str, list[bool]] = {}
     for row in found:
@@ -188,7 +189,7 @@ def judge_clips(clips: list[torch.Tensor], captions: list[str], judge: Judge | N
     """Adherence (as ``adherence``) and, for two or more videos (or images), ``fd`` (else None)."""
     judge = judge or checkpoint.load()
     found = read(clips, captions, judge)
-    result = _adherence_of(found.found)
+    result = adherence_of(found.found)
     result["fd"] = fd_against_renders(clips, captions, found.features, judge, seeds)
     result["clips"] = len(clips)
     return result
