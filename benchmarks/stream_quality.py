@@ -72,6 +72,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from judge_quality import load_pipeline
 
 from cadence.accel.sequence import FullConfig, KVFormatConfig, KVPolicyConfig, PackConfig, SparseConfig, WindowConfig
 from cadence.recipe import Recipe
@@ -476,17 +477,6 @@ def plot(path: Path, result: dict) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def load_pipeline(model: str, device: str, embeddings: Path | None):
-    import cadence
-
-    pipe = cadence.load(model, device=device, text_encoder=embeddings is None)
-    if embeddings is not None:
-        from cadence.reference.text import load_prompt_embeddings
-
-        pipe.prompt_cache = load_prompt_embeddings(embeddings)
-    return pipe
 
 
 def _plan(args, student: dict | None, reference, positions: int) -> Plan:
