@@ -65,6 +65,7 @@ def test_recipes_model_refuses_an_unknown_family_with_the_valid_ones():
     result = invoke("recipes", "--model", "unet")
     assert result.exit_code != 0
     assert "no default recipe for 'unet'; valid: cogvideox, flux, hunyuan_video, ltx, sd3, wan" in result.output
+    assert "or a shipped student (ref-video-4step)" in result.output
 
 
 def test_every_recipes_example_is_a_valid_recipe():

@@ -533,7 +533,8 @@ def _student_recipe(record: dict):
 
 @main.command()
 @click.option("--model", "family", default=None,
-              help="a family (wan, flux, sd3, cogvideox, hunyuan_video, ltx) or ref-video / ref-image: show its "
+              help="a family (wan, flux, sd3, cogvideox, hunyuan_video, ltx), ref-video / ref-image, or a few-step "
+                   "student (ref-video-4step, or its folder): show its "
                    "default fast recipe and what it rests on")
 def recipes(family):
     """List every technique with its parameters, defaults and description."""
@@ -547,7 +548,11 @@ def recipes(family):
             record = student_record(family)
             chosen = _student_recipe(record) if record else default_recipe(family)
         except ValueError as error:
-            raise click.BadParameter(str(error), param_hint="--model") from None
+            from cadence.reference.models import STUDENTS
+
+            shipped = [name for name in STUDENTS if student_record(name)]
+            raise click.BadParameter(f"{error}; or a shipped student ({', '.join(shipped)}) or a student's folder",
+                                     param_hint="--model") from None
         click.echo(f"{family}: --recipe \"{chosen.recipe}\"")
         click.echo(f"    measured: {chosen.measured}")
         click.echo(f"    needs: {chosen.needs} (the reference models ship theirs)")
