@@ -44,9 +44,8 @@ from cadence.distill.student import Condition
 
 
 def check_chunks(frames: int, chunk_frames: int) -> int:
-    """The chunks of a clip of ``frames`` latent frames; refused unless ``chunk_frames`` divides them."""
-    if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < 1:
-        raise ValueError(f"chunk_frames={chunk_frames!r}; valid: an int >= 1 that divides the clip's {frames} frames")
+    """The chunks of a clip of ``frames`` latent frames; refused unless ``chunk_frames`` (an int >= 1:
+    ``DistillSettings`` checks it) divides them."""
     if frames % chunk_frames:
         divisors = [d for d in range(1, frames + 1) if frames % d == 0]
         raise ValueError(

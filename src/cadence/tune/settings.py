@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cadence import generation
-from cadence.tune import quality, realsize
+from cadence.tune import quality
 from cadence.tune.space import SearchSpace
 
 
@@ -55,9 +55,7 @@ class TuneSettings:
         if self.trials is not None:
             generation.check_count("--trials", self.trials, 10_000)
         quality.check_adherence(self.min_adherence)
-        if self.speed_at is not None:
-            realsize.spec(self.speed_at)
-        # names checked before loading
+        # names (and the real size, realsize.spec) checked before loading
         SearchSpace.from_registry(self.include, self.exclude, self.device, self.compile, speed_at=self.speed_at)
 
     def identity(self) -> dict:
