@@ -1,7 +1,10 @@
 """A user's own checkpoint as a teacher: a local Wan (``WanPipeline``) or FLUX (``FluxPipeline``)
 folder, as ``pipe.save_pretrained(dir)`` writes it, or such a pipeline object.
 
-It is distilled by the reference models' code path (``trainer.py``); what differs lives here:
+It is distilled by the reference models' code path (``trainer.py``); what differs lives here,
+with the two pieces the rest of distill and ``cadence.loading`` share about pipeline kinds: ``family``
+(reference, Wan or FLUX) and ``StudentScheduler`` (this module imports nothing of distill, so both
+can import it without a circle):
 
 - Conditions come from the user's prompts (``--prompts FILE``, one a line, blank lines skipped),
   encoded once with the pipeline's own ``encode_prompt`` (Wan: UMT5, with the negative prompt as
